@@ -1,0 +1,93 @@
+"""Budgets: how many visual tokens to keep per image, at each pruning point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+from .context import STAGES, Point
+
+BudgetValue = Union[int, float]
+
+
+def _resolve_value(value: BudgetValue, n: int, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"budget{where} must be an int (tokens per image) or a float in (0, 1] (fraction kept), "
+            f"got {value!r}"
+        )
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"budget{where} as a fraction must be in (0, 1], got {value}")
+        return max(1, round(value * n))
+    if not 0 < value <= n:
+        raise ValueError(f"budget{where} must be in [1, {n}] tokens per image (the model has {n}), got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A final target plus optional per-point values.
+
+    ``Budget.parse(64)``, ``Budget.parse(0.25)``, or a schedule
+    ``Budget.parse({"encoder": 192, "llm:8": 0.5, 16: 0.25})`` whose keys are a stage,
+    ``"stage:layer"`` or an int (an LLM layer); the last entry in pruning order
+    is the final target unless ``"target"`` is given.
+    """
+
+    target: BudgetValue | None
+    schedule: tuple[tuple[Point, BudgetValue], ...] = ()
+
+    @staticmethod
+    def parse(budget) -> "Budget":
+        if isinstance(budget, Budget):
+            return budget
+        if isinstance(budget, Mapping):
+            if not budget:
+                raise ValueError("budget schedule must not be empty")
+            target = budget.get("target")
+            points = []
+            for key, value in budget.items():
+                if key == "target":
+                    continue
+                points.append((_parse_point(key), value))
+            return Budget(target, tuple(points))
+        if budget is None:
+            raise ValueError("budget is required: an int (tokens per image), a float in (0, 1] or a schedule dict")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise TypeError(
+                f"budget must be an int (tokens per image), a float in (0, 1] or a dict schedule, got {budget!r}"
+            )
+        return Budget(budget)
+
+    def resolve_target(self, n: int) -> int:
+        if self.target is not None:
+            return _resolve_value(self.target, n, "")
+        value = self.schedule[-1][1] if self.schedule else None
+        return _resolve_value(value, n, f"[{self.schedule[-1][0]}]")
+
+    def at(self, point: Point, n: int) -> int | None:
+        """The scheduled budget at ``point`` (matching ``stage:layer`` first, then the stage)."""
+        for p, value in self.schedule:
+            if p == point:
+                return _resolve_value(value, n, f"[{p}]")
+        for p, value in self.schedule:
+            if p.layer is None and p.stage == point.stage:
+                return _resolve_value(value, n, f"[{p}]")
+        return None
+
+    def points(self) -> tuple[Point, ...]:
+        return tuple(p for p, _ in self.schedule)
+
+
+def _parse_point(key) -> Point:
+    if isinstance(key, Point):
+        return key
+    if isinstance(key, int) and not isinstance(key, bool):
+        return Point("llm", key)
+    if isinstance(key, str):
+        stage, _, layer = key.partition(":")
+        if stage not in STAGES:
+            raise ValueError(f"budget schedule key {key!r}: stage must be one of {STAGES}")
+        return Point(stage, int(layer) if layer else None)
+    raise TypeError(f"budget schedule key must be a stage name, 'stage:layer' or an int LLM layer, got {key!r}")

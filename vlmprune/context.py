@@ -1,0 +1,143 @@
+"""The objects methods and adapters meet through: pruning points, contexts, selections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+STAGES = ("encoder", "projector", "llm", "cache")
+
+
+@dataclass(frozen=True)
+class Point:
+    """Where a method acts: a stage and, for ``encoder``/``llm``, a layer index.
+
+    ``encoder`` layer ``l`` means *before* vision-encoder layer ``l`` runs (so the
+    signals of layer ``l - 1`` are available); ``llm`` layer ``K`` means before
+    decoder layer ``K`` in prefill (signals of layer ``K - 1`` available);
+    ``projector`` means on the vision features the projector is about to map.
+    """
+
+    stage: str
+    layer: int | None = None
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+
+    def __str__(self) -> str:
+        return self.stage if self.layer is None else f"{self.stage}:{self.layer}"
+
+
+@dataclass
+class ModelInfo:
+    """What an adapter tells a method about the model before anything runs."""
+
+    family: str
+    n_visual: int  # visual tokens per image reaching the projector (patches, CLS excluded)
+    grid: tuple[int, int]  # rows, cols of the patch grid
+    has_cls: bool
+    encoder_layers: int
+    feature_layer: int  # index of the encoder layer whose output feeds the projector
+    llm_layers: int
+    stages: tuple[str, ...]
+
+
+@dataclass
+class Selection:
+    """What a method returns.
+
+    ``keep``: ``[B, k]`` indices into ``ctx.tokens`` (sorted ascending unless the
+    method documents otherwise); at the projector stage also a list of 1-D tensors, one
+    per image, for methods whose count adapts per image. ``merged``: optional
+    replacement values for the kept tokens, shaped like ``keep`` plus ``C`` (recovery
+    methods). ``extra``: optional ``[B, E, C]`` tokens with no single origin appended
+    after the kept ones (PruMerge's summary token); projector stage only.
+    ``keep_cls``: also pass the tower's CLS token to the LLM, first (VisionZip).
+    ``scores``: optional ``[B, N]`` for heatmaps and tests. ``merge_map``: optional
+    ``[B, N]``, the position in ``keep`` each token was merged into (-1: dropped).
+    """
+
+    keep: torch.Tensor | list[torch.Tensor]
+    merged: torch.Tensor | list[torch.Tensor] | None = None
+    extra: torch.Tensor | list[torch.Tensor] | None = None
+    keep_cls: bool = False
+    scores: torch.Tensor | None = None
+    merge_map: torch.Tensor | None = None
+
+    def per_image(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+        """``(keep_i, merged_i, extra_i)`` for each image, whatever the batch layout."""
+        n = len(self.keep)
+        merged = self.merged if self.merged is not None else [None] * n
+        extra = self.extra if self.extra is not None else [None] * n
+        return [(self.keep[i], merged[i], extra[i]) for i in range(n)]
+
+    def counts(self) -> list[int]:
+        extra = [0] * len(self.keep) if self.extra is None else [e.shape[0] for e in self.extra]
+        return [k.shape[0] + e + int(self.keep_cls) for k, e in zip(self.keep, extra)]
+
+
+class Signals:
+    """Lazy accessors for what a method may read; each value is computed once per call.
+
+    An adapter subclasses this for a stage. Every accessor returns tensors aligned
+    with ``ctx.tokens`` (``[B, N]`` or ``[B, N, C]``). Asking for a signal that the
+    method did not declare in ``needs``, or that the model cannot give, raises.
+    """
+
+    def __init__(self, providers: dict[str, Callable[..., Any]]):
+        self._providers = providers
+        self._cache: dict[tuple, Any] = {}
+
+    def available(self) -> tuple[str, ...]:
+        return tuple(self._providers)
+
+    def get(self, name: str, **kwargs) -> Any:
+        if name not in self._providers:
+            raise KeyError(
+                f"signal {name!r} is not available at this stage; available: {sorted(self._providers)}"
+            )
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in self._cache:
+            self._cache[key] = self._providers[name](**kwargs)
+        return self._cache[key]
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda **kwargs: self.get(name, **kwargs)
+
+
+@dataclass
+class TokenContext:
+    """The visual tokens alive at one pruning point, for a batch of images.
+
+    ``tokens`` ``[B, N, C]`` (CLS excluded; ``cls_token`` ``[B, C]`` if the tower has
+    one); ``token_index`` ``[B, N]``: each token's raster index in the original
+    ``grid`` (rows, cols); ``budget``: tokens to keep per image at this call;
+    ``target``: tokens per image the method must reach by its last point;
+    ``state``: a dict shared by all calls of one forward (per image batch).
+    """
+
+    tokens: torch.Tensor
+    stage: str
+    layer: int | None
+    budget: int
+    target: int
+    grid: tuple[int, int]
+    token_index: torch.Tensor
+    signals: Signals
+    state: dict = field(default_factory=dict)
+    cls_token: torch.Tensor | None = None
+    info: ModelInfo | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def n(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def point(self) -> Point:
+        return Point(self.stage, self.layer)

@@ -1,0 +1,123 @@
+"""The method base class: a dataclass of the paper's options that only chooses tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .context import ModelInfo, Point, Selection, TokenContext
+
+#: Signals a method may declare in ``needs``.
+SIGNALS = frozenset(
+    {
+        "cls_attention",  # CLS -> patch attention of a vision-encoder layer
+        "encoder_attention",  # full attention probabilities of a vision-encoder layer
+        "encoder_qkv",  # per-head queries, keys and values of a vision-encoder layer
+        "hidden",  # hidden states of the current tokens (vision or LLM space)
+        "projected",  # the current tokens mapped by the projector (LLM space)
+        "projector",  # the projector itself, for perturbation methods
+        "text_attention",  # LLM attention rows (last / instruction tokens -> image tokens)
+        "llm_qkv",  # per-head queries (post-RoPE), keys and values at an LLM layer
+        "text_embedding",  # the LLM input embeddings of the prompt's text tokens
+    }
+)
+
+
+def option(default: Any, doc: str, choices: tuple | None = None):
+    """A method option: its default, where the default comes from, and (for str) valid choices."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+@dataclass
+class Method:
+    """Base class. Subclasses set the class attributes and implement :meth:`select`.
+
+    A method never touches the model: the adapter calls :meth:`select` at every
+    point returned by :meth:`points` with a :class:`TokenContext` and applies the
+    :class:`Selection` it returns.
+    """
+
+    name: ClassVar[str] = ""
+    stages: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[frozenset[str]] = frozenset()
+    training_free: ClassVar[bool] = True
+    requires_cls: ClassVar[bool] = False
+    paper: ClassVar[dict[str, str]] = {}
+    #: how positions of kept tokens are numbered when tokens leave before the LLM:
+    #: ``"compact"`` (renumbered, what LLaVA implementations do) or ``"original"``.
+    positions: ClassVar[str] = "compact"
+
+    seed: int = option(0, "seed of the random generator handed to select() (determinism under a seed)")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_option(self.name, f, getattr(self, f.name))
+
+    # -- what the adapter asks before installing -------------------------------------------------
+    def points(self, info: ModelInfo) -> list[Point]:
+        """Pruning points, in the order they run. Default: one per declared stage."""
+        return [Point(stage) for stage in self.stages]
+
+    def capture_layers(self, info: ModelInfo) -> dict[str, tuple[int, ...]]:
+        """Which encoder / LLM layers' attention projections the signals will read.
+
+        Default: the feature layer for ``projector`` points, ``l - 1`` for an
+        ``encoder`` point at ``l``, ``K - 1`` for an ``llm`` point at ``K``.
+        """
+        enc, llm = set(), set()
+        for p in self.points(info):
+            if p.stage == "projector":
+                enc.add(info.feature_layer)
+            elif p.stage == "encoder":
+                enc.add(p.layer - 1)
+            elif p.stage == "llm":
+                llm.add(p.layer - 1)
+        return {"encoder": tuple(sorted(enc)), "llm": tuple(sorted(llm))}
+
+    def check(self, info: ModelInfo) -> None:
+        """Raise a clear error if this model cannot serve the method."""
+        if self.requires_cls and not info.has_cls:
+            raise ValueError(
+                f"method {self.name!r} needs a CLS token in the vision tower, and this model's "
+                f"({info.family}) has none; choose a CLS-free method (see vlmprune.methods())"
+            )
+        missing = set(self.stages) - set(info.stages)
+        if missing:
+            raise ValueError(
+                f"method {self.name!r} acts at stage(s) {sorted(missing)}, which the {info.family} adapter "
+                f"does not offer (it offers {list(info.stages)})"
+            )
+
+    def select(self, ctx: TokenContext) -> Selection:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- metadata -------------------------------------------------------------------------------
+    @classmethod
+    def options(cls) -> dict[str, dict[str, Any]]:
+        return {
+            f.name: {"default": f.default, "doc": f.metadata.get("doc", ""), "choices": f.metadata.get("choices")}
+            for f in dataclasses.fields(cls)
+        }
+
+
+def _check_option(method: str, f: dataclasses.Field, value: Any) -> None:
+    default = f.default
+    choices = f.metadata.get("choices")
+    where = f"option {f.name!r} of method {method!r}"
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (tuple, list))
+    else:
+        ok = True
+    if not ok:
+        raise TypeError(f"{where} must be of type {type(default).__name__}, got {value!r}")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{where} must be one of {list(choices)}, got {value!r}")

@@ -1,0 +1,113 @@
+"""Mergers: fold the information of dropped tokens into kept ones."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def contextual_merge(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    remaining: torch.Tensor,
+    n_contextual: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual tokens (arXiv 2412.04467, code-exact).
+
+    ``remaining`` ([B, R]) are the tokens not kept as dominant, in sequence order.
+    Targets are every ``max(1, R // n_contextual)``-th of them (the first
+    ``n_contextual``); every other remaining token joins its most similar target
+    (dot product of L2-normalised ``metric``); a contextual token is
+    ``x_target + mean(x of the joined tokens)``.
+    Returns ``(targets [B, Cn] indices into x, values [B, Cn, C])``.
+    """
+    b, r = remaining.shape
+    step = max(1, r // n_contextual)
+    target_pos = torch.arange(0, r, step, device=x.device)[:n_contextual]
+    is_target = torch.zeros(r, dtype=torch.bool, device=x.device)
+    is_target[target_pos] = True
+    targets = remaining[:, target_pos]
+    others = remaining[:, ~is_target]
+    m = F.normalize(metric.float(), dim=-1)
+    sim = _gather(m, others) @ _gather(m, targets).transpose(-1, -2)
+    assign = sim.argmax(dim=-1)
+    xo = _gather(x, others).float()
+    summed = torch.zeros(b, targets.shape[1], x.shape[-1], device=x.device).scatter_add_(
+        1, assign.unsqueeze(-1).expand_as(xo), xo
+    )
+    counts = torch.zeros(b, targets.shape[1], device=x.device).scatter_add_(
+        1, assign, torch.ones_like(assign, dtype=torch.float)
+    )
+    values = _gather(x, targets).float() + summed / counts.clamp_min(1).unsqueeze(-1)
+    return targets, values.to(x.dtype)
+
+
+def similarity_merge(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    centres: torch.Tensor,
+    weights: torch.Tensor,
+    topk: int,
+) -> torch.Tensor:
+    """PruMerge's recovery (arXiv 2403.15388, code-exact): every centre absorbs the
+    ``topk`` other tokens whose ``metric`` is most cosine-similar to its own,
+    ``x_i + sum_j w_j x_j`` with unnormalised weights ``w`` ([B, N]).
+    Returns the updated centres ``[B, k, C]``."""
+    m = F.normalize(metric.float(), dim=-1)
+    sim = _gather(m, centres) @ m.transpose(-1, -2)
+    sim.scatter_(-1, centres.unsqueeze(-1), float("-inf"))
+    top = sim.topk(min(topk, x.shape[1] - 1), dim=-1).indices
+    w = weights.float().gather(1, top.flatten(1)).view_as(top)
+    xs = x.float().gather(1, top.flatten(1).unsqueeze(-1).expand(-1, -1, x.shape[-1])).view(*top.shape, -1)
+    return (_gather(x, centres).float() + (w.unsqueeze(-1) * xs).sum(dim=2)).to(x.dtype)
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor, r: int, protect_first: bool = False
+) -> tuple[Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """ToMe's bipartite soft matching (arXiv 2210.09461).
+
+    Tokens alternate into sets A (even) and B (odd); each A token's best B match by
+    cosine of ``metric`` is found; the ``r`` best-matched A tokens are merged into
+    their B partners. ``protect_first`` keeps token 0 (a CLS token) out of A's
+    sources. Returns ``(merge, provenance)``: ``merge(x, size)`` gives the
+    size-weighted merged tokens ``[B, N - r, C]`` and their sizes; ``provenance``
+    ([B, N]) maps every input token to its output slot. Output order is
+    ``[unmerged A (by index), all B]``.
+    """
+    b, n, _ = metric.shape
+    r = min(r, (n - int(protect_first)) // 2)
+    m = F.normalize(metric.float(), dim=-1)
+    a_idx = torch.arange(0, n, 2, device=metric.device)
+    b_idx = torch.arange(1, n, 2, device=metric.device)
+    scores = m[:, a_idx] @ m[:, b_idx].transpose(-1, -2)
+    if protect_first:
+        scores[:, 0, :] = float("-inf")
+    best, match = scores.max(dim=-1)
+    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    src = order[:, :r]
+    unm = torch.sort(order[:, r:], dim=-1).values
+    dst = match.gather(1, src)
+    n_unm = unm.shape[1]
+
+    provenance = torch.empty(b, n, dtype=torch.long, device=metric.device)
+    provenance[:, b_idx] = n_unm + torch.arange(b_idx.numel(), device=metric.device)
+    provenance.scatter_(1, a_idx[unm], torch.arange(n_unm, device=metric.device).expand(b, -1))
+    provenance.scatter_(1, a_idx[src], n_unm + dst)
+
+    def merge(x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        size = torch.ones(x.shape[0], x.shape[1], device=x.device) if size is None else size.float()
+        weighted = x.float() * size.unsqueeze(-1)
+        out = torch.zeros(b, n - r, x.shape[-1], device=x.device).scatter_add_(
+            1, provenance.unsqueeze(-1).expand_as(weighted), weighted
+        )
+        out_size = torch.zeros(b, n - r, device=x.device).scatter_add_(1, provenance, size)
+        return (out / out_size.unsqueeze(-1)).to(x.dtype), out_size
+
+    return merge, provenance

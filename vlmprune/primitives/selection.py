@@ -1,0 +1,171 @@
+"""Selectors: turn scores or features into the indices of the tokens to keep.
+
+Every selector returns ``long`` indices of shape ``[B, k]``, unique per row and
+in range; the ones documented as order-keeping return them sorted ascending.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _check_k(k: int, n: int, name: str = "k") -> None:
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if not 0 < k <= n:
+        raise ValueError(f"{name} must be in [1, {n}] (the number of tokens), got {k}")
+
+
+def topk_keep_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores per row, sorted ascending (original order kept).
+
+    Ties are broken towards the lower index, so the result is deterministic.
+    """
+    _check_k(k, scores.shape[-1])
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return torch.sort(order[..., :k], dim=-1).values
+
+
+def _farthest_point_greedy(dist: torch.Tensor, k: int, first: torch.Tensor) -> torch.Tensor:
+    """Gonzalez's greedy rule on a distance matrix ``[B, N, N]``: start at ``first`` and
+    repeatedly add the token whose minimum distance to the chosen set is largest.
+    Returns indices in pick order ``[B, k]``."""
+    b, n, _ = dist.shape
+    rows = torch.arange(b, device=dist.device)
+    picks = torch.empty(b, k, dtype=torch.long, device=dist.device)
+    picks[:, 0] = first
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=dist.device)
+    chosen[rows, first] = True
+    min_dist = dist[rows, first].clone()
+    for i in range(1, k):
+        nxt = min_dist.masked_fill(chosen, float("-inf")).argmax(dim=-1)
+        picks[:, i] = nxt
+        chosen[rows, nxt] = True
+        min_dist = torch.minimum(min_dist, dist[rows, nxt])
+    return picks
+
+
+def cosine_distance(x: torch.Tensor) -> torch.Tensor:
+    """``1 - cos`` between all pairs of tokens: ``[B, N, C] -> [B, N, N]``."""
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    return 1.0 - xn @ xn.transpose(-1, -2)
+
+
+def max_min_diversity(x: torch.Tensor, k: int, keep_order: bool = True) -> torch.Tensor:
+    """DivPrune's greedy Max-Min Diversity selection on cosine distance.
+
+    The first pick is the token whose nearest neighbour is farthest (largest
+    smallest off-diagonal distance); each later pick maximises its minimum
+    distance to the picked set (arXiv 2503.02175). ``keep_order=False`` returns
+    indices in pick order.
+    """
+    _check_k(k, x.shape[1])
+    dist = cosine_distance(x)
+    eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+    nn_dist = dist.masked_fill(eye, float("inf")).min(dim=-1).values
+    picks = _farthest_point_greedy(dist, k, nn_dist.argmax(dim=-1))
+    return torch.sort(picks, dim=-1).values if keep_order else picks
+
+
+def greedy_k_center(
+    x: torch.Tensor,
+    k: int,
+    metric: str = "cosine",
+    first: torch.Tensor | None = None,
+    keep_order: bool = True,
+) -> torch.Tensor:
+    """Greedy k-center (Gonzalez): a 2-approximation of the minimal covering radius.
+
+    ``first`` ([B] indices) seeds the set; by default the token with the largest
+    feature norm. ``metric`` is ``"cosine"`` (1 - cos) or ``"euclidean"``.
+    """
+    _check_k(k, x.shape[1])
+    if metric == "cosine":
+        dist = cosine_distance(x)
+    elif metric == "euclidean":
+        dist = torch.cdist(x.float(), x.float())
+    else:
+        raise ValueError(f"metric must be one of 'cosine', 'euclidean', got {metric!r}")
+    if first is None:
+        first = x.float().norm(dim=-1).argmax(dim=-1)
+    picks = _farthest_point_greedy(dist, k, first)
+    return torch.sort(picks, dim=-1).values if keep_order else picks
+
+
+def uniform_grid(rows: int, cols: int, k: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Exactly ``k`` raster indices spread evenly over a ``rows x cols`` grid, sorted.
+
+    A lattice of ``r x c`` cell centres with ``r * c >= k`` and aspect close to
+    the grid's is built; when it has more than ``k`` points an evenly strided
+    subset of them is taken.
+    """
+    n = rows * cols
+    _check_k(k, n)
+    r = min(rows, max(1, round(math.sqrt(k * rows / cols))))
+    c = min(cols, math.ceil(k / r))
+    while r * c < k:
+        if r < rows:
+            r += 1
+        else:
+            c += 1
+    ys = ((torch.arange(r, dtype=torch.float64) + 0.5) * rows / r).floor().long()
+    xs = ((torch.arange(c, dtype=torch.float64) + 0.5) * cols / c).floor().long()
+    lattice = (ys[:, None] * cols + xs[None, :]).flatten()
+    if lattice.numel() > k:
+        pick = (torch.arange(k, dtype=torch.float64) * lattice.numel() / k).floor().long()
+        lattice = lattice[pick]
+    return torch.sort(lattice).values.to(device)
+
+
+def strided_grid(rows: int, cols: int, stride: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Raster indices of every ``stride``-th row and column (offset 0), sorted."""
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    ys = torch.arange(0, rows, stride)
+    xs = torch.arange(0, cols, stride)
+    return (ys[:, None] * cols + xs[None, :]).flatten().to(device)
+
+
+def allocate_budget(weights: torch.Tensor, total: int, capacity: torch.Tensor | None = None) -> torch.Tensor:
+    """Split ``total`` slots over regions in proportion to ``weights`` ([B, R], non-negative).
+
+    ``floor(w_r / sum(w) * total)`` each, then the remaining slots go one each to the
+    regions with the largest weights (HoloV's rule). With ``capacity`` ([R] or [B, R])
+    no region receives more than it holds; the overflow goes to the next regions by
+    weight. Returns ``long [B, R]`` whose rows sum to ``total`` (when capacity allows).
+    """
+    w = weights.double().clamp_min(0)
+    b, r = w.shape
+    share = w / (w.sum(-1, keepdim=True) + 1e-12) * total
+    alloc = share.floor().long()
+    rank = torch.sort(w, dim=-1, descending=True, stable=True).indices
+    if capacity is not None:
+        cap = capacity.to(alloc.device).long().expand(b, r)
+        if (cap.sum(-1) < total).any():
+            raise ValueError(f"total={total} exceeds the regions' capacity {cap.sum(-1).tolist()}")
+        alloc = torch.minimum(alloc, cap)
+    else:
+        cap = torch.full_like(alloc, total)
+    for row in range(b):
+        missing = total - int(alloc[row].sum())
+        while missing > 0:
+            for region in rank[row].tolist():
+                if missing == 0:
+                    break
+                if alloc[row, region] < cap[row, region]:
+                    alloc[row, region] += 1
+                    missing -= 1
+    return alloc
+
+
+def union_keep(a: torch.Tensor, b: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Row-wise sorted union of two index sets (rows may differ in length, so a list)."""
+    out = []
+    for ra, rb in zip(a, b):
+        mask = torch.zeros(n, dtype=torch.bool, device=ra.device)
+        mask[ra] = True
+        mask[rb] = True
+        out.append(mask.nonzero().flatten())
+    return out

@@ -1,0 +1,102 @@
+"""``wrap()``: patch a model in place so that it prunes visual tokens; the handle undoes it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from .budget import Budget
+from .method import Method
+from .registry import get_method
+from .stats import Stats
+
+_HANDLE_ATTR = "_vlmprune_handle"
+
+
+class Handle:
+    """What :func:`wrap` returns: ``stats``, ``unwrap()``, and a context manager."""
+
+    def __init__(self, model: nn.Module, method: Method, budget: Budget, adapter, installed, stats: Stats):
+        self.model = model
+        self.method = method
+        self.budget = budget
+        self.adapter = adapter
+        self._installed = installed
+        self._stats = stats
+        self.active = True
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Tokens in/out per pruning point and image at the last prefill, LLM prefill FLOPs and
+        KV-cache bytes with and without pruning (estimates from the config), time in ``select``."""
+        return self._stats.as_dict()
+
+    def unwrap(self) -> nn.Module:
+        """Remove every hook and attribute this wrap added; the model is exactly as before."""
+        if self.active:
+            self._installed.remove()
+            self.active = False
+        return self.model
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unwrap()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "unwrapped"
+        return f"Handle(method={self.method.name!r}, budget={self.budget}, {state})"
+
+
+def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, **options) -> Handle:
+    """Make ``model`` prune its visual tokens with ``method`` at ``budget``.
+
+    ``budget``: an int (visual tokens kept per image), a float in (0, 1] (fraction kept)
+    or a schedule dict (see :class:`vlmprune.budget.Budget`). ``options`` are the
+    method's options (``vlmprune.methods()`` lists them with defaults). The model is
+    patched in place; ``handle.unwrap()`` (or leaving a ``with`` block) restores it.
+    """
+    from .adapters import Plan, find_adapter
+
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise RuntimeError("this model is already wrapped by vlmprune; call handle.unwrap() first")
+    instance = _instantiate(method, options)
+    adapter = find_adapter(model)
+    info = adapter.info()
+    instance.check(info)
+    parsed = Budget.parse(budget)
+    if info.n_visual is not None:
+        parsed.resolve_target(info.n_visual)
+        for point in parsed.points():
+            parsed.at(point, info.n_visual)
+    points = instance.points(info)
+    if any(p.stage == "llm" for p in points):
+        impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        text_impl = getattr(getattr(model.config, "text_config", None), "_attn_implementation", None) or impl
+        if text_impl not in ("sdpa", "eager"):
+            raise ValueError(
+                f"method {instance.name!r} prunes inside the LLM, which vlmprune supports with "
+                f"attn_implementation 'sdpa' or 'eager'; this model uses {text_impl!r}"
+            )
+    stats = Stats(llm=adapter.llm_shape())
+    plan = Plan(method=instance, budget=parsed, points=points, capture=instance.capture_layers(info), stats=stats)
+    installed = adapter.install(plan)
+    handle = Handle(model, instance, parsed, adapter, installed, stats)
+    installed.set_attribute(model, _HANDLE_ATTR, handle)
+    return handle
+
+
+def _instantiate(method: str | Method, options: dict) -> Method:
+    if isinstance(method, Method):
+        if options:
+            raise TypeError("pass options either to the Method instance or to wrap(), not both")
+        return method
+    cls = get_method(method)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for method {cls.name!r}; valid options: {valid}")
+    return cls(**options)
