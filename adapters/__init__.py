@@ -1,0 +1,7 @@
+"""Model adapters: each knows one family's anatomy and owns every mechanical detail of
+removing tokens (installed as ``vlmprune.adapters``)."""
+
+from .base import ADAPTERS, Adapter, Plan, find_adapter, register_adapter
+from .llava import LlavaAdapter
+
+__all__ = ["ADAPTERS", "Adapter", "Plan", "LlavaAdapter", "find_adapter", "register_adapter"]

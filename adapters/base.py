@@ -1,0 +1,147 @@
+"""The adapter interface and the bookkeeping that lets ``unwrap()`` undo every change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vlmprune.budget import Budget
+from vlmprune.context import ModelInfo, Point
+from vlmprune.method import Method
+
+ADAPTERS: list[type["Adapter"]] = []
+
+
+def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
+    ADAPTERS.append(cls)
+    return cls
+
+
+def find_adapter(model: nn.Module) -> "Adapter":
+    for cls in ADAPTERS:
+        if cls.matches(model):
+            return cls(model)
+    known = sorted({fam for cls in ADAPTERS for fam in cls.model_types})
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    raise ValueError(
+        f"no adapter knows this model ({type(model).__name__}, model_type={model_type!r}); "
+        f"supported model types: {known}"
+    )
+
+
+@dataclass
+class Plan:
+    """What ``wrap()`` asks an adapter to install: a method, its budget and where it acts."""
+
+    method: Method
+    budget: Budget
+    points: list[Point]
+    capture: dict[str, tuple[int, ...]]
+    stats: "Any"
+
+
+class Installed:
+    """Records every change an adapter makes (hooks, attributes) so it can be undone exactly."""
+
+    def __init__(self):
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attributes: list[tuple[object, str, bool, Any]] = []
+
+    def hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._handles.append(handle)
+
+    def set_attribute(self, obj: object, name: str, value: Any) -> None:
+        had = name in vars(obj)
+        self._attributes.append((obj, name, had, vars(obj).get(name)))
+        setattr(obj, name, value)
+
+    def remove(self) -> None:
+        for handle in reversed(self._handles):
+            handle.remove()
+        for obj, name, had, old in reversed(self._attributes):
+            if had:
+                setattr(obj, name, old)
+            else:
+                delattr(obj, name)
+        self._handles.clear()
+        self._attributes.clear()
+
+
+class Adapter:
+    """Base class of model adapters.
+
+    Subclasses set ``model_types`` (``config.model_type`` values they serve), return
+    :class:`ModelInfo` from :meth:`info` and implement :meth:`install`.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    stages: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
+
+    def info(self) -> ModelInfo:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def install(self, plan: Plan) -> Installed:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def read_arg(args: tuple, kwargs: dict, name: str, position: int | None = None, aliases: tuple[str, ...] = ()):
+    """Read an argument of a hooked call by name (or old spelling, or position)."""
+    for key in (name, *aliases):
+        if key in kwargs:
+            return kwargs[key]
+    if position is not None and len(args) > position:
+        return args[position]
+    return None
+
+
+def write_arg(args: tuple, kwargs: dict, name: str, value, position: int | None = None, aliases=()) -> tuple:
+    """Replace an argument wherever the caller put it; returns the new ``(args, kwargs)``."""
+    for key in (name, *aliases):
+        if key in kwargs:
+            kwargs[key] = value
+            return args, kwargs
+    if position is not None and len(args) > position:
+        args = args[:position] + (value,) + args[position + 1 :]
+        return args, kwargs
+    kwargs[name] = value
+    return args, kwargs
+
+
+def new_generator(seed: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device if device.type != "meta" else "cpu")
+    gen.manual_seed(seed)
+    return gen
+
+
+
+def check_selection(sel, ctx, method: str, allow_extra: bool) -> None:
+    """Refuse a malformed selection with an error naming the method (never prune silently wrong)."""
+    b, n = ctx.tokens.shape[:2]
+    ragged = isinstance(sel.keep, (list, tuple))
+    if ragged and not allow_extra:
+        raise RuntimeError(f"method {method!r} returned per-image keep lists at stage {ctx.stage!r}; use a [B, k] tensor")
+    if len(sel.keep) != b:
+        raise RuntimeError(f"method {method!r} returned keep for {len(sel.keep)} images, expected {b}")
+    for i, (keep, merged, extra) in enumerate(sel.per_image()):
+        if keep.dtype != torch.long or keep.dim() != 1:
+            raise RuntimeError(f"method {method!r} returned keep of dtype {keep.dtype} / shape {tuple(keep.shape)}")
+        if keep.numel() < 1 or keep.numel() > n or int(keep.min()) < 0 or int(keep.max()) >= n:
+            raise RuntimeError(f"method {method!r} returned indices outside [0, {n}) or an empty/oversized keep set")
+        if torch.unique(keep).numel() != keep.numel():
+            raise RuntimeError(f"method {method!r} returned duplicate indices in keep")
+        if merged is not None and merged.shape[0] != keep.shape[0]:
+            raise RuntimeError(f"method {method!r}: merged must have one row per kept token")
+        if extra is not None and not allow_extra:
+            raise RuntimeError(f"method {method!r} returned extra tokens at stage {ctx.stage!r}, where none can be added")
+    if sel.keep_cls and not allow_extra:
+        raise RuntimeError(f"method {method!r} asked to keep CLS at stage {ctx.stage!r}; only the projector stage can")

@@ -1,0 +1,304 @@
+"""The adapter for transformers' LLaVA (``LlavaForConditionalGeneration`` / ``LlavaModel``)
+with any vision tower: CLIP, SigLIP (no CLS) or DINOv2.
+
+Stages: ``encoder`` (between vision-encoder blocks), ``projector`` (on the selected vision
+features, before the projector maps them) and ``llm`` (before decoder layer K in prefill).
+
+How tokens leave (transformers 5.x checks that the number of image placeholders equals
+the number of features, so features are never shortened alone): the adapter computes the
+image features itself, places each image's surviving tokens (in the method's order) in the
+first slots of its placeholder span, and the language model's input hook removes the
+unused slots from embeddings, padding mask, position ids (and labels). Positions are
+renumbered (``"compact"``, what LLaVA implementations do) unless the method asks for
+``"original"``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmprune.context import ModelInfo, Point, Signals
+from vlmprune.stats import LLMShape
+
+from .base import Adapter, Installed, Plan, check_selection, register_adapter
+from .llm import Decoder, DecoderPruner, VisualLayout
+from .runtime import Runtime
+from .vision import EncoderCapture, VisionTower, encoder_signals, install_capture, install_encoder_pruning
+
+
+def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+@register_adapter
+class LlavaAdapter(Adapter):
+    model_types = ("llava",)
+    stages = ("encoder", "projector", "llm")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.core = model.model if hasattr(model, "language_model") is False or hasattr(model, "lm_head") else model
+        if not hasattr(self.core, "vision_tower"):
+            self.core = model.model
+        self.tower = VisionTower(self.core.vision_tower)
+        self.decoder = Decoder(self.core.language_model)
+        self.config = model.config
+
+    # -- facts -------------------------------------------------------------------------------------
+    def _feature_layer(self) -> int:
+        vfl = self.config.vision_feature_layer
+        if not isinstance(vfl, int):
+            return max(layer % (self.tower.depth + 1) for layer in vfl) - 1
+        return vfl % (self.tower.depth + 1) - 1  # hidden_states[i] is the output of block i - 1
+
+    def info(self) -> ModelInfo:
+        vc = self.config.vision_config
+        side = vc.image_size // vc.patch_size
+        # DINOv2 towers interpolate their position grid: the run-time grid comes from pixel_values
+        known = getattr(vc, "model_type", "") != "dinov2"
+        tc = self.config.text_config
+        return ModelInfo(
+            family="llava",
+            n_visual=side * side if known else None,
+            grid=(side, side) if known else None,
+            has_cls=self.tower.has_cls,
+            encoder_layers=self.tower.depth,
+            feature_layer=self._feature_layer(),
+            llm_layers=tc.num_hidden_layers,
+            stages=self.stages,
+        )
+
+    def llm_shape(self) -> LLMShape:
+        tc = self.config.text_config
+        param = next(self.decoder.model.parameters())
+        return LLMShape(
+            layers=tc.num_hidden_layers,
+            hidden=tc.hidden_size,
+            intermediate=tc.intermediate_size,
+            heads=self.decoder.heads,
+            kv_heads=self.decoder.kv_heads,
+            head_dim=self.decoder.head_dim,
+            bytes_per_value=param.element_size(),
+        )
+
+    # -- install -----------------------------------------------------------------------------------
+    def install(self, plan: Plan) -> Installed:
+        info = self.info()
+        installed = Installed()
+        rt = LlavaRuntime(plan, info, self)
+        enc_points = [p for p in plan.points if p.stage == "encoder"]
+        llm_points = [p for p in plan.points if p.stage == "llm"]
+        if enc_points and not isinstance(self.config.vision_feature_layer, int):
+            raise ValueError("encoder-stage pruning needs a single vision_feature_layer (this model concatenates several)")
+        for p in enc_points:
+            if not 1 <= p.layer <= info.feature_layer:
+                raise ValueError(
+                    f"encoder pruning layer must be in [1, {info.feature_layer}] (the feature layer), got {p.layer}"
+                )
+            install_encoder_pruning(installed, self.tower, p.layer, rt.encoder_prune)
+        enc_capture = tuple(sorted({layer % self.tower.depth for layer in plan.capture.get("encoder", ())}))
+        install_capture(installed, self.tower, enc_capture, rt.capture, lambda: rt.alive)
+        llm_capture = tuple(sorted(plan.capture.get("llm", ()))) if llm_points else ()
+        rt.decoder = DecoderPruner(self.decoder, rt, llm_points, llm_capture)
+        rt.decoder.install(installed)
+        installed.hook(self.core.register_forward_pre_hook(rt.on_model_input, with_kwargs=True))
+        installed.set_attribute(self.core, "get_image_features", rt.image_features)
+        if self.model is not self.core:
+            installed.hook(self.model.register_forward_pre_hook(rt.on_top_input, with_kwargs=True))
+            installed.hook(self.model.register_forward_hook(rt.on_top_output, with_kwargs=True))
+        self.runtime = rt
+        return installed
+
+
+class LlavaRuntime(Runtime):
+    def __init__(self, plan: Plan, info: ModelInfo, adapter: LlavaAdapter):
+        super().__init__(plan, info)
+        self.adapter = adapter
+        self.capture = EncoderCapture()
+        self.alive: torch.Tensor | None = None  # [n_img, N_alive] raster indices in the encoder
+        self.image_mask: torch.Tensor | None = None
+        self.input_ids: torch.Tensor | None = None
+        self.attention_mask: torch.Tensor | None = None
+        self.images: list[dict] | None = None
+        self.labels: torch.Tensor | None = None
+        self.decoder: DecoderPruner | None = None
+
+    # -- model-level hooks ---------------------------------------------------------------------------
+    def on_model_input(self, module, args, kwargs):
+        core = self.adapter.core
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        pre_encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        self.input_ids = input_ids
+        self.attention_mask = kwargs.get("attention_mask")
+        self.image_mask = None
+        if kwargs.get("pixel_values") is None and not pre_encoded:
+            self.images = None  # no image this call: an image-token id here is an ordinary token
+            return None
+        if not pre_encoded:
+            self.images = None  # image_features() runs inside this forward
+        # else: generate() (transformers >= 5.2x) encoded the images through image_features()
+        # just before this prefill; its records are still in self.images
+        image_id = core.config.image_token_id
+        if input_ids is not None:
+            self.image_mask = input_ids == image_id
+        else:
+            ref = core.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
+            self.image_mask = (embeds == ref).all(-1)
+        return None
+
+    def on_top_input(self, module, args, kwargs):
+        self.labels = kwargs.pop("labels", None)
+        return args, kwargs
+
+    def on_top_output(self, module, args, kwargs, output):
+        labels, self.labels = self.labels, None
+        if labels is None:
+            return output
+        st = self.decoder.state
+        for t in ([st.input_transform] if st.input_transform else []) + [t for _, t in sorted(st.layer_transforms.items())]:
+            labels = t.seq(labels).masked_fill(~t.valid, -100)
+        output.loss = module.loss_function(logits=output.logits, labels=labels, vocab_size=module.config.text_config.vocab_size)
+        return output
+
+    # -- vision side ---------------------------------------------------------------------------------
+    def image_features(
+        self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, image_sizes=None, **kwargs
+    ):
+        adapter = self.adapter
+        core, tower, cfg = adapter.core, adapter.tower, adapter.config
+        vfl = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = cfg.vision_feature_select_strategy if vision_feature_select_strategy is None else vision_feature_select_strategy
+        patch = cfg.vision_config.patch_size
+        n_img, _, height, width = pixel_values.shape
+        grid = (height // patch, width // patch)
+        n = grid[0] * grid[1]
+        self.begin(n, grid, pixel_values.device)
+        self.capture.clear()
+        self.alive = torch.arange(n, device=pixel_values.device).expand(n_img, -1)
+        extra_args = {"image_sizes": image_sizes} if image_sizes is not None else {}
+        out = core.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **extra_args)
+        layers = [vfl] if isinstance(vfl, int) else list(vfl)
+        off = int(tower.has_cls)
+        feats = torch.cat([out.hidden_states[layer][:, off:] for layer in layers], dim=-1)
+        cls_tok = torch.cat([out.hidden_states[layer][:, 0] for layer in layers], dim=-1) if off else None
+        cls_slot = bool(off and strategy == "full")  # the model itself feeds CLS to the LLM
+        raster = self.alive
+        per_image = [(feats[i], raster[i], cls_slot) for i in range(n_img)]
+        if any(p.stage == "projector" for p in self.plan.points):
+            signals = Signals(
+                {
+                    **encoder_signals(tower, self.capture, raster, self.info.feature_layer),
+                    "hidden": lambda: feats,
+                    "projected": lambda: core.multi_modal_projector(feats),
+                    "projector": lambda: core.multi_modal_projector,
+                    "text_embedding": self._text_embedding,
+                }
+            )
+            ctx = self.context(Point("projector"), feats, raster, signals, cls_token=cls_tok)
+            sel = self.run_method(ctx)
+            check_selection(sel, ctx, self.method.name, allow_extra=True)
+            if sel.keep_cls and cls_tok is None:
+                raise RuntimeError(f"method {self.method.name!r} asked to keep CLS, but the tower has none")
+            per_image = []
+            for i, (keep, merged, extra) in enumerate(sel.per_image()):
+                f = feats[i, keep] if merged is None else merged.to(feats.dtype)
+                r = raster[i, keep]
+                if extra is not None:
+                    f = torch.cat([f, extra.to(feats.dtype)])
+                    r = torch.cat([r, r.new_full((extra.shape[0],), -1)])
+                per_image.append((f, r, cls_slot or sel.keep_cls))
+        feats_list, rasters = [], []
+        for i, (f, r, with_cls) in enumerate(per_image):
+            if with_cls:
+                f = torch.cat([cls_tok[i : i + 1], f])
+                r = torch.cat([r.new_full((1,), -1), r])
+            feats_list.append(f)
+            rasters.append(r)
+        projected = core.multi_modal_projector(torch.cat(feats_list)).split([f.shape[0] for f in feats_list])
+        slots = n + int(cls_slot)
+        padded = []
+        for p in projected:
+            if p.shape[0] > slots:
+                raise RuntimeError(f"method {self.method.name!r} produced {p.shape[0]} tokens for {slots} image slots")
+            padded.append(torch.cat([p, p.new_zeros(slots - p.shape[0], p.shape[1])]))
+        self.images = [{"count": f.shape[0], "raster": r, "slots": slots} for f, r in zip(feats_list, rasters)]
+        out.pooler_output = padded
+        return out
+
+    def encoder_prune(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        tower = self.adapter.tower
+        off = int(tower.has_cls)
+        patches = hidden[:, off:]
+        signals = Signals({**encoder_signals(tower, self.capture, self.alive, layer - 1), "hidden": lambda: patches})
+        ctx = self.context(Point("encoder", layer), patches, self.alive, signals, cls_token=hidden[:, 0] if off else None)
+        sel = self.run_method(ctx)
+        check_selection(sel, ctx, self.method.name, allow_extra=False)
+        kept = _gather_tokens(patches, sel.keep) if sel.merged is None else sel.merged.to(hidden.dtype)
+        self.alive = self.alive.gather(1, sel.keep)
+        return torch.cat([hidden[:, :off], kept], dim=1)
+
+    def _text_embedding(self):
+        """LLM input embeddings of each image's prompt text: ``(emb [n_img, T, D], mask [n_img, T])``."""
+        if self.input_ids is None:
+            raise KeyError("text_embedding needs input_ids")
+        core = self.adapter.core
+        rows = self._image_rows()
+        text = ~self.image_mask
+        if self.attention_mask is not None:
+            text &= self.attention_mask.bool()
+        emb = core.get_input_embeddings()(self.input_ids)
+        longest = int(text.sum(1).max())
+        out = emb.new_zeros(len(rows), longest, emb.shape[-1])
+        mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=emb.device)
+        for i, row in enumerate(rows):
+            sel = emb[row][text[row]]
+            out[i, : sel.shape[0]] = sel
+            mask[i, : sel.shape[0]] = True
+        return out, mask
+
+    def _spans(self, mask: torch.Tensor, slots: int) -> list[tuple[int, int]]:
+        """(row, start) of each image's placeholder span (``slots`` long), in feature order."""
+        spans = []
+        for row in range(mask.shape[0]):
+            positions = mask[row].nonzero().flatten()
+            spans.extend((row, int(positions[j])) for j in range(0, positions.numel(), slots))
+        return spans
+
+    def _image_rows(self) -> list[int]:
+        slots = self.n_visual + int(self.adapter.tower.has_cls and self.adapter.config.vision_feature_select_strategy == "full")
+        return [row for row, _ in self._spans(self.image_mask, slots)]
+
+    # -- handed to the decoder's input hook ----------------------------------------------------------
+    def take_record(self) -> dict | None:
+        """The LM-input keep mask, position sources and visual layout of this prefill."""
+        mask, images = self.image_mask, self.images
+        self.image_mask, self.images = None, None
+        if mask is None:
+            return None
+        if images is None:
+            raise RuntimeError(
+                "vlmprune: image tokens reached the language model without pixel_values passing through the "
+                "adapter (precomputed mm_encoder_outputs bypass it); pass pixel_values"
+            )
+        b, length = mask.shape
+        device = mask.device
+        slots = images[0]["slots"]
+        spans = self._spans(mask, slots)
+        if len(spans) != len(images):
+            raise RuntimeError(f"vlmprune: {len(spans)} image spans in the prompt for {len(images)} images")
+        keep = torch.ones(b, length, dtype=torch.bool, device=device)
+        pos_source = torch.arange(length, device=device).expand(b, -1).clone()
+        rows, positions = [], []
+        for (row, start), img in zip(spans, images):
+            keep[row, start + img["count"] : start + slots] = False
+            visual = torch.arange(start, start + img["count"], device=device)
+            raster = img["raster"]
+            pos_source[row, visual] = torch.where(raster >= 0, start + (slots - self.n_visual) + raster, start)
+            rows.append(row)
+            positions.append(visual)
+        self.stats.llm_visual_tokens = [int(p.numel()) for p in positions]
+        self.stats.full_lengths = [length] * b
+        layout = VisualLayout(torch.tensor(rows, device=device), positions, [img["raster"] for img in images])
+        return {"keep": keep, "pos_source": pos_source, "layout": layout, "positions": self.method.positions}

@@ -1,0 +1,373 @@
+"""Decoder-side mechanics shared by VLM adapters: dropping visual positions at the language
+model's input and between decoder layers, for prefill and every decode step, keeping hidden
+states, padding mask, position ids, RoPE cos/sin and the KV cache consistent; plus the LLM
+signals (attention rows recomputed from the layer's own q and k, so SDPA stays on)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vlmprune.context import Point, Selection, Signals, TokenContext
+from vlmprune.primitives.scoring import attention_rows
+
+from .base import Installed, check_selection, read_arg, write_arg
+from .sequence import SeqTransform
+
+CACHE_NAMES = ("cache", "past_key_values")  # transformers 5.24 renamed past_key_values to cache
+
+
+@dataclass
+class VisualLayout:
+    """Where each image's surviving tokens sit in the current sequence."""
+
+    row: torch.Tensor  # [n_img] the batch row of each image
+    positions: list[torch.Tensor]  # per image: positions in the current sequence
+    raster: list[torch.Tensor]  # per image: raster index in the original grid (-1: no single origin)
+
+    def apply(self, t: SeqTransform) -> "VisualLayout":
+        """Follow a transform that kept every listed position (maps old positions to new ones)."""
+        new_pos, raster = [], []
+        for i, pos in enumerate(self.positions):
+            row = int(self.row[i])
+            inverse = torch.full((t.l_in,), -1, dtype=torch.long, device=pos.device)
+            inverse[t.index[row][t.valid[row]]] = torch.nonzero(t.valid[row]).flatten()
+            mapped = inverse[pos]
+            new_pos.append(mapped[mapped >= 0])
+            raster.append(self.raster[i][mapped >= 0])
+        return VisualLayout(self.row, new_pos, raster)
+
+
+@dataclass
+class DecoderState:
+    """Per-prefill state kept for the decode steps that follow it."""
+
+    input_transform: SeqTransform | None = None
+    layer_transforms: dict[int, SeqTransform] = field(default_factory=dict)
+    positions_mode: str = "compact"
+    prefill: bool = False
+    layout: VisualLayout | None = None
+    mask2d: torch.Tensor | None = None  # current padding mask (1 = real token) during prefill
+    text_mask: torch.Tensor | None = None  # [B, L_cur] True for text (non-visual, non-pad) tokens
+    captured: dict[int, dict] = field(default_factory=dict)
+    past: int = 0  # cache length before the current decode step
+    memo: dict = field(default_factory=dict)
+
+
+class Decoder:
+    """Anatomy of a decoder-only language model (Llama, Qwen2, Mistral, Vicuna...)."""
+
+    def __init__(self, language_model: nn.Module):
+        self.model = language_model
+        self.layers = language_model.layers
+        config = language_model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        attn = self.layers[0].self_attn
+        self.rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
+
+    def split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, heads, self.head_dim).transpose(1, 2)
+
+
+class DecoderPruner:
+    """Installs the decoder hooks for one wrapped model and runs the ``llm``-stage points.
+
+    ``prepare_prefill()`` is called by the model adapter (through ``on_input``) with the
+    keep mask at the LM input and the visual layout; this class does the rest.
+    """
+
+    def __init__(self, decoder: Decoder, runtime, points: list[Point], capture: tuple[int, ...]):
+        self.decoder = decoder
+        self.rt = runtime
+        self.points = {p.layer: p for p in points}
+        for layer in self.points:
+            if not 1 <= layer < len(decoder.layers):
+                raise ValueError(f"llm pruning layer must be in [1, {len(decoder.layers) - 1}], got {layer}")
+        self.capture = set(capture)
+        self.state = DecoderState()
+        self.first_point = min(self.points) if self.points else None
+
+    # -- install ---------------------------------------------------------------------------------
+    def install(self, installed: Installed) -> None:
+        installed.hook(self.decoder.model.register_forward_pre_hook(self._input_hook, with_kwargs=True))
+        for idx, layer in enumerate(self.decoder.layers):
+            if (self.first_point is not None and idx >= self.first_point) or idx in self.capture:
+                installed.hook(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
+        for idx in self.capture:
+            attn = self.decoder.layers[idx].self_attn
+            for key in ("q", "k", "v"):
+                proj = getattr(attn, f"{key}_proj")
+
+                def hook(module, args, output, idx=idx, key=key):
+                    if self.state.prefill:
+                        self.state.captured.setdefault(idx, {})[key] = output
+
+                installed.hook(proj.register_forward_hook(hook))
+
+    # -- LM input --------------------------------------------------------------------------------
+    def _input_hook(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        cache = next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
+        past = cache.get_seq_length() if cache is not None else 0
+        record = self.rt.take_record()
+        st = self.state
+        if record is not None and past == 0:
+            return args, self._prefill_input(kwargs, record)
+        if past == 0 or st.input_transform is None and not st.layer_transforms:
+            self.state = DecoderState()
+            return None
+        st.prefill = False
+        st.past = past
+        st.memo.clear()
+        t = st.input_transform
+        if t is None:
+            return None
+        q_len = embeds.shape[1]
+        mask = kwargs.get("attention_mask")
+        expected = t.l_in + (past - t.l_out) + q_len
+        if mask is not None and mask.shape[-1] != expected:
+            raise RuntimeError(
+                f"vlmprune: decode step got an attention mask of length {mask.shape[-1]}, expected {expected} "
+                "(the prompt length before pruning plus generated tokens); was the cache reused across prompts?"
+            )
+        kwargs["attention_mask"] = t.mask2d(mask, expected)
+        pos = kwargs.get("position_ids")
+        if pos is not None and st.positions_mode == "compact":
+            kwargs["position_ids"] = pos - t.dropped.view(*([1] * (pos.dim() - 2)), -1, 1)
+        if pos is None and st.positions_mode == "compact" and t.dropped.unique().numel() > 1:
+            base = torch.arange(t.l_in + past - t.l_out, t.l_in + past - t.l_out + q_len, device=embeds.device)
+            kwargs["position_ids"] = base[None] - t.dropped[:, None]
+        if pos is None and st.positions_mode == "original":
+            base = torch.arange(t.l_in + past - t.l_out, t.l_in + past - t.l_out + q_len, device=embeds.device)
+            kwargs["position_ids"] = base[None].expand(embeds.shape[0], -1)
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = kwargs["cache_position"] - (t.l_in - t.l_out)
+        return args, kwargs
+
+    def _prefill_input(self, kwargs, record):
+        """``record``: keep [B, L] at the LM input, pos_source [B, L], the visual layout."""
+        st = DecoderState(positions_mode=record["positions"], prefill=True)
+        self.state = st
+        embeds = kwargs["inputs_embeds"]
+        b, length = embeds.shape[:2]
+        keep = record["keep"]
+        mask = kwargs.get("attention_mask")
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.arange(length, device=embeds.device)[None].expand(b, -1)
+        layout = record["layout"]
+        n_layers = len(self.decoder.layers)
+        if bool(keep.all()):
+            self.rt.stats.layer_lengths = [[length] * n_layers for _ in range(b)]
+            st.mask2d = mask if mask is not None else torch.ones(b, length, dtype=torch.long, device=embeds.device)
+            st.layout = layout
+            st.text_mask = self._text_mask(st.mask2d, layout)
+            kwargs["position_ids"] = pos
+            return kwargs
+        t = SeqTransform.from_keep(keep)
+        st.input_transform = t
+        self.rt.stats.layer_lengths = [[int(c)] * n_layers for c in keep.sum(1).tolist()]
+        kwargs["inputs_embeds"] = t.seq(embeds)
+        kwargs["attention_mask"] = t.mask2d(mask, length)
+        if st.positions_mode == "original":
+            new_pos = pos.gather(-1, record["pos_source"].gather(1, t.index))
+        else:
+            new_pos = pos.gather(-1, t.index) - t.dropped_before
+        kwargs["position_ids"] = new_pos.masked_fill(~t.valid, 0)
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = torch.arange(t.l_out, device=embeds.device)
+        st.mask2d = kwargs["attention_mask"]
+        if st.mask2d is None:
+            st.mask2d = torch.ones(b, t.l_out, dtype=torch.long, device=embeds.device)
+        st.layout = layout.apply(t)
+        st.text_mask = self._text_mask(st.mask2d, st.layout)
+        return kwargs
+
+    @staticmethod
+    def _text_mask(mask2d: torch.Tensor, layout: VisualLayout) -> torch.Tensor:
+        text = mask2d.bool().clone()
+        for i, pos in enumerate(layout.positions):
+            text[int(layout.row[i]), pos] = False
+        return text
+
+    # -- decoder layers --------------------------------------------------------------------------
+    def _layer_hook(self, idx: int):
+        def hook(module, args, kwargs):
+            st = self.state
+            if st.layout is None and not st.layer_transforms:
+                return None
+            if st.prefill and idx in self.points:
+                args, kwargs = self._prune_at(idx, args, kwargs)
+            args, kwargs = self._apply_layer_transforms(idx, args, kwargs)
+            if st.prefill and idx in self.capture:
+                st.captured.setdefault(idx, {})["cos_sin"] = kwargs.get("position_embeddings")
+                st.captured[idx]["mask2d"] = st.mask2d
+            return args, kwargs
+
+        return hook
+
+    def _transforms_upto(self, idx: int) -> list[SeqTransform]:
+        return [t for layer, t in sorted(self.state.layer_transforms.items()) if layer <= idx]
+
+    def _apply_layer_transforms(self, idx: int, args, kwargs):
+        transforms = self._transforms_upto(idx)
+        if not transforms:
+            return args, kwargs
+        st = self.state
+        key = len(transforms)
+        if key not in st.memo:
+            mask = read_arg(args, kwargs, "attention_mask", 1)
+            cos_sin = kwargs.get("position_embeddings")
+            pos = kwargs.get("position_ids")
+            hidden = read_arg(args, kwargs, "hidden_states", 0)
+            q_len = hidden.shape[1]
+            extra = 0
+            if not st.prefill and mask is not None:
+                extra = mask.shape[-1] - transforms[0].l_in
+            elif not st.prefill:
+                extra = self._decode_extra(transforms[0], q_len)
+            for t in transforms:
+                if isinstance(mask, torch.Tensor):
+                    mask = t.mask4d(mask, st.prefill, q_len, extra)
+                elif mask is None:
+                    mask = t.mask4d(None, st.prefill, q_len, extra)
+                if st.prefill:
+                    if cos_sin is not None:
+                        cos_sin = tuple(t.seq(c, dim=-2) for c in cos_sin)
+                    if pos is not None:
+                        pos = t.seq(pos, dim=-1)
+            st.memo[key] = (mask, cos_sin, pos)
+        mask, cos_sin, pos = st.memo[key]
+        args, kwargs = write_arg(args, kwargs, "attention_mask", mask, 1)
+        if cos_sin is not None:
+            kwargs["position_embeddings"] = cos_sin
+        if pos is not None:
+            kwargs["position_ids"] = pos
+        if kwargs.get("cache_position") is not None and not st.prefill:
+            t = transforms[-1]
+            kwargs["cache_position"] = kwargs["cache_position"] - sum(t.l_in - t.l_out for t in transforms)
+        elif kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = torch.arange(transforms[-1].l_out, device=kwargs["cache_position"].device)
+        return args, kwargs
+
+    def _decode_extra(self, first: SeqTransform, q_len: int) -> int:
+        """Tokens after the pruned prefix at a decode step (cached ones plus the new ones)."""
+        base = self.state.input_transform.l_out if self.state.input_transform else first.l_in
+        return self.state.past - base + q_len
+
+    # -- an llm-stage point ------------------------------------------------------------------------
+    def _prune_at(self, idx: int, args, kwargs):
+        st = self.state
+        hidden = read_arg(args, kwargs, "hidden_states", 0)
+        layout = st.layout
+        point = self.points[idx]
+        valid = self._current_valid()
+        keep_rows = valid.clone() if valid is not None else torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        replace: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        for group in _groups_by_count(layout):
+            rows = layout.row[group]
+            pos = torch.stack([layout.positions[i] for i in group])
+            tokens = hidden[rows[:, None], pos]
+            raster = torch.stack([layout.raster[i] for i in group])
+            ctx = self.rt.context(point, tokens, raster, self._llm_signals(idx, group, pos, tokens), group)
+            sel: Selection = self.rt.run_method(ctx)
+            check_selection(sel, ctx, self.rt.method.name, allow_extra=False)
+            keep, merged = sel.keep, sel.merged
+            order = torch.argsort(keep, dim=1)
+            keep = keep.gather(1, order)
+            if merged is not None:
+                merged = merged.gather(1, order[..., None].expand_as(merged))
+            for j, img in enumerate(group):
+                row = int(layout.row[img])
+                drop = torch.ones(pos.shape[1], dtype=torch.bool, device=hidden.device)
+                drop[keep[j]] = False
+                keep_rows[row, pos[j][drop]] = False
+                if merged is not None:
+                    replace.append((row, pos[j][keep[j]], merged[j]))
+        if replace:
+            hidden = hidden.clone()
+            for row, positions, values in replace:
+                hidden[row, positions] = values.to(hidden.dtype)
+        t = SeqTransform.from_keep(keep_rows)
+        st.layer_transforms[idx] = t
+        for row, count in enumerate(keep_rows.sum(1).tolist()):
+            lengths = self.rt.stats.layer_lengths[row]
+            lengths[idx:] = [int(count)] * (len(lengths) - idx)
+        st.memo.clear()
+        st.mask2d = st.mask2d.gather(1, t.index) * t.valid.to(st.mask2d.dtype)
+        st.layout = layout.apply(t)
+        st.text_mask = self._text_mask(st.mask2d, st.layout)
+        return write_arg(args, kwargs, "hidden_states", t.seq(hidden), 0)
+
+    def _current_valid(self) -> torch.Tensor | None:
+        st = self.state
+        valid = st.input_transform.valid if st.input_transform is not None else None
+        for _, t in sorted(st.layer_transforms.items()):
+            valid = t.valid if valid is None else valid.gather(1, t.index) & t.valid
+        return valid
+
+    def _llm_signals(self, idx: int, group: list[int], pos: torch.Tensor, tokens: torch.Tensor) -> Signals:
+        st = self.state
+        layout = st.layout
+        rows = layout.row[group]
+        cap_layer = idx - 1
+
+        def qkv(layer: int = cap_layer):
+            if layer not in st.captured or "q" not in st.captured[layer]:
+                raise KeyError(f"LLM layer {layer} was not captured; captured: {sorted(st.captured)}")
+            c = st.captured[layer]
+            d = self.decoder
+            q, k, v = d.split(c["q"], d.heads), d.split(c["k"], d.kv_heads), d.split(c["v"], d.kv_heads)
+            cos, sin = c["cos_sin"]
+            q, k = d.rope(q, k, cos, sin)
+            return q, k, v
+
+        def text_attention(layer: int = cap_layer, query: str = "last", rope: bool = True, reduce: str = "mean"):
+            """Attention that the prompt's last token (``query="last"``) or its text tokens after
+            the image (``"instruction"``) pay to each image token at LLM layer ``layer``,
+            ``[n_img, N]``. ``rope=False`` recomputes it without rotary embeddings (FEATHER)."""
+            if rope:
+                q, k, _ = qkv(layer)
+            else:
+                c, d = st.captured[layer], self.decoder
+                q, k = d.split(c["q"], d.heads), d.split(c["k"], d.kv_heads)
+            mask2d = st.captured[layer].get("mask2d", st.mask2d).bool()
+            length = mask2d.shape[1]
+            causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+            out = []
+            for j, img in enumerate(group):
+                row = int(rows[j])
+                if query == "last":
+                    qpos = mask2d[row].nonzero().max().view(1)
+                elif query == "instruction":
+                    after = torch.zeros(length, dtype=torch.bool, device=q.device)
+                    after[int(pos[j].max()) + 1 :] = True
+                    qpos = (st.text_mask[row] & after).nonzero().flatten()
+                    if qpos.numel() == 0:
+                        qpos = mask2d[row].nonzero().max().view(1)
+                else:
+                    raise ValueError(f"query must be one of 'last', 'instruction', got {query!r}")
+                key_mask = (causal[qpos] & mask2d[row][None])[None]
+                probs = attention_rows(q[row : row + 1, :, qpos], k[row : row + 1], self.decoder.head_dim**-0.5, key_mask)
+                probs = probs[0][:, :, pos[j]]  # [H, Q, N]
+                red = probs.mean(0) if reduce == "mean" else probs.sum(0)
+                out.append(red.mean(0))
+            return torch.stack(out)
+
+        return Signals({"text_attention": text_attention, "llm_qkv": qkv, "hidden": lambda: tokens})
+
+
+def _groups_by_count(layout: VisualLayout) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, pos in enumerate(layout.positions):
+        groups.setdefault(int(pos.numel()), []).append(i)
+    return list(groups.values())

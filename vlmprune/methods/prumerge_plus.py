@@ -1,0 +1,76 @@
+"""PruMerge+: adaptive CLS-attention outliers plus spatial samples, with key-similarity merging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..context import Selection, TokenContext
+from ..method import Method, option
+from ..primitives.merging import similarity_merge
+from ..registry import register
+
+
+def iqr_outlier_ratio(scores: torch.Tensor) -> float:
+    """Fraction of ``scores`` above ``Q3 + 1.5 * IQR`` (PruMerge's adaptive ratio)."""
+    q1, q3 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device))
+    return float((scores > q3 + 1.5 * (q3 - q1)).float().mean())
+
+
+@register
+@dataclass
+class PruMergePlus(Method):
+    """PruMerge+ (Shang et al., arXiv 2403.15388; code 42Shawn/LLaVA-PruMerge,
+    ``token_prune_merge_advanced_plus``), training-free variant.
+
+    CLS attention from the last encoder layer's q and k as one full-width head
+    (``softmax(q k^T / sqrt(C))``). Adaptive count: the share of IQR outliers
+    ``r`` keeps ``int(N r)`` top tokens (rank order), then the spatial samples
+    ``int(s/6), int(s/6) + int(s/3), ... < N - 1`` with ``s = int(1/r)`` that are not yet
+    kept. Every kept token absorbs its 32 most key-similar other tokens weighted by
+    their (unnormalised) CLS attention; one summary token ``sum_j a_j x_j`` over the
+    dropped tokens is appended. The count adapts per image: the budget is only a cap
+    (``adaptive=True``, the official behaviour); ``adaptive=False`` uses the budget's
+    ratio ``(budget - 1) / N`` instead of the outlier share (a budget-matched variant,
+    ours), which gives about ``budget`` tokens.
+    """
+
+    name = "prumerge_plus"
+    stages = ("projector",)
+    needs = frozenset({"encoder_qkv"})
+    requires_cls = True
+    paper = {"title": "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models", "arxiv": "2403.15388"}
+
+    adaptive: bool = option(True, "IQR-outlier ratio per image (official); False: ratio from the budget")
+    merge_topk: int = option(32, "tokens each kept token absorbs (official: 32; 16 in the training variant)")
+
+    def capture_layers(self, info):
+        return {"encoder": (info.feature_layer + 1,), "llm": ()}
+
+    def select(self, ctx: TokenContext) -> Selection:
+        layer = ctx.info.feature_layer + 1
+        q, k, _ = ctx.signals.encoder_qkv(layer=layer)
+        b, h, t, d = q.shape
+        q_full = q.transpose(1, 2).reshape(b, t, h * d)
+        k_full = k.transpose(1, 2).reshape(b, t, h * d)
+        attn = ((q_full[:, :1].float() @ k_full.float().transpose(1, 2)) * (h * d) ** -0.5).softmax(-1)
+        cls_attn = attn[:, 0, 1:]  # [B, N]
+        n = cls_attn.shape[1]
+        keeps, merged, extras = [], [], []
+        for i in range(b):
+            ratio = iqr_outlier_ratio(cls_attn[i]) if self.adaptive else (ctx.budget - 1) / n
+            count = max(1, int(n * ratio))
+            top = cls_attn[i].topk(count).indices
+            step = int(1 / max(ratio, 1 / n))
+            samples = torch.arange(int(step / 6), n - 1, max(1, int(step / 3)), device=top.device)
+            samples = samples[~torch.isin(samples, top)]
+            keep = torch.cat([top, samples])[: max(1, ctx.budget - 1)]
+            rest = torch.ones(n, dtype=torch.bool, device=keep.device)
+            rest[keep] = False
+            centres = similarity_merge(ctx.tokens[i : i + 1], k_full[i : i + 1, 1:], keep[None], cls_attn[i : i + 1], self.merge_topk)
+            summary = (ctx.tokens[i][rest].float() * cls_attn[i][rest, None]).sum(0, keepdim=True)
+            keeps.append(keep)
+            merged.append(centres[0])
+            extras.append(summary.to(ctx.tokens.dtype))
+        return Selection(keep=keeps, merged=merged, extra=extras, scores=cls_attn)
