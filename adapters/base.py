@@ -135,6 +135,8 @@ def check_selection(sel, ctx, method: str, allow_extra: bool) -> None:
     for i, (keep, merged, extra) in enumerate(sel.per_image()):
         if keep.dtype != torch.long or keep.dim() != 1:
             raise RuntimeError(f"method {method!r} returned keep of dtype {keep.dtype} / shape {tuple(keep.shape)}")
+        if keep.numel() == 0 and ctx.stage == "llm":
+            continue  # dropping every visual token inside the LLM is allowed (ToDRE's stage 2)
         if keep.numel() < 1 or keep.numel() > n or int(keep.min()) < 0 or int(keep.max()) >= n:
             raise RuntimeError(f"method {method!r} returned indices outside [0, {n}) or an empty/oversized keep set")
         if torch.unique(keep).numel() != keep.numel():

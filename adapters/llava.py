@@ -98,7 +98,7 @@ class LlavaAdapter(Adapter):
                 )
             install_encoder_pruning(installed, self.tower, p.layer, rt.encoder_prune)
         enc_capture = tuple(sorted({layer % self.tower.depth for layer in plan.capture.get("encoder", ())}))
-        install_capture(installed, self.tower, enc_capture, rt.capture, lambda: rt.alive)
+        install_capture(installed, self.tower, enc_capture, lambda: rt.capture, lambda: rt.alive)
         llm_capture = tuple(sorted(plan.capture.get("llm", ()))) if llm_points else ()
         rt.decoder = DecoderPruner(self.decoder, rt, llm_points, llm_capture)
         rt.decoder.install(installed)
@@ -123,6 +123,7 @@ class LlavaRuntime(Runtime):
         self.images: list[dict] | None = None
         self.labels: torch.Tensor | None = None
         self.decoder: DecoderPruner | None = None
+        self.image_ids: list[int] | None = None  # the image the tower is running on, per-image mode
 
     # -- model-level hooks ---------------------------------------------------------------------------
     def on_model_input(self, module, args, kwargs):
@@ -175,10 +176,14 @@ class LlavaRuntime(Runtime):
         grid = (height // patch, width // patch)
         n = grid[0] * grid[1]
         self.begin(n, grid, pixel_values.device)
-        self.capture.clear()
-        self.alive = torch.arange(n, device=pixel_values.device).expand(n_img, -1)
         extra_args = {"image_sizes": image_sizes} if image_sizes is not None else {}
-        out = core.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **extra_args)
+        if self.method.encoder_per_image() and any(p.stage == "encoder" for p in self.plan.points):
+            out = self._tower_per_image(pixel_values, n, extra_args)
+        else:
+            self.capture.clear()
+            self.alive = torch.arange(n, device=pixel_values.device).expand(n_img, -1)
+            self.image_ids = None
+            out = core.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **extra_args)
         layers = [vfl] if isinstance(vfl, int) else list(vfl)
         off = int(tower.has_cls)
         feats = torch.cat([out.hidden_states[layer][:, off:] for layer in layers], dim=-1)
@@ -227,12 +232,44 @@ class LlavaRuntime(Runtime):
         out.pooler_output = padded
         return out
 
+    def _tower_per_image(self, pixel_values, n: int, extra_args: dict):
+        """Run the tower one image at a time, for methods whose per-image counts differ between
+        encoder layers; hidden states and captures are stacked back afterwards."""
+        outs, alive, captures = [], [], []
+        for i in range(pixel_values.shape[0]):
+            self.capture = EncoderCapture()
+            self.alive = torch.arange(n, device=pixel_values.device)[None]
+            self.image_ids = [i]
+            outs.append(self.adapter.core.vision_tower(pixel_values[i : i + 1], output_hidden_states=True, return_dict=True, **extra_args))
+            alive.append(self.alive)
+            captures.append(self.capture)
+        self.image_ids = None
+        lengths = {a.shape[1] for a in alive}
+        if len(lengths) != 1:
+            raise RuntimeError(f"method {self.method.name!r} left different token counts per image in the encoder: {sorted(lengths)}")
+        self.alive = torch.cat(alive)
+        merged = EncoderCapture()
+        for layer in captures[0].qkv:
+            parts = [c.qkv[layer] for c in captures]
+            if len({p["q"].shape for p in parts}) == 1:
+                merged.qkv[layer] = {k: torch.cat([p[k] for p in parts]) for k in "qkv"}
+                merged.alive[layer] = torch.cat([c.alive[layer] for c in captures])
+        self.capture = merged
+        out = outs[0]
+        out.hidden_states = tuple(
+            torch.cat([o.hidden_states[j] for o in outs]) if len({o.hidden_states[j].shape for o in outs}) == 1 else None
+            for j in range(len(out.hidden_states))
+        )
+        return out
+
     def encoder_prune(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         tower = self.adapter.tower
         off = int(tower.has_cls)
         patches = hidden[:, off:]
         signals = Signals({**encoder_signals(tower, self.capture, self.alive, layer - 1), "hidden": lambda: patches})
-        ctx = self.context(Point("encoder", layer), patches, self.alive, signals, cls_token=hidden[:, 0] if off else None)
+        ctx = self.context(
+            Point("encoder", layer), patches, self.alive, signals, images=self.image_ids, cls_token=hidden[:, 0] if off else None
+        )
         sel = self.run_method(ctx)
         check_selection(sel, ctx, self.method.name, allow_extra=False)
         kept = _gather_tokens(patches, sel.keep) if sel.merged is None else sel.merged.to(hidden.dtype)

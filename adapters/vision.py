@@ -82,16 +82,22 @@ class EncoderCapture:
 
 
 def install_capture(
-    installed: Installed, tower: VisionTower, layers: tuple[int, ...], store: EncoderCapture, alive: Callable[[], torch.Tensor]
+    installed: Installed,
+    tower: VisionTower,
+    layers: tuple[int, ...],
+    store: Callable[[], EncoderCapture],
+    alive: Callable[[], torch.Tensor],
 ) -> None:
-    """Forward hooks on q/k/v projections of ``layers`` that keep their outputs for one forward."""
+    """Forward hooks on q/k/v projections of ``layers`` that keep their outputs for one forward
+    in ``store()`` (the runtime's current store)."""
     for layer in layers:
         for key, proj in zip("qkv", tower.projections[layer]):
 
             def hook(module, args, output, layer=layer, key=key):
-                store.qkv.setdefault(layer, {})[key] = tower.split_heads(output)
+                current = store()
+                current.qkv.setdefault(layer, {})[key] = tower.split_heads(output)
                 if key == "q":
-                    store.alive[layer] = alive()
+                    current.alive[layer] = alive()
 
             installed.hook(proj.register_forward_hook(hook))
 

@@ -75,6 +75,11 @@ class Method:
                 llm.add(p.layer - 1)
         return {"encoder": tuple(sorted(enc)), "llm": tuple(sorted(llm))}
 
+    def encoder_per_image(self) -> bool:
+        """True if encoder-stage counts differ per image, so the adapter must run the vision
+        tower one image at a time (batch results then equal single-image results)."""
+        return False
+
     def check(self, info: ModelInfo) -> None:
         """Raise a clear error if this model cannot serve the method."""
         if self.requires_cls and not info.has_cls:
