@@ -1,0 +1,158 @@
+"""Property tests for every selector (exact count, sorted, unique, in range) and oracles for
+the mergers, over random shapes and budgets."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vlmprune.primitives import (
+    allocate_budget,
+    bipartite_soft_matching,
+    contextual_merge,
+    greedy_k_center,
+    max_min_diversity,
+    similarity_merge,
+    topk_keep_order,
+    uniform_grid,
+)
+from vlmprune.primitives.selection import cosine_distance, strided_grid
+
+shapes = st.tuples(st.integers(1, 3), st.integers(2, 40), st.integers(1, 8))
+
+
+def _valid_keep(keep: torch.Tensor, b: int, n: int, k: int, ordered: bool = True):
+    assert keep.shape == (b, k) and keep.dtype == torch.long
+    assert int(keep.min()) >= 0 and int(keep.max()) < n
+    for row in keep:
+        assert torch.unique(row).numel() == k
+        if ordered:
+            assert torch.equal(row, torch.sort(row).values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, data=st.data())
+def test_topk_keep_order(shape, data):
+    b, n, _ = shape
+    k = data.draw(st.integers(1, n))
+    scores = torch.randn(b, n)
+    keep = topk_keep_order(scores, k)
+    _valid_keep(keep, b, n, k)
+    for i in range(b):  # the kept ones are exactly the k largest
+        kth = torch.sort(scores[i], descending=True).values[k - 1]
+        assert bool((scores[i, keep[i]] >= kth).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, data=st.data())
+def test_diversity_selectors_properties(shape, data):
+    b, n, c = shape
+    k = data.draw(st.integers(1, n))
+    x = torch.randn(b, n, c)
+    _valid_keep(max_min_diversity(x, k), b, n, k)
+    _valid_keep(greedy_k_center(x, k), b, n, k)
+    _valid_keep(greedy_k_center(x, k, metric="euclidean"), b, n, k)
+    _valid_keep(max_min_diversity(x, k, keep_order=False), b, n, k, ordered=False)
+
+
+def _naive_divprune(x: torch.Tensor, k: int) -> list[int]:
+    d = cosine_distance(x[None])[0]
+    n = x.shape[0]
+    nn = [min(d[i, j] for j in range(n) if j != i) for i in range(n)]
+    picks = [max(range(n), key=lambda i: nn[i])]
+    while len(picks) < k:
+        rest = [i for i in range(n) if i not in picks]
+        picks.append(max(rest, key=lambda i: min(d[i, j] for j in picks)))
+    return picks
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_divprune_matches_naive_reference(seed):
+    """The card's oracle: on <= 8 random points, pick order equals the O(N^2 k) reference."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 3, generator=gen)
+    picks = max_min_diversity(x[None], 5, keep_order=False)[0].tolist()
+    assert picks == _naive_divprune(x, 5)
+
+
+def test_k_center_two_approximation():
+    """Greedy k-center's covering radius is within 2x of the optimum (brute force, Euclidean)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 2, generator=gen)
+    d = torch.cdist(x, x)
+    k = 3
+    picks = greedy_k_center(x[None], k, metric="euclidean")[0]
+    radius = d[:, picks].min(1).values.max()
+    best = min(d[:, list(c)].min(1).values.max() for c in itertools.combinations(range(9), k))
+    assert radius <= 2 * best + 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 24), cols=st.integers(1, 24), data=st.data())
+def test_uniform_grid_exact_count(rows, cols, data):
+    k = data.draw(st.integers(1, rows * cols))
+    idx = uniform_grid(rows, cols, k)
+    _valid_keep(idx[None], 1, rows * cols, k)
+
+
+def test_uniform_grid_lattice():
+    assert uniform_grid(4, 4, 4).tolist() == [5, 7, 13, 15]
+    assert strided_grid(6, 6, 3).tolist() == [0, 3, 18, 21]
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 3), r=st.integers(1, 10), data=st.data())
+def test_allocate_budget_sums_and_caps(b, r, data):
+    cap = torch.tensor(data.draw(st.lists(st.integers(1, 6), min_size=r, max_size=r)))
+    total = data.draw(st.integers(1, int(cap.sum())))
+    w = torch.rand(b, r)
+    alloc = allocate_budget(w, total, cap)
+    assert alloc.shape == (b, r)
+    assert bool((alloc.sum(-1) == total).all()) and bool((alloc <= cap).all()) and bool((alloc >= 0).all())
+
+
+def test_allocate_budget_proportional_oracle():
+    """HoloV's rule: floor(K m_c / sum m) each, remainder one each to the largest weights."""
+    w = torch.tensor([[5.0, 3.0, 2.0]])
+    assert allocate_budget(w, 7).tolist() == [[4, 2, 1]]  # floors 3,2,1 -> +1 to the largest
+
+
+def test_tome_mass_conservation_and_length():
+    x = torch.randn(2, 11, 4)
+    merge, provenance = bipartite_soft_matching(x, r=4, protect_first=True)
+    out, size = merge(x)
+    assert out.shape == (2, 7, 4)
+    torch.testing.assert_close((out * size[..., None]).sum(1), x.sum(1), atol=1e-5, rtol=1e-5)
+    assert bool((size.sum(-1) == 11).all())
+    assert bool((provenance[:, 0] == 0).all())  # CLS is never a source: it keeps its own slot
+    same, _ = bipartite_soft_matching(x, r=0)
+    torch.testing.assert_close(same(x)[0], torch.cat([x[:, 0::2], x[:, 1::2]], 1))
+
+
+def test_contextual_identity_when_every_token_is_a_target():
+    x = torch.randn(2, 6, 3)
+    remaining = torch.tensor([[0, 2, 3, 5], [1, 2, 4, 5]])
+    targets, values = contextual_merge(x, torch.randn(2, 6, 3), remaining, n_contextual=4)
+    assert torch.equal(targets, remaining)
+    torch.testing.assert_close(values, x.gather(1, remaining[..., None].expand(-1, -1, 3)))
+
+
+def test_contextual_merge_mean_of_assigned():
+    x = torch.arange(8.0).view(1, 4, 2)
+    metric = torch.tensor([[[1.0, 0], [0, 1], [1, 0.1], [0.1, 1]]])
+    targets, values = contextual_merge(x, metric, torch.tensor([[0, 1, 2, 3]]), n_contextual=2)
+    assert targets.tolist() == [[0, 2]]  # step 2: targets are remaining[0], remaining[2]
+    # token 1 ~ target 0? metric[1]=(0,1) vs (1,0) -> 0, vs (1,0.1) -> 0.1: joins target 2; token 3 too
+    torch.testing.assert_close(values[0, 0], x[0, 0])
+    torch.testing.assert_close(values[0, 1], x[0, 2] + (x[0, 1] + x[0, 3]) / 2)
+
+
+def test_similarity_merge_zero_weights_is_identity():
+    x = torch.randn(1, 10, 4)
+    centres = torch.tensor([[1, 4]])
+    out = similarity_merge(x, torch.randn(1, 10, 4), centres, torch.zeros(1, 10), topk=3)
+    torch.testing.assert_close(out, x[:, [1, 4]])
