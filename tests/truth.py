@@ -4,6 +4,7 @@ with the *unwrapped* model's own modules, and a selection recorder."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from transformers.masking_utils import create_causal_mask
@@ -83,7 +84,13 @@ def manual_llm_prune(model, inputs, k_layer: int, keep_positions: torch.Tensor):
     embeds = full_embeddings(model, inputs)
     mask2d = inputs["attention_mask"]
     pos = positions_from_mask(mask2d)
-    mask = create_causal_mask(config=lm.config, inputs_embeds=embeds, attention_mask=mask2d, cache=None, position_ids=pos)
+    params = inspect.signature(create_causal_mask).parameters  # spelled differently in 5.17 and 5.24
+    kwargs = {"config": lm.config, "attention_mask": mask2d, "position_ids": pos}
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
+    kwargs["cache" if "cache" in params else "past_key_values"] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(embeds.shape[1])
+    mask = create_causal_mask(**kwargs)
     cos, sin = lm.rotary_emb(embeds, position_ids=pos)
     hidden = embeds
     for i, layer in enumerate(lm.layers):
