@@ -22,13 +22,22 @@ from vlmprune.context import ModelInfo, Point, Signals
 from vlmprune.stats import LLMShape
 
 from .base import Adapter, Installed, Plan, check_selection, register_adapter
-from .llm import Decoder, DecoderPruner, VisualLayout
-from .runtime import Runtime
+from .llm import Decoder, DecoderPruner
+from .vlm import VLMRuntime
 from .vision import EncoderCapture, VisionTower, encoder_signals, install_capture, install_encoder_pruning
 
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _pixel_patches(pixel_values: torch.Tensor, patch: int, raster: torch.Tensor) -> torch.Tensor:
+    """The ``patch x patch`` pixel block under each current token: ``[n_img, N, C, p, p]`` (pixel
+    values as fed to the tower, i.e. normalised), gathered by raster index."""
+    n_img, c = pixel_values.shape[:2]
+    blocks = pixel_values.unfold(2, patch, patch).unfold(3, patch, patch)  # [n, C, gh, gw, p, p]
+    blocks = blocks.permute(0, 2, 3, 1, 4, 5).reshape(n_img, -1, c, patch, patch)
+    return blocks[torch.arange(n_img, device=raster.device)[:, None], raster]
 
 
 @register_adapter
@@ -111,57 +120,12 @@ class LlavaAdapter(Adapter):
         return installed
 
 
-class LlavaRuntime(Runtime):
+class LlavaRuntime(VLMRuntime):
     def __init__(self, plan: Plan, info: ModelInfo, adapter: LlavaAdapter):
-        super().__init__(plan, info)
-        self.adapter = adapter
+        super().__init__(plan, info, adapter)
         self.capture = EncoderCapture()
         self.alive: torch.Tensor | None = None  # [n_img, N_alive] raster indices in the encoder
-        self.image_mask: torch.Tensor | None = None
-        self.input_ids: torch.Tensor | None = None
-        self.attention_mask: torch.Tensor | None = None
-        self.images: list[dict] | None = None
-        self.labels: torch.Tensor | None = None
-        self.decoder: DecoderPruner | None = None
         self.image_ids: list[int] | None = None  # the image the tower is running on, per-image mode
-
-    # -- model-level hooks ---------------------------------------------------------------------------
-    def on_model_input(self, module, args, kwargs):
-        core = self.adapter.core
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        pre_encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
-        self.input_ids = input_ids
-        self.attention_mask = kwargs.get("attention_mask")
-        self.image_mask = None
-        if kwargs.get("pixel_values") is None and not pre_encoded:
-            self.images = None  # no image this call: an image-token id here is an ordinary token
-            return None
-        if not pre_encoded:
-            self.images = None  # image_features() runs inside this forward
-        # else: generate() (transformers >= 5.2x) encoded the images through image_features()
-        # just before this prefill; its records are still in self.images
-        image_id = core.config.image_token_id
-        if input_ids is not None:
-            self.image_mask = input_ids == image_id
-        else:
-            ref = core.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
-            self.image_mask = (embeds == ref).all(-1)
-        return None
-
-    def on_top_input(self, module, args, kwargs):
-        self.labels = kwargs.pop("labels", None)
-        return args, kwargs
-
-    def on_top_output(self, module, args, kwargs, output):
-        labels, self.labels = self.labels, None
-        if labels is None:
-            return output
-        st = self.decoder.state
-        for t in ([st.input_transform] if st.input_transform else []) + [t for _, t in sorted(st.layer_transforms.items())]:
-            labels = t.seq(labels).masked_fill(~t.valid, -100)
-        output.loss = module.loss_function(logits=output.logits, labels=labels, vocab_size=module.config.text_config.vocab_size)
-        return output
 
     # -- vision side ---------------------------------------------------------------------------------
     def image_features(
@@ -189,6 +153,7 @@ class LlavaRuntime(Runtime):
         feats = torch.cat([out.hidden_states[layer][:, off:] for layer in layers], dim=-1)
         cls_tok = torch.cat([out.hidden_states[layer][:, 0] for layer in layers], dim=-1) if off else None
         cls_slot = bool(off and strategy == "full")  # the model itself feeds CLS to the LLM
+        self.slots = [n + int(cls_slot)] * n_img
         raster = self.alive
         per_image = [(feats[i], raster[i], cls_slot) for i in range(n_img)]
         if any(p.stage == "projector" for p in self.plan.points):
@@ -199,6 +164,7 @@ class LlavaRuntime(Runtime):
                     "projected": lambda: core.multi_modal_projector(feats),
                     "projector": lambda: core.multi_modal_projector,
                     "text_embedding": self._text_embedding,
+                    "pixels": lambda: _pixel_patches(pixel_values, patch, raster),
                 }
             )
             ctx = self.context(Point("projector"), feats, raster, signals, cls_token=cls_tok)
@@ -228,7 +194,9 @@ class LlavaRuntime(Runtime):
             if p.shape[0] > slots:
                 raise RuntimeError(f"method {self.method.name!r} produced {p.shape[0]} tokens for {slots} image slots")
             padded.append(torch.cat([p, p.new_zeros(slots - p.shape[0], p.shape[1])]))
-        self.images = [{"count": f.shape[0], "raster": r, "slots": slots} for f, r in zip(feats_list, rasters)]
+        self.images = [
+            {"count": f.shape[0], "raster": r, "slots": slots, "offset": int(cls_slot)} for f, r in zip(feats_list, rasters)
+        ]
         out.pooler_output = padded
         return out
 
@@ -276,66 +244,3 @@ class LlavaRuntime(Runtime):
         self.alive = self.alive.gather(1, sel.keep)
         return torch.cat([hidden[:, :off], kept], dim=1)
 
-    def _text_embedding(self):
-        """LLM input embeddings of each image's prompt text: ``(emb [n_img, T, D], mask [n_img, T])``."""
-        if self.input_ids is None:
-            raise KeyError("text_embedding needs input_ids")
-        core = self.adapter.core
-        rows = self._image_rows()
-        text = ~self.image_mask
-        if self.attention_mask is not None:
-            text &= self.attention_mask.bool()
-        emb = core.get_input_embeddings()(self.input_ids)
-        longest = int(text.sum(1).max())
-        out = emb.new_zeros(len(rows), longest, emb.shape[-1])
-        mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=emb.device)
-        for i, row in enumerate(rows):
-            sel = emb[row][text[row]]
-            out[i, : sel.shape[0]] = sel
-            mask[i, : sel.shape[0]] = True
-        return out, mask
-
-    def _spans(self, mask: torch.Tensor, slots: int) -> list[tuple[int, int]]:
-        """(row, start) of each image's placeholder span (``slots`` long), in feature order."""
-        spans = []
-        for row in range(mask.shape[0]):
-            positions = mask[row].nonzero().flatten()
-            spans.extend((row, int(positions[j])) for j in range(0, positions.numel(), slots))
-        return spans
-
-    def _image_rows(self) -> list[int]:
-        slots = self.n_visual + int(self.adapter.tower.has_cls and self.adapter.config.vision_feature_select_strategy == "full")
-        return [row for row, _ in self._spans(self.image_mask, slots)]
-
-    # -- handed to the decoder's input hook ----------------------------------------------------------
-    def take_record(self) -> dict | None:
-        """The LM-input keep mask, position sources and visual layout of this prefill."""
-        mask, images = self.image_mask, self.images
-        self.image_mask, self.images = None, None
-        if mask is None:
-            return None
-        if images is None:
-            raise RuntimeError(
-                "vlmprune: image tokens reached the language model without pixel_values passing through the "
-                "adapter (precomputed mm_encoder_outputs bypass it); pass pixel_values"
-            )
-        b, length = mask.shape
-        device = mask.device
-        slots = images[0]["slots"]
-        spans = self._spans(mask, slots)
-        if len(spans) != len(images):
-            raise RuntimeError(f"vlmprune: {len(spans)} image spans in the prompt for {len(images)} images")
-        keep = torch.ones(b, length, dtype=torch.bool, device=device)
-        pos_source = torch.arange(length, device=device).expand(b, -1).clone()
-        rows, positions = [], []
-        for (row, start), img in zip(spans, images):
-            keep[row, start + img["count"] : start + slots] = False
-            visual = torch.arange(start, start + img["count"], device=device)
-            raster = img["raster"]
-            pos_source[row, visual] = torch.where(raster >= 0, start + (slots - self.n_visual) + raster, start)
-            rows.append(row)
-            positions.append(visual)
-        self.stats.llm_visual_tokens = [int(p.numel()) for p in positions]
-        self.stats.full_lengths = [length] * b
-        layout = VisualLayout(torch.tensor(rows, device=device), positions, [img["raster"] for img in images])
-        return {"keep": keep, "pos_source": pos_source, "layout": layout, "positions": self.method.positions}

@@ -1,0 +1,142 @@
+"""What every VLM adapter's runtime shares: finding image spans in the prompt, handing the
+LM-input keep mask to the decoder, labels, the text-embedding signal. A family adapter adds
+``image_features()`` (its own vision path) and sets ``self.images``: one record per image,
+``{"count": real tokens, "raster": [count] origin of each (-1: none), "slots": placeholder
+tokens}``; real tokens fill the first ``count`` slots of the image's span."""
+
+from __future__ import annotations
+
+import torch
+
+from vlmprune.context import ModelInfo
+
+from .base import Plan
+from .llm import DecoderPruner, VisualLayout
+from .runtime import Runtime
+
+
+class VLMRuntime(Runtime):
+    #: keyword of the model's forward that carries images
+    pixel_key = "pixel_values"
+
+    def __init__(self, plan: Plan, info: ModelInfo, adapter):
+        super().__init__(plan, info)
+        self.adapter = adapter
+        self.image_mask: torch.Tensor | None = None
+        self.input_ids: torch.Tensor | None = None
+        self.attention_mask: torch.Tensor | None = None
+        self.images: list[dict] | None = None
+        self.slots: list[int] = []  # placeholder tokens per image of the current prefill
+        self.labels: torch.Tensor | None = None
+        self.decoder: DecoderPruner | None = None
+
+    def positions_mode(self) -> str:
+        return self.method.positions
+
+    # -- model-level hooks ---------------------------------------------------------------------------
+    def on_model_input(self, module, args, kwargs):
+        core = self.adapter.core
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        pre_encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        self.input_ids = input_ids
+        self.attention_mask = kwargs.get("attention_mask")
+        self.image_mask = None
+        if kwargs.get(self.pixel_key) is None and not pre_encoded:
+            self.images = None  # no image this call: an image-token id here is an ordinary token
+            return None
+        if not pre_encoded:
+            self.images = None  # image_features() runs inside this forward
+        # else: generate() (transformers >= 5.2x) encoded the images through image_features()
+        # just before this prefill; its records are still in self.images
+        image_id = core.config.image_token_id
+        if input_ids is not None:
+            self.image_mask = input_ids == image_id
+        else:
+            ref = core.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
+            self.image_mask = (embeds == ref).all(-1)
+        return None
+
+    def on_top_input(self, module, args, kwargs):
+        self.labels = kwargs.pop("labels", None)
+        return args, kwargs
+
+    def on_top_output(self, module, args, kwargs, output):
+        labels, self.labels = self.labels, None
+        if labels is None:
+            return output
+        st = self.decoder.state
+        for t in ([st.input_transform] if st.input_transform else []) + [t for _, t in sorted(st.layer_transforms.items())]:
+            labels = t.seq(labels).masked_fill(~t.valid, -100)
+        output.loss = module.loss_function(logits=output.logits, labels=labels, vocab_size=module.config.text_config.vocab_size)
+        return output
+
+    def _text_embedding(self):
+        """LLM input embeddings of each image's prompt text: ``(emb [n_img, T, D], mask [n_img, T])``."""
+        if self.input_ids is None:
+            raise KeyError("text_embedding needs input_ids")
+        core = self.adapter.core
+        rows = self._image_rows()
+        text = ~self.image_mask
+        if self.attention_mask is not None:
+            text &= self.attention_mask.bool()
+        emb = core.get_input_embeddings()(self.input_ids)
+        longest = int(text.sum(1).max())
+        out = emb.new_zeros(len(rows), longest, emb.shape[-1])
+        mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=emb.device)
+        for i, row in enumerate(rows):
+            sel = emb[row][text[row]]
+            out[i, : sel.shape[0]] = sel
+            mask[i, : sel.shape[0]] = True
+        return out, mask
+
+    @staticmethod
+    def _spans(mask: torch.Tensor, slots: list[int]) -> list[tuple[int, int]]:
+        """(row, start) of each image's placeholder span (``slots[i]`` long), in feature order."""
+        spans, i = [], 0
+        for row in range(mask.shape[0]):
+            positions = mask[row].nonzero().flatten().tolist()
+            j = 0
+            while j < len(positions):
+                if i >= len(slots):
+                    raise RuntimeError(f"vlmprune: more image placeholders in the prompt than {len(slots)} images")
+                spans.append((row, positions[j]))
+                j += slots[i]
+                i += 1
+        if i != len(slots):
+            raise RuntimeError(f"vlmprune: {i} image spans in the prompt for {len(slots)} images")
+        return spans
+
+    def _image_rows(self) -> list[int]:
+        return [row for row, _ in self._spans(self.image_mask, self.slots)]
+
+    # -- handed to the decoder's input hook ----------------------------------------------------------
+    def take_record(self) -> dict | None:
+        """The LM-input keep mask, position sources and visual layout of this prefill."""
+        mask, images = self.image_mask, self.images
+        self.image_mask, self.images = None, None
+        if mask is None:
+            return None
+        if images is None:
+            raise RuntimeError(
+                "vlmprune: image tokens reached the language model without pixel_values passing through the "
+                "adapter (precomputed mm_encoder_outputs bypass it); pass pixel_values"
+            )
+        b, length = mask.shape
+        device = mask.device
+        spans = self._spans(mask, [img["slots"] for img in images])
+        keep = torch.ones(b, length, dtype=torch.bool, device=device)
+        pos_source = torch.arange(length, device=device).expand(b, -1).clone()
+        rows, positions = [], []
+        for (row, start), img in zip(spans, images):
+            slots = img["slots"]
+            keep[row, start + img["count"] : start + slots] = False
+            visual = torch.arange(start, start + img["count"], device=device)
+            raster = img["raster"]
+            pos_source[row, visual] = torch.where(raster >= 0, start + img.get("offset", 0) + raster, start)
+            rows.append(row)
+            positions.append(visual)
+        self.stats.llm_visual_tokens = [int(p.numel()) for p in positions]
+        self.stats.full_lengths = [length] * b
+        layout = VisualLayout(torch.tensor(rows, device=device), positions, [img["raster"] for img in images])
+        return {"keep": keep, "pos_source": pos_source, "layout": layout, "positions": self.positions_mode()}
