@@ -3,5 +3,6 @@ removing tokens (installed as ``vlmprune.adapters``)."""
 
 from .base import ADAPTERS, Adapter, Plan, find_adapter, register_adapter
 from .llava import LlavaAdapter
+from .qwen import QwenVLAdapter
 
-__all__ = ["ADAPTERS", "Adapter", "Plan", "LlavaAdapter", "find_adapter", "register_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "Plan", "LlavaAdapter", "QwenVLAdapter", "find_adapter", "register_adapter"]

@@ -11,6 +11,7 @@ from torch import nn
 from vlmprune.budget import Budget
 from vlmprune.context import ModelInfo, Point
 from vlmprune.method import Method
+from vlmprune.stats import LLMShape
 
 ADAPTERS: list[type["Adapter"]] = []
 
@@ -147,3 +148,16 @@ def check_selection(sel, ctx, method: str, allow_extra: bool) -> None:
             raise RuntimeError(f"method {method!r} returned extra tokens at stage {ctx.stage!r}, where none can be added")
     if sel.keep_cls and not allow_extra:
         raise RuntimeError(f"method {method!r} asked to keep CLS at stage {ctx.stage!r}; only the projector stage can")
+
+
+def llm_shape(decoder, text_config) -> LLMShape:
+    """The cost model's numbers for a decoder (see :class:`vlmprune.stats.LLMShape`)."""
+    return LLMShape(
+        layers=text_config.num_hidden_layers,
+        hidden=text_config.hidden_size,
+        intermediate=text_config.intermediate_size,
+        heads=decoder.heads,
+        kv_heads=decoder.kv_heads,
+        head_dim=decoder.head_dim,
+        bytes_per_value=next(decoder.model.parameters()).element_size(),
+    )

@@ -21,7 +21,7 @@ from torch import nn
 from vlmprune.context import ModelInfo, Point, Signals
 from vlmprune.stats import LLMShape
 
-from .base import Adapter, Installed, Plan, check_selection, register_adapter
+from .base import Adapter, Installed, Plan, check_selection, llm_shape, register_adapter
 from .llm import Decoder, DecoderPruner
 from .vlm import VLMRuntime
 from .vision import EncoderCapture, VisionTower, encoder_signals, install_capture, install_encoder_pruning
@@ -79,17 +79,7 @@ class LlavaAdapter(Adapter):
         )
 
     def llm_shape(self) -> LLMShape:
-        tc = self.config.text_config
-        param = next(self.decoder.model.parameters())
-        return LLMShape(
-            layers=tc.num_hidden_layers,
-            hidden=tc.hidden_size,
-            intermediate=tc.intermediate_size,
-            heads=self.decoder.heads,
-            kv_heads=self.decoder.kv_heads,
-            head_dim=self.decoder.head_dim,
-            bytes_per_value=param.element_size(),
-        )
+        return llm_shape(self.decoder, self.config.text_config)
 
     # -- install -----------------------------------------------------------------------------------
     def install(self, plan: Plan) -> Installed:

@@ -28,6 +28,7 @@ class VisualLayout:
     row: torch.Tensor  # [n_img] the batch row of each image
     positions: list[torch.Tensor]  # per image: positions in the current sequence
     raster: list[torch.Tensor]  # per image: raster index in the original grid (-1: no single origin)
+    totals: list[int]  # per image: visual tokens before any pruning (what fraction budgets refer to)
 
     def apply(self, t: SeqTransform) -> "VisualLayout":
         """Follow a transform that kept every listed position (maps old positions to new ones)."""
@@ -39,7 +40,7 @@ class VisualLayout:
             mapped = inverse[pos]
             new_pos.append(mapped[mapped >= 0])
             raster.append(self.raster[i][mapped >= 0])
-        return VisualLayout(self.row, new_pos, raster)
+        return VisualLayout(self.row, new_pos, raster, self.totals)
 
 
 @dataclass
@@ -69,7 +70,15 @@ class Decoder:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         attn = self.layers[0].self_attn
-        self.rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
+        self._module = sys.modules[type(attn).__module__]
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        self.mrope_section = rope.get("mrope_section")
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Apply the model's own rotary embedding (Qwen's M-RoPE when cos/sin come per axis)."""
+        if cos.dim() == 4 and self.mrope_section is not None:  # transformers < 5.2x Qwen2-VL
+            return self._module.apply_multimodal_rotary_pos_emb(q, k, cos, sin, self.mrope_section)
+        return self._module.apply_rotary_pos_emb(q, k, cos, sin)
 
     def split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         b, n, _ = x.shape
@@ -164,6 +173,8 @@ class DecoderPruner:
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = torch.arange(length, device=embeds.device)[None].expand(b, -1)
+        elif pos.shape[-2] == 1 and b > 1:
+            pos = pos.expand(*pos.shape[:-2], b, pos.shape[-1])
         layout = record["layout"]
         n_layers = len(self.decoder.layers)
         if bool(keep.all()):
@@ -179,9 +190,9 @@ class DecoderPruner:
         kwargs["inputs_embeds"] = t.seq(embeds)
         kwargs["attention_mask"] = t.mask2d(mask, length)
         if st.positions_mode == "original":
-            new_pos = pos.gather(-1, record["pos_source"].gather(1, t.index))
+            new_pos = _gather_last(pos, record["pos_source"].gather(1, t.index))
         else:
-            new_pos = pos.gather(-1, t.index) - t.dropped_before
+            new_pos = _gather_last(pos, t.index) - t.dropped_before
         kwargs["position_ids"] = new_pos.masked_fill(~t.valid, 0)
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(t.l_out, device=embeds.device)
@@ -278,6 +289,7 @@ class DecoderPruner:
             pos = torch.stack([layout.positions[i] for i in group])
             tokens = hidden[rows[:, None], pos]
             raster = torch.stack([layout.raster[i] for i in group])
+            self.rt.n_visual = layout.totals[group[0]]
             ctx = self.rt.context(point, tokens, raster, self._llm_signals(idx, group, pos, tokens), group)
             sel: Selection = self.rt.run_method(ctx)
             check_selection(sel, ctx, self.rt.method.name, allow_extra=False)
@@ -366,8 +378,14 @@ class DecoderPruner:
         return Signals({"text_attention": text_attention, "llm_qkv": qkv, "hidden": lambda: tokens})
 
 
+def _gather_last(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather position ids ``[..., B, L]`` (Qwen's are ``[3 or 4, B, L]``) with ``index [B, L']``."""
+    return pos.gather(-1, index.expand(*pos.shape[:-2], *index.shape))
+
+
 def _groups_by_count(layout: VisualLayout) -> list[list[int]]:
-    groups: dict[int, list[int]] = {}
+    """Images that can share one method call: same alive count and same original count."""
+    groups: dict[tuple[int, int], list[int]] = {}
     for i, pos in enumerate(layout.positions):
-        groups.setdefault(int(pos.numel()), []).append(i)
+        groups.setdefault((int(pos.numel()), layout.totals[i]), []).append(i)
     return list(groups.values())

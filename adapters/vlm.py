@@ -138,5 +138,6 @@ class VLMRuntime(Runtime):
             positions.append(visual)
         self.stats.llm_visual_tokens = [int(p.numel()) for p in positions]
         self.stats.full_lengths = [length] * b
-        layout = VisualLayout(torch.tensor(rows, device=device), positions, [img["raster"] for img in images])
+        totals = [img["slots"] - img.get("offset", 0) for img in images]
+        layout = VisualLayout(torch.tensor(rows, device=device), positions, [img["raster"] for img in images], totals)
         return {"keep": keep, "pos_source": pos_source, "layout": layout, "positions": self.positions_mode()}

@@ -43,6 +43,7 @@ class ModelInfo:
     feature_layer: int  # index of the encoder layer whose output feeds the projector
     llm_layers: int
     stages: tuple[str, ...]
+    signals: tuple[str, ...] = ()  # signal names the adapter can provide; empty = all
 
 
 @dataclass
@@ -119,6 +120,10 @@ class TokenContext:
     ``grid`` (rows, cols); ``budget``: tokens to keep per image at this call;
     ``target``: tokens per image the method must reach by its last point;
     ``state``: a dict shared by all calls of one forward (per image batch).
+    ``images``: the index of each row's image among the images of this forward (rows of an
+    ``llm``-stage call may be a subset, grouped by token count). ``image_state``: one dict per
+    row, the same object for that image at every point of the forward: carry per-image scores
+    from one stage to the next here (VFlowOpt's importance map).
     """
 
     tokens: torch.Tensor
@@ -133,6 +138,8 @@ class TokenContext:
     cls_token: torch.Tensor | None = None
     info: ModelInfo | None = None
     generator: torch.Generator | None = None
+    images: tuple[int, ...] = ()
+    image_state: list[dict] = field(default_factory=list)
 
     @property
     def n(self) -> int:

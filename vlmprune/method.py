@@ -20,6 +20,7 @@ SIGNALS = frozenset(
         "text_attention",  # LLM attention rows (last / instruction tokens -> image tokens)
         "llm_qkv",  # per-head queries (post-RoPE), keys and values at an LLM layer
         "text_embedding",  # the LLM input embeddings of the prompt's text tokens
+        "pixels",  # each current token's pixel patch, as fed to the vision tower
     }
 )
 
@@ -27,6 +28,23 @@ SIGNALS = frozenset(
 def option(default: Any, doc: str, choices: tuple | None = None):
     """A method option: its default, where the default comes from, and (for str) valid choices."""
     return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+def scale_llm_layers(layers, reference: int, depth: int, where: str) -> tuple[int, ...]:
+    """Map LLM layer indices a paper gives for a ``reference``-layer language model onto one of
+    ``depth`` layers: ``K -> floor(K * depth / reference + 0.5)`` (``reference=0``: used as
+    given). The result must be strictly increasing in ``[1, depth - 1]`` (a pruning point sits
+    before a decoder layer and after at least one); otherwise a ValueError naming ``where``
+    (e.g. VFlowOpt's 9, 18 of 28 give 10, 21 of 32 and 1, 3 of 4)."""
+    mapped = tuple(int(k * depth / reference + 0.5) if reference else int(k) for k in layers)
+    if any(not 1 <= k < depth for k in mapped) or any(a >= b for a, b in zip(mapped, mapped[1:])):
+        raise ValueError(
+            f"{where}: layers {tuple(layers)}"
+            + (f" of a {reference}-layer LLM" if reference else "")
+            + f" map to {mapped} on this {depth}-layer LLM; they must be strictly increasing in "
+            f"[1, {depth - 1}] (pass explicit layers with a layers-of value of 0)"
+        )
+    return mapped
 
 
 @dataclass
@@ -86,6 +104,12 @@ class Method:
             raise ValueError(
                 f"method {self.name!r} needs a CLS token in the vision tower, and this model's "
                 f"({info.family}) has none; choose a CLS-free method (see vlmprune.methods())"
+            )
+        lacking = set(self.needs) - set(info.signals) if info.signals else set()
+        if lacking:
+            raise ValueError(
+                f"method {self.name!r} needs signal(s) {sorted(lacking)}, which the {info.family} adapter "
+                f"cannot provide (it provides {list(info.signals)})"
             )
         missing = set(self.stages) - set(info.stages)
         if missing:
