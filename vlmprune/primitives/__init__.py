@@ -5,29 +5,57 @@ Nothing here imports a model family. Every function works on batched tensors
 same batch size, so a method is mostly a composition of these.
 """
 
-from .merging import bipartite_soft_matching, contextual_merge, similarity_merge
-from .scoring import attention_rows, cls_attention, entropy, value_norm
+from .merging import bipartite_soft_matching, contextual_merge, recycle_by_cell, similarity_merge
+from .scoring import (
+    attention_rows,
+    cls_attention,
+    context_relevance,
+    entropy,
+    histogram_entropy,
+    perturbation_sensitivity,
+    received_attention,
+    value_norm,
+)
 from .selection import (
     allocate_budget,
+    chunk_groups,
     greedy_k_center,
+    greedy_max_sum,
     max_min_diversity,
+    pairwise_distance,
+    rank_within_groups,
+    tile_groups,
     topk_keep_order,
+    topk_per_group,
     union_keep,
     uniform_grid,
+    weighted_max_min,
 )
 
 __all__ = [
     "allocate_budget",
     "attention_rows",
     "bipartite_soft_matching",
+    "chunk_groups",
     "cls_attention",
+    "context_relevance",
     "contextual_merge",
     "entropy",
     "greedy_k_center",
+    "greedy_max_sum",
+    "histogram_entropy",
     "max_min_diversity",
+    "pairwise_distance",
+    "perturbation_sensitivity",
+    "rank_within_groups",
+    "received_attention",
+    "recycle_by_cell",
     "similarity_merge",
+    "tile_groups",
     "topk_keep_order",
-    "union_keep",
+    "topk_per_group",
     "uniform_grid",
+    "union_keep",
     "value_norm",
+    "weighted_max_min",
 ]

@@ -111,3 +111,39 @@ def bipartite_soft_matching(
         return (out / out_size.unsqueeze(-1)).to(x.dtype), out_size
 
     return merge, provenance
+
+
+def recycle_by_cell(
+    x: torch.Tensor,
+    importance: torch.Tensor,
+    pruned: torch.Tensor,
+    raster: torch.Tensor,
+    cols: int,
+    cell: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VFlowOpt's recycling (arXiv 2508.05211, code-exact) for one image.
+
+    ``x`` ``[N, C]`` tokens, ``importance`` ``[N]``, ``pruned`` ``[N]`` bool, ``raster`` ``[N]``
+    raster indices on a grid ``cols`` wide. The pruned tokens are grouped by coarse cells of
+    side ``cell`` (``floor(row / cell), floor(col / cell)``); every non-empty group's
+    importance-weighted mean ``sum_i (I_i / sum I) x_i`` overwrites the group's most important
+    member, which is kept. Returns ``(keep [k] ascending, values [k, C])``, the kept tokens'
+    values (unchanged for tokens that were never pruned).
+    """
+    row, col = raster // cols, raster % cols
+    cell_id = torch.stack([(row.double() / cell).floor(), (col.double() / cell).floor()], dim=-1)
+    values = x.clone()
+    keep = ~pruned
+    idx = pruned.nonzero().flatten()
+    if idx.numel():
+        _, group = torch.unique(cell_id[idx], dim=0, return_inverse=True)
+        for g in range(int(group.max()) + 1):
+            members = idx[group == g]
+            w = importance[members].float()
+            total = w.sum()
+            w = w / total if total != 0 else torch.full_like(w, 1.0 / w.numel())
+            carrier = members[importance[members].argmax()]
+            values[carrier] = (w[:, None] * x[members].float()).sum(dim=0).to(x.dtype)
+            keep[carrier] = True
+    kept = keep.nonzero().flatten()
+    return kept, values[kept]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -52,3 +54,73 @@ def entropy(p: torch.Tensor, dim: int = -1, normalise: bool = True) -> torch.Ten
 def value_norm(v: torch.Tensor, p: float = 1.0) -> torch.Tensor:
     """Norm of value vectors averaged over heads: ``[B, H, N, d] -> [B, N]``."""
     return v.float().mean(dim=1).norm(p=p, dim=-1)
+
+
+def received_attention(probs: torch.Tensor, skip_first: bool = False, reduce: str = "mean") -> torch.Tensor:
+    """Attention each token *receives*: ``[B, H, T, T]`` probabilities averaged over heads and
+    then over (``"mean"``) or summed over (``"sum"``) all query rows, ``[B, T]``;
+    ``skip_first`` drops the first column (a CLS token) after the reduction (HiPrune's global
+    attention, FoPru's significance)."""
+    per_key = probs.float().mean(dim=1)
+    if reduce == "mean":
+        out = per_key.mean(dim=1)
+    elif reduce == "sum":
+        out = per_key.sum(dim=1)
+    else:
+        raise ValueError(f"reduce must be one of 'mean', 'sum', got {reduce!r}")
+    return out[:, 1:] if skip_first else out
+
+
+def context_relevance(probs: torch.Tensor, t: float) -> torch.Tensor:
+    """VFlowOpt's context relevance (arXiv 2508.05211): with ``A`` the head-mean attention
+    (``[B, H, T, T]`` probabilities), the *global* tokens are those whose received attention
+    ``rho_j = mean_i A_ij`` exceeds ``t * mean(rho)``; each token's relevance is the attention
+    the global tokens pay it, ``c_j = mean_{g in G} A_gj``. ``[B, T]``. When no token passes
+    the threshold the token with the largest ``rho`` is the global set (the official code
+    averages an empty set into NaN)."""
+    a = probs.float().mean(dim=1)
+    rho = received_attention(probs)
+    glob = rho > t * rho.mean(dim=-1, keepdim=True)
+    empty = ~glob.any(dim=-1)
+    glob[empty, rho[empty].argmax(dim=-1)] = True
+    w = glob.float() / glob.sum(dim=-1, keepdim=True)
+    return (w.unsqueeze(1) @ a).squeeze(1)
+
+
+def histogram_entropy(levels: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """Shannon entropy in bits of the histogram of integer ``levels`` in ``[0, bins)`` along the
+    last axis (one histogram per leading index): a constant patch gives 0, ``n`` distinct
+    equally frequent levels give ``log2(n)``."""
+    flat = levels.reshape(-1, levels.shape[-1]).long()
+    hist = torch.zeros(flat.shape[0], bins, device=levels.device).scatter_add_(
+        1, flat, torch.ones_like(flat, dtype=torch.float)
+    )
+    p = hist / hist.sum(dim=-1, keepdim=True)
+    ent = -(p * torch.log2(p.clamp_min(1e-30))).sum(dim=-1)
+    return ent.view(levels.shape[:-1])
+
+
+def perturbation_sensitivity(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    directions: torch.Tensor,
+    h: float,
+    chunk: int = 16,
+) -> torch.Tensor:
+    """Zeroth-order sensitivity of a row-wise map ``fn`` at every token (ZOO-Prune,
+    arXiv 2509.24837): ``s_i = mean_j ||fn(x_i + h u_j) - fn(x_i - h u_j)|| / (2h)`` with the
+    same unit directions ``u_j`` (``[m, C]``) for every token, an estimate of
+    ``E_u ||J_fn(x_i) u||``. ``x``: ``[B, N, C]``; directions are evaluated ``chunk`` at a time
+    (memory only). Returns ``[B, N]`` in float32 (float64 when ``fn`` returns float64)."""
+    b, n, c = x.shape
+    total = None
+    for start in range(0, directions.shape[0], chunk):
+        u = directions[start : start + chunk].to(x.dtype)
+        step = (h * u)[None, :, None, :]  # [1, m', 1, C]
+        plus = fn((x[:, None] + step).reshape(-1, c))
+        minus = fn((x[:, None] - step).reshape(-1, c))
+        acc = torch.promote_types(plus.dtype, torch.float32)
+        diff = (plus.to(acc) - minus.to(acc)).view(b, u.shape[0], n, -1)
+        part = (diff.norm(dim=-1) / (2 * h)).sum(dim=1)
+        total = part if total is None else total + part
+    return total / directions.shape[0]

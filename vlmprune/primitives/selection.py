@@ -28,10 +28,12 @@ def topk_keep_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order[..., :k], dim=-1).values
 
 
-def _farthest_point_greedy(dist: torch.Tensor, k: int, first: torch.Tensor) -> torch.Tensor:
+def _farthest_point_greedy(
+    dist: torch.Tensor, k: int, first: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Gonzalez's greedy rule on a distance matrix ``[B, N, N]``: start at ``first`` and
-    repeatedly add the token whose minimum distance to the chosen set is largest.
-    Returns indices in pick order ``[B, k]``."""
+    repeatedly add the token whose minimum distance to the chosen set is largest (times
+    ``weights`` [B, N] when given). Returns indices in pick order ``[B, k]``."""
     b, n, _ = dist.shape
     rows = torch.arange(b, device=dist.device)
     picks = torch.empty(b, k, dtype=torch.long, device=dist.device)
@@ -40,7 +42,8 @@ def _farthest_point_greedy(dist: torch.Tensor, k: int, first: torch.Tensor) -> t
     chosen[rows, first] = True
     min_dist = dist[rows, first].clone()
     for i in range(1, k):
-        nxt = min_dist.masked_fill(chosen, float("-inf")).argmax(dim=-1)
+        gain = min_dist if weights is None else min_dist * weights
+        nxt = gain.masked_fill(chosen, float("-inf")).argmax(dim=-1)
         picks[:, i] = nxt
         chosen[rows, nxt] = True
         min_dist = torch.minimum(min_dist, dist[rows, nxt])
@@ -51,6 +54,15 @@ def cosine_distance(x: torch.Tensor) -> torch.Tensor:
     """``1 - cos`` between all pairs of tokens: ``[B, N, C] -> [B, N, N]``."""
     xn = torch.nn.functional.normalize(x.float(), dim=-1)
     return 1.0 - xn @ xn.transpose(-1, -2)
+
+
+def pairwise_distance(x: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
+    """All-pairs distances ``[B, N, C] -> [B, N, N]``: ``"cosine"`` (1 - cos) or ``"euclidean"``."""
+    if metric == "cosine":
+        return cosine_distance(x)
+    if metric == "euclidean":
+        return torch.cdist(x.float(), x.float())
+    raise ValueError(f"metric must be one of 'cosine', 'euclidean', got {metric!r}")
 
 
 def max_min_diversity(x: torch.Tensor, k: int, keep_order: bool = True) -> torch.Tensor:
@@ -82,12 +94,7 @@ def greedy_k_center(
     feature norm. ``metric`` is ``"cosine"`` (1 - cos) or ``"euclidean"``.
     """
     _check_k(k, x.shape[1])
-    if metric == "cosine":
-        dist = cosine_distance(x)
-    elif metric == "euclidean":
-        dist = torch.cdist(x.float(), x.float())
-    else:
-        raise ValueError(f"metric must be one of 'cosine', 'euclidean', got {metric!r}")
+    dist = pairwise_distance(x, metric)
     if first is None:
         first = x.float().norm(dim=-1).argmax(dim=-1)
     picks = _farthest_point_greedy(dist, k, first)
@@ -169,3 +176,97 @@ def union_keep(a: torch.Tensor, b: torch.Tensor, n: int) -> list[torch.Tensor]:
         mask[rb] = True
         out.append(mask.nonzero().flatten())
     return out
+
+
+def chunk_groups(n: int, parts: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Region id ``[n]`` of each position when a sequence is cut into ``parts`` contiguous 1-D
+    chunks: each holds ``n // parts`` tokens and the first ``n % parts`` one more (HoloV's
+    crops, which cross image rows)."""
+    if not 1 <= parts <= n:
+        raise ValueError(f"parts must be in [1, {n}] (the number of tokens), got {parts}")
+    sizes = torch.full((parts,), n // parts, dtype=torch.long)
+    sizes[: n % parts] += 1
+    return torch.repeat_interleave(torch.arange(parts), sizes).to(device)
+
+
+def tile_groups(raster: torch.Tensor, rows: int, cols: int, parts: int) -> torch.Tensor:
+    """Region id of each raster index (any shape) when a ``rows x cols`` grid is cut into
+    ``parts = a x b`` 2-D tiles, ``a`` the divisor of ``parts`` closest to
+    ``sqrt(parts * rows / cols)`` (square tiles on a square grid); tile edges at
+    ``floor(i * rows / a)`` and ``floor(j * cols / b)``, ids in raster order of the tiles."""
+    if not 1 <= parts <= rows * cols:
+        raise ValueError(f"parts must be in [1, {rows * cols}] (the grid size), got {parts}")
+    ideal = math.sqrt(parts * rows / cols)
+    a = min((d for d in range(1, parts + 1) if parts % d == 0), key=lambda d: (abs(d - ideal), d))
+    b = parts // a
+    if a > rows or b > cols:
+        raise ValueError(f"cannot cut a {rows}x{cols} grid into {a}x{b} tiles")
+    y, x = raster // cols, raster % cols
+    return (y * a // rows) * b + x * b // cols
+
+
+def rank_within_groups(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Rank ``[B, N]`` of every token among the tokens of its group (0 = highest score;
+    ties towards the lower index). ``groups``: ``[N]`` or ``[B, N]`` region ids in ``[0, G)``."""
+    b, n = scores.shape
+    groups = groups.to(scores.device).long().expand(b, n)
+    by_score = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    by_group = torch.sort(groups.gather(1, by_score), dim=-1, stable=True).indices
+    perm = by_score.gather(1, by_group)  # tokens ordered by (group, score desc, index)
+    n_groups = int(groups.max()) + 1
+    counts = torch.zeros(b, n_groups, dtype=torch.long, device=scores.device).scatter_add_(
+        1, groups, torch.ones_like(groups)
+    )
+    starts = counts.cumsum(-1) - counts
+    within = torch.arange(n, device=scores.device).expand(b, n) - starts.gather(1, groups.gather(1, perm))
+    return torch.empty_like(within).scatter_(1, perm, within)
+
+
+def topk_per_group(scores: torch.Tensor, groups: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+    """Keep mask ``[B, N]``: the ``quota[b, g]`` highest-scoring tokens of every group ``g``
+    (a whole group when its quota reaches its size). ``quota``: ``[G]`` or ``[B, G]``."""
+    b, n = scores.shape
+    groups = groups.to(scores.device).long().expand(b, n)
+    quota = quota.to(scores.device).long().expand(b, -1)
+    return rank_within_groups(scores, groups) < quota.gather(1, groups)
+
+
+def greedy_max_sum(
+    x: torch.Tensor,
+    k: int,
+    metric: str = "cosine",
+    first: torch.Tensor | None = None,
+    keep_order: bool = True,
+) -> torch.Tensor:
+    """Greedy max-sum diversification (no quality term): start at ``first`` ([B]; default the
+    largest-norm token) and repeatedly add the token whose *sum* of distances to the chosen
+    set is largest (k-center uses the minimum). Ties go to the lower index."""
+    _check_k(k, x.shape[1])
+    dist = pairwise_distance(x, metric)
+    b, n, _ = dist.shape
+    if first is None:
+        first = x.float().norm(dim=-1).argmax(dim=-1)
+    rows = torch.arange(b, device=x.device)
+    picks = torch.empty(b, k, dtype=torch.long, device=x.device)
+    picks[:, 0] = first
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=x.device)
+    chosen[rows, first] = True
+    total = dist[rows, first].clone()
+    for i in range(1, k):
+        nxt = total.masked_fill(chosen, float("-inf")).argmax(dim=-1)
+        picks[:, i] = nxt
+        chosen[rows, nxt] = True
+        total = total + dist[rows, nxt]
+    return torch.sort(picks, dim=-1).values if keep_order else picks
+
+
+def weighted_max_min(
+    x: torch.Tensor, k: int, weights: torch.Tensor, metric: str = "cosine", keep_order: bool = True
+) -> torch.Tensor:
+    """Score-weighted max-min diversity: the first pick is ``argmax weights`` ([B, N]), each
+    later pick maximises ``weights_i * min_{a in S} dist(a, i)`` (ZOO-Prune's SADS; with
+    constant weights it is farthest-point sampling from token 0). Ties go to the lower index."""
+    _check_k(k, x.shape[1])
+    w = weights.float()
+    picks = _farthest_point_greedy(pairwise_distance(x, metric), k, w.argmax(dim=-1), weights=w)
+    return torch.sort(picks, dim=-1).values if keep_order else picks
