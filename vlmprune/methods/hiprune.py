@@ -1,0 +1,138 @@
+"""HiPrune: anchors from an object-centric middle layer, their neighbours, and registers from
+a deep layer, all from vision-encoder self-attention (no CLS, no text)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..context import Selection, TokenContext
+from ..method import Method, option
+from ..primitives.scoring import received_attention
+from ..primitives.selection import topk_keep_order
+from ..registry import register
+
+#: depth of the tower the README's object layer refers to (CLIP-L/336 of LLaVA-1.5)
+REFERENCE_DEPTH = 24
+
+
+def neighbours(anchors: torch.Tensor, rows: int, cols: int, mode: str) -> torch.Tensor:
+    """Mask ``[B, N]`` of the anchors and their 4-neighbours on a ``rows x cols`` raster.
+
+    ``"flat"`` (official code): ``i +- 1`` and ``i +- cols`` on the flat index, clamped to
+    ``[0, N - 1]`` (so ``i +- 1`` wraps across rows and out-of-grid ones land on 0 or N-1).
+    ``"grid"``: true 2-D neighbours, out-of-grid ones dropped."""
+    n = rows * cols
+    b = anchors.shape[0]
+    mask = torch.zeros(b, n, dtype=torch.bool, device=anchors.device)
+    if anchors.numel() == 0:
+        return mask
+    if mode == "flat":
+        cand = torch.cat([anchors, anchors - 1, anchors + 1, anchors - cols, anchors + cols], dim=1).clamp(0, n - 1)
+        return mask.scatter_(1, cand, True)
+    y, x = anchors // cols, anchors % cols
+    for yy, xx in ((y, x - 1), (y, x + 1), (y - 1, x), (y + 1, x)):
+        inside = (yy >= 0) & (yy < rows) & (xx >= 0) & (xx < cols)
+        mask.scatter_(1, torch.where(inside, yy * cols + xx, anchors), True)  # outside: the anchor itself
+    return mask.scatter_(1, anchors, True)
+
+
+@register
+@dataclass
+class HiPrune(Method):
+    """HiPrune (Liu et al., arXiv 2508.00553; code Danielement321/HiPrune,
+    ``LLaVA/llava/model/llava_arch.py::encode_images``), code-exact for LLaVA-1.5.
+
+    Before the projector, from the vision encoder's full self-attention of two layers,
+    reduced to the attention each patch *receives* (mean over heads, then over every query
+    row, CLS row included; the CLS column dropped when there is one — CLS-free otherwise):
+
+    1. anchors: the top ``round(budget * alpha / 5)`` (Python rounding, half to even) of the
+       object layer's received attention;
+    2. buffers: each anchor's 4-neighbours (``neighbours="flat"``: the code's flat-index
+       ``i +- 1, i +- W`` clamped to the grid, which wraps across rows);
+    3. registers: the remaining ``budget - |anchors u buffers|`` slots go to the top received
+       attention of the deep layer outside that set.
+
+    Kept tokens are returned in raster order; exactly ``budget`` per image.
+
+    Parameters
+    ----------
+    alpha : float, default 0.1
+        ``HIPRUNE_ALPHA`` (README, all models): share of anchors plus buffers.
+    object_layer : int, default 9
+        ``HIPRUNE_OBJECT_LAYER`` (README: 9 of LLaVA-1.5's 24-layer CLIP-L, 1-indexed, the
+        last of the "middle" layers 5-9; 16 of 32 for Qwen2.5-VL).
+    layer_rule : {"scaled", "absolute"}, default "scaled"
+        ``"scaled"``: ``object_layer`` refers to a 24-layer tower and becomes
+        ``max(1, round(object_layer * L / 24))`` on a tower of depth ``L`` (9 on CLIP-L,
+        2 on a 4-layer test tower); ``"absolute"``: ``object_layer`` is used as given.
+    deep_layer : int, default 0
+        1-indexed layer of the register scores; 0: the feature layer (the code reads
+        ``attentions[mm_vision_select_layer]``, the layer whose output LLaVA uses).
+    neighbours : {"flat", "grid"}, default "flat"
+        Buffer arithmetic: the code's flat indices with clamping, or clean 2-D neighbours.
+
+    If the anchors and buffers alone exceed the budget (only for ``alpha`` near 1 and tiny
+    budgets) the ones with the highest deep-layer attention are kept (ours; the code would fail).
+    """
+
+    name = "hiprune"
+    stages = ("projector",)
+    needs = frozenset({"encoder_attention"})
+    paper = {
+        "title": "HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in Vision-Language Models",
+        "arxiv": "2508.00553",
+    }
+
+    alpha: float = option(0.1, "HIPRUNE_ALPHA, share of anchor + buffer tokens (README: 0.1)")
+    object_layer: int = option(9, "HIPRUNE_OBJECT_LAYER, 1-indexed (README: 9 of CLIP-L's 24)")
+    layer_rule: str = option(
+        "scaled",
+        "'scaled': object_layer refers to a 24-layer tower, round(object_layer * L / 24); 'absolute': as given",
+        choices=("scaled", "absolute"),
+    )
+    deep_layer: int = option(0, "1-indexed register layer; 0 = the feature layer (code: attentions[mm_vision_select_layer])")
+    neighbours: str = option("flat", "buffers on the flat index, clamped (code) or true 2-D neighbours", choices=("flat", "grid"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"option 'alpha' of method 'hiprune' must be in [0, 1], got {self.alpha}")
+        if self.object_layer < 1 or self.deep_layer < 0:
+            raise ValueError("options 'object_layer' (>= 1) and 'deep_layer' (>= 0, 0 = feature layer) of method 'hiprune'")
+
+    def layers(self, info) -> tuple[int, int]:
+        """0-based (object layer, deep layer) on this model's tower."""
+        depth = info.encoder_layers
+        obj = self.object_layer
+        if self.layer_rule == "scaled":
+            obj = max(1, round(obj * depth / REFERENCE_DEPTH))
+        deep = info.feature_layer + 1 if self.deep_layer == 0 else self.deep_layer
+        for opt, value in (("object_layer", obj), ("deep_layer", deep)):
+            if not 1 <= value <= depth:
+                raise ValueError(f"option {opt!r} of method 'hiprune' gives layer {value}, outside the tower's 1..{depth}")
+        return obj - 1, deep - 1
+
+    def check(self, info):
+        super().check(info)
+        self.layers(info)
+
+    def capture_layers(self, info):
+        return {"encoder": tuple(sorted(set(self.layers(info)))), "llm": ()}
+
+    def select(self, ctx: TokenContext) -> Selection:
+        rows, cols = ctx.grid
+        n = ctx.n
+        if n != rows * cols:
+            raise RuntimeError(f"hiprune needs the full {rows}x{cols} token grid at the projector, got {n} tokens")
+        obj_layer, deep_layer = self.layers(ctx.info)
+        skip = ctx.info.has_cls
+        g_obj = received_attention(ctx.signals.encoder_attention(layer=obj_layer), skip_first=skip)
+        g_deep = received_attention(ctx.signals.encoder_attention(layer=deep_layer), skip_first=skip)
+        n_anchor = round(ctx.budget * self.alpha / 5)
+        anchors = torch.sort(g_obj, dim=-1, descending=True, stable=True).indices[:, :n_anchor]
+        chosen = neighbours(anchors, rows, cols, self.neighbours)
+        priority = g_deep + 2.0 * chosen  # attention <= 1: anchors and buffers first, then registers
+        return Selection(keep=topk_keep_order(priority, ctx.budget), scores=priority)

@@ -1,0 +1,183 @@
+"""HoloV: split the visual tokens into crops, share the budget across crops by a holistic
+crop score, and pick tokens inside each crop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..context import Selection, TokenContext
+from ..method import Method, option
+from ..primitives.scoring import received_attention
+from ..primitives.selection import (
+    allocate_budget,
+    chunk_groups,
+    rank_within_groups,
+    tile_groups,
+)
+from ..registry import register
+
+EPS = 1e-6  # the official code's ``esp``
+
+
+def _group_mean(x: torch.Tensor, groups: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` ``[B, N]`` over each group: ``[B, G]``."""
+    total = torch.zeros(x.shape[0], sizes.numel(), dtype=x.dtype, device=x.device).index_add_(1, groups, x)
+    return total / sizes.clamp_min(1).to(x.dtype)
+
+
+def similarity_variance(x: torch.Tensor, groups: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """HoloV's diversity term ``[B, N]`` (official ``utils.py``, code-exact): inside each crop,
+    the cosine similarities ``S`` of a token to the crop's tokens (diagonal zeroed),
+    ``mu_i = sum_j S_ij / (n - 1)`` and ``var_i = sum_j (S_ij - mu_i)^2 / (n - 1)``, the sum
+    running over the zeroed diagonal entry too. Crops of fewer than two tokens give 0."""
+    f = x.float()
+    f = f / (f.norm(dim=-1, keepdim=True) + EPS)
+    same = groups[:, None] == groups[None, :]  # [N, N]
+    eye = torch.eye(groups.numel(), dtype=torch.bool, device=x.device)
+    sim = (f @ f.transpose(1, 2)).masked_fill(~same | eye, 0.0)
+    valid = (sizes[groups] - 1).clamp_min(1).to(sim.dtype)  # [N]
+    mu = sim.sum(-1) / valid
+    var = ((sim - mu.unsqueeze(-1)) ** 2).masked_fill(~same, 0.0).sum(-1) / valid
+    return var.masked_fill(sizes[groups] < 2, 0.0)
+
+
+@register
+@dataclass
+class HoloV(Method):
+    """HoloV (Zou et al., NeurIPS 2025, arXiv 2510.02912; code obananas/HoloV,
+    ``llava/model/utils.py::HoloV``). Before the LLM, on the projected tokens.
+
+    ``mode="code"`` (default, what produced the paper's numbers), per image:
+
+    1. the ``N`` tokens are cut into ``crops`` contiguous 1-D chunks of the raster sequence
+       (``N // P`` each, the first ``N % P`` one more; ``layout="2d"`` uses 2-D tiles);
+    2. per chunk of ``n >= 2`` tokens: ``var`` = :func:`similarity_variance` of the
+       post-projector features, ``a' = 1000 a`` (``a``: CLS attention of the feature layer,
+       head mean), ``var' = var * mean|a'| / (mean|var| + 1e-6)``, token score
+       ``t = a' + alpha var'``, chunk score ``mean(t)``; a one-token chunk scores ``a``;
+    3. ``k_c = floor(w_c K)`` with ``w_c = s_c / (sum s + 1e-6)``, the rest one each to
+       the chunks of largest ``w`` (:func:`~vlmprune.primitives.allocate_budget`);
+    4. a chunk whose ``k_c`` reaches its size is kept whole, in order; otherwise its top
+       ``k_c`` by raw attention ``a``, in descending-attention order; chunks in order.
+
+    Because ``var'`` is rescaled per chunk to the chunk's mean ``|a'|``, the chunk score is
+    ``(1 + alpha) mean(a')``: in the code the diversity term changes neither the allocation
+    nor the in-chunk choice. ``mode="paper"`` is our reading of the paper's intent
+    [reconstructed]: the rescale factor is computed once per image (so the diversity term
+    keeps its relative size across crops), and the holistic score ``t`` both allocates and
+    picks inside crops.
+
+    Deviations from the code: (a) when a chunk is allocated more tokens than it holds, the
+    code pads the LLM input with zero vectors; a zero LLM-space vector cannot be expressed
+    here, so ``overflow="redistribute"`` (default) gives the surplus to the next chunks by
+    weight (exactly ``budget`` tokens) and ``overflow="drop"`` passes fewer tokens (the
+    code's content without its zero padding); (b) the code's ``1e-6`` in the allocation
+    denominator is ``1e-12`` in the shared allocator (only exact-integer shares can differ,
+    and the remainder rule gives them back).
+
+    Parameters
+    ----------
+    mode : {"code", "paper"}, default "code"
+    crops : int, default 16
+        ``P`` (``num_patches=16`` in the official ``llava_arch.py``, for every budget).
+    layout : {"1d", "2d"}, default "1d"
+        Contiguous chunks of the raster order (code) or 2-D tiles of the grid (the paper's
+        "spatial crops").
+    alpha : float, default 0.09
+        Weight of the diversity term (``alpha = 0.09`` in ``utils.py``).
+    overflow : {"redistribute", "drop"}, default "redistribute"
+        See deviation (a).
+    order : {"code", "raster"}, default "code"
+        Order of the kept tokens: the code's (chunk by chunk, descending attention inside a
+        partly kept chunk) or raster order.
+    saliency : {"auto", "cls", "received"}, default "auto"
+        ``"cls"``: CLS -> patch attention of the feature layer (code). ``"received"``: the
+        attention each token receives, averaged over heads and all query rows (the card's fix
+        for the CLS-free Qwen port). ``"auto"``: cls when the tower has a CLS token.
+    """
+
+    name = "holov"
+    stages = ("projector",)
+    needs = frozenset({"cls_attention", "encoder_attention", "projected"})
+    paper = {
+        "title": 'Don\'t Just Chase "Highlighted Tokens" in MLLMs: Revisiting Visual Holistic Context Retention',
+        "arxiv": "2510.02912",
+    }
+
+    mode: str = option("code", "'code' (official utils.py, what the paper's numbers use) or 'paper' (reconstructed)", choices=("code", "paper"))
+    crops: int = option(16, "number of crops P (num_patches=16 in the official llava_arch.py)")
+    layout: str = option("1d", "crops as contiguous raster chunks (code) or 2-D tiles", choices=("1d", "2d"))
+    alpha: float = option(0.09, "weight of the similarity-variance term (utils.py: 0.09)")
+    overflow: str = option(
+        "redistribute", "surplus of a chunk allocated past its size: to the next chunks (ours) or dropped",
+        choices=("redistribute", "drop"),
+    )
+    order: str = option("code", "kept-token order: the code's (chunk, then descending attention) or raster", choices=("code", "raster"))
+    saliency: str = option("auto", "cls attention (code), attention received from all rows, or auto", choices=("auto", "cls", "received"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.crops < 1:
+            raise ValueError(f"option 'crops' of method 'holov' must be >= 1, got {self.crops}")
+
+    def check(self, info):
+        super().check(info)
+        if self.saliency == "cls" and not info.has_cls:
+            raise ValueError(
+                f"method 'holov' with saliency='cls' needs a CLS token, and this model's ({info.family}) vision tower "
+                "has none; use saliency='auto' or 'received'"
+            )
+
+    def groups(self, ctx: TokenContext) -> torch.Tensor:
+        n = ctx.n
+        crops = min(self.crops, n)
+        if self.layout == "1d":
+            return chunk_groups(n, crops, device=ctx.tokens.device)
+        rows, cols = ctx.grid
+        if n != rows * cols:
+            raise RuntimeError(f"holov: layout='2d' needs the full {rows}x{cols} token grid, got {n} tokens")
+        return tile_groups(torch.arange(n, device=ctx.tokens.device), rows, cols, crops)
+
+    def attention(self, ctx: TokenContext) -> torch.Tensor:
+        use_cls = self.saliency == "cls" or (self.saliency == "auto" and ctx.info.has_cls)
+        if use_cls:
+            return ctx.signals.cls_attention(layer=ctx.info.feature_layer, reduce="mean")
+        probs = ctx.signals.encoder_attention(layer=ctx.info.feature_layer)
+        return received_attention(probs, skip_first=ctx.info.has_cls)
+
+    def select(self, ctx: TokenContext) -> Selection:
+        b, n = ctx.tokens.shape[:2]
+        groups = self.groups(ctx)
+        n_groups = int(groups.max()) + 1
+        sizes = torch.bincount(groups, minlength=n_groups)
+        attn = self.attention(ctx).float()
+        var = similarity_variance(ctx.signals.projected(), groups, sizes)
+        scaled = attn * 1e3
+        if self.mode == "code":  # rescale per chunk: the variance term cancels out of the chunk scores
+            factor = _group_mean(scaled.abs(), groups, sizes) / (_group_mean(var.abs(), groups, sizes) + EPS)
+            token = scaled + self.alpha * var * factor[:, groups]
+            single = sizes < 2
+            crop = torch.where(single, _group_mean(attn, groups, sizes), _group_mean(token, groups, sizes))
+            rank_by = attn
+        else:
+            factor = scaled.abs().mean(-1, keepdim=True) / (var.abs().mean(-1, keepdim=True) + EPS)
+            token = scaled + self.alpha * var * factor
+            crop = _group_mean(token, groups, sizes)
+            rank_by = token
+        capacity = sizes if self.overflow == "redistribute" else None
+        alloc = allocate_budget(crop, ctx.budget, capacity).minimum(sizes.to(crop.device))  # [B, G]
+        rank = rank_within_groups(rank_by, groups)
+        mask = rank < alloc.gather(1, groups.expand(b, n))
+        keep = []
+        for i in range(b):
+            idx = mask[i].nonzero().flatten()
+            if self.order == "code":
+                whole = (alloc[i] >= sizes)[groups[idx]]
+                key = groups[idx] * n + torch.where(whole, idx, rank[i, idx])
+                idx = idx[torch.argsort(key)]
+            keep.append(idx)
+        if len({k.numel() for k in keep}) == 1:
+            keep = torch.stack(keep)
+        return Selection(keep=keep, scores=token)
