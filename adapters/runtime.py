@@ -20,6 +20,7 @@ class Runtime:
         self.info = info
         self.stats = plan.stats
         self.state: dict = {}
+        self.image_states: dict[int, dict] = {}
         self.n_visual = info.n_visual
         self.grid = info.grid
         self.generator: torch.Generator | None = None
@@ -27,6 +28,7 @@ class Runtime:
     def begin(self, n_visual: int, grid: tuple[int, int], device: torch.device) -> None:
         """A new prefill with images: fresh method state and generator, the run-time grid."""
         self.state = {}
+        self.image_states = {}
         self.n_visual = n_visual
         self.grid = grid
         self.generator = new_generator(self.method.seed, device)
@@ -49,6 +51,7 @@ class Runtime:
         budget, target = self.budget_at(point)
         n = tokens.shape[1]
         state = self.state.setdefault(tuple(images) if images is not None else "all", {})
+        rows = tuple(int(i) for i in images) if images is not None else tuple(range(tokens.shape[0]))
         return TokenContext(
             tokens=tokens,
             stage=point.stage,
@@ -62,6 +65,8 @@ class Runtime:
             cls_token=cls_token,
             info=self.info,
             generator=self.generator,
+            images=rows,
+            image_state=[self.image_states.setdefault(i, {}) for i in rows],
         )
 
     def run_method(self, ctx: TokenContext) -> Selection:
