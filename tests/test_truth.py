@@ -9,8 +9,11 @@ import torch
 import vlmprune
 from tests.tiny import IMAGE_TOKEN, batch, n_patches, tiny_llava
 from tests.truth import (
+    Replay,
     greedy_no_cache,
+    manual_encoder_features,
     manual_llm_prune,
+    manual_multistage,
     positions_from_mask,
     pruned_prompt,
     record_selections,
@@ -28,6 +31,13 @@ METHODS = {
     "fastv": dict(options={}, identity=True, batch=True),
     "visionzip": dict(options={}, identity=False, batch=True),
     "prumerge_plus": dict(options={}, identity=False, batch=True),
+    "flowcut": dict(options={}, identity=True, batch=False),  # batch-max entropy count (code default)
+    "hiprune": dict(options={}, identity=True, batch=True),
+    "holov": dict(options={}, identity=True, batch=True),
+    "fopru": dict(options={}, identity=True, batch=True),
+    "vflowopt": dict(options={}, identity=False, batch=True),  # recycling merges int(N/m^2) cells even at full budget
+    "todre": dict(options={}, identity=False, batch=True),  # stage 2 halves the tokens inside the LLM at any budget
+    "zoo_prune": dict(options={}, identity=True, batch=True),  # one set of directions per forward, shared by the batch
 }
 TEXTS = [[10, 11, 12, 13, 14], [20, 21], [30, 31, 32]]
 BUDGET = 24
@@ -111,6 +121,25 @@ def test_manual_equivalence(tower, attn, name):
             pruned = forward(model, inputs)
     finally:
         handle.unwrap()
+    if all(rec[0].stage == "encoder" for rec in seen):  # encoder points: rerun the tower by hand per image
+        with torch.no_grad():
+            tokens = []
+            for i in range(inputs["pixel_values"].shape[0]):
+                keeps = [(rec[0].layer, rec[2].keep[rec.images.index(i)]) for rec in seen if i in rec.images]
+                feats = manual_encoder_features(model, inputs["pixel_values"][i : i + 1], keeps)
+                tokens.append(model.model.multi_modal_projector(feats))
+            embeds, mask, pos = pruned_prompt(model, inputs, tokens)
+            ref = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
+        for i in range(ref.shape[0]):
+            n = int(mask[i].sum())
+            torch.testing.assert_close(pruned[i, -n:], ref[i, -n:], atol=1e-5, rtol=1e-5)
+        return
+    if len(seen) > 1:  # a multi-point method: rebuild every row by hand through all its points
+        with torch.no_grad():
+            refs = manual_multistage(model, inputs, seen, lambda s: _by_hand_image_tokens(model, inputs, None, None, s))
+        for i, ref in enumerate(refs):
+            torch.testing.assert_close(pruned[i, -ref.shape[0] :], ref, atol=1e-5, rtol=1e-5)
+        return
     (point, token_index, sel), = seen
     with torch.no_grad():
         if point.stage == "projector":
@@ -167,7 +196,9 @@ def test_cache_equivalence(tower, attn, name):
     finally:
         handle.unwrap()
     point, token_index, sel = seen[0]
-    if point.stage == "llm":  # the last token changes every step: replay the prefill's choice
+    if len({rec[0] for rec in seen}) > 1:  # several points: replay every choice of the prefill
+        handle = vlmprune.wrap(model, Replay(seen, handle.method.positions), budget=BUDGET)
+    elif point.stage == "llm":  # the last token changes every step: replay the prefill's choice
         rows = tuple(tuple(int(token_index[i, k]) for k in sel.keep[i]) for i in range(len(sel.keep)))
         handle = vlmprune.wrap(model, "fixed", budget=BUDGET, indices=rows, stage="llm", layer=point.layer)
     else:

@@ -9,7 +9,51 @@ import inspect
 import torch
 from transformers.masking_utils import create_causal_mask
 
+import vlmprune
 from tests.tiny import IMAGE_TOKEN
+
+
+class Recorded(tuple):
+    """``(point, token_index, selection)`` of one ``select`` call; ``.images``: the image of each row."""
+
+    def __new__(cls, point, token_index, sel, images):
+        obj = super().__new__(cls, (point, token_index, sel))
+        obj.images = tuple(images)
+        return obj
+
+
+class Replay(vlmprune.Method):
+    """Replays recorded selections at every point, image by image (matched by raster index):
+    the no-cache reference of multi-point methods whose LLM-stage choice depends on the text."""
+
+    name = "replay"
+    stages = ("projector", "llm")
+
+    def __init__(self, seen: list[Recorded], positions: str):
+        self.seed = 0
+        self.seen = seen
+        self.positions = positions
+
+    def points(self, info):
+        return list(dict.fromkeys(rec[0] for rec in self.seen))
+
+    def capture_layers(self, info):
+        return {"encoder": (), "llm": ()}
+
+    def select(self, ctx):
+        keeps, merged, extra = [], [], []
+        for j, image in enumerate(ctx.images):
+            _, token_index, sel = rec = next(r for r in self.seen if r[0] == ctx.point and image in r.images)
+            keep, values, added = sel.per_image()[rec.images.index(image)]
+            raster = token_index[rec.images.index(image)][keep]
+            keeps.append((ctx.token_index[j][None, :] == raster[:, None]).float().argmax(-1))
+            merged.append(values)
+            extra.append(added)
+        merged = None if all(m is None for m in merged) else merged
+        extra = None if all(e is None for e in extra) else extra
+        if ctx.stage == "llm":
+            return vlmprune.Selection(keep=torch.stack(keeps), merged=None if merged is None else torch.stack(merged))
+        return vlmprune.Selection(keep=keeps, merged=merged, extra=extra, keep_cls=sel.keep_cls)
 
 
 @contextlib.contextmanager
@@ -21,7 +65,7 @@ def record_selections(handle):
 
     def select(ctx):
         sel = original(ctx)
-        seen.append((ctx.point, ctx.token_index.clone(), sel))
+        seen.append(Recorded(ctx.point, ctx.token_index.clone(), sel, ctx.images))
         return sel
 
     object.__setattr__(method, "select", select)
@@ -80,22 +124,21 @@ def manual_llm_prune(model, inputs, k_layer: int, keep_positions: torch.Tensor):
     """Run the unwrapped LLM layer by layer, keeping only ``keep_positions`` ([B, L'] sequence
     positions, equal count per row) from decoder layer ``k_layer`` on, with original
     position ids. Returns logits ``[B, L', V]``."""
-    lm = model.model.language_model
-    embeds = full_embeddings(model, inputs)
     mask2d = inputs["attention_mask"]
-    pos = positions_from_mask(mask2d)
-    params = inspect.signature(create_causal_mask).parameters  # spelled differently in 5.17 and 5.24
-    kwargs = {"config": lm.config, "attention_mask": mask2d, "position_ids": pos}
-    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
-    kwargs["cache" if "cache" in params else "past_key_values"] = None
-    if "cache_position" in params:
-        kwargs["cache_position"] = torch.arange(embeds.shape[1])
-    mask = create_causal_mask(**kwargs)
+    return run_layers(model, full_embeddings(model, inputs), mask2d, positions_from_mask(mask2d), {k_layer: keep_positions})
+
+
+def run_layers(model, embeds, mask2d, pos, prunes: dict[int, torch.Tensor]):
+    """Run the unwrapped LLM layer by layer from ``embeds``; before each layer ``K`` in ``prunes``
+    keep only the sequence positions ``prunes[K]`` ([B, L'], into the current sequence), with
+    their position ids. Returns logits."""
+    lm = model.model.language_model
+    mask = create_causal_mask(config=lm.config, inputs_embeds=embeds, attention_mask=mask2d, cache=None, position_ids=pos)
     cos, sin = lm.rotary_emb(embeds, position_ids=pos)
     hidden = embeds
     for i, layer in enumerate(lm.layers):
-        if i == k_layer:
-            idx = keep_positions
+        if i in prunes:
+            idx = prunes[i]
             hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
             cos = cos.expand(idx.shape[0], -1, -1).gather(1, idx[..., None].expand(-1, -1, cos.shape[-1]))
             sin = sin.expand(idx.shape[0], -1, -1).gather(1, idx[..., None].expand(-1, -1, sin.shape[-1]))
@@ -106,6 +149,37 @@ def manual_llm_prune(model, inputs, k_layer: int, keep_positions: torch.Tensor):
                 mask = mask.gather(3, idx[:, None, None, :].expand(-1, 1, mask.shape[2], -1))
         hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=pos)
     return model.lm_head(lm.norm(hidden))
+
+
+def manual_multistage(model, inputs, seen: list[Recorded], projector_tokens) -> list[torch.Tensor]:
+    """Reference logits ``[L_i, V]`` per row for a projector point followed by ``llm`` points:
+    each prompt is rebuilt by hand with ``projector_tokens(selection)[i]`` as its image span
+    (compact positions), then the LLM runs layer by layer, dropping at each ``llm`` point the
+    image tokens the recorded selection did not keep (kept tokens keep their positions)."""
+    first, rest = seen[0], seen[1:]
+    assert first[0].stage == "projector" and all(rec[0].stage == "llm" for rec in rest)
+    tokens = projector_tokens(first[2])
+    refs = []
+    for i in range(inputs["input_ids"].shape[0]):
+        row = {k: v[i : i + 1] for k, v in inputs.items()}
+        embeds, mask, pos = pruned_prompt(model, row, [tokens[i]])
+        ids = row["input_ids"][0][row["attention_mask"][0].bool()]
+        start = int((ids == IMAGE_TOKEN).nonzero()[0])
+        visual = torch.arange(start, start + tokens[i].shape[0])
+        length, prunes = embeds.shape[1], {}
+        for rec in rest:
+            if i not in rec.images:
+                continue
+            keep, merged, _ = rec[2].per_image()[rec.images.index(i)]
+            assert merged is None, "llm-stage merging is not rebuilt by hand here"
+            others = torch.ones(length, dtype=torch.bool)
+            others[visual] = False
+            kept = torch.sort(torch.cat([others.nonzero().flatten(), visual[keep]])).values
+            prunes[rec[0].layer] = kept[None]
+            visual = torch.searchsorted(kept, visual[keep])
+            length = kept.numel()
+        refs.append(run_layers(model, embeds, mask, pos, prunes)[0])
+    return refs
 
 
 def greedy_no_cache(model, inputs, steps: int) -> torch.Tensor:
@@ -123,8 +197,38 @@ def greedy_no_cache(model, inputs, steps: int) -> torch.Tensor:
             ).logits
         last = logits[:, -1]
         last[:, IMAGE_TOKEN] = float("-inf")  # as generate(suppress_tokens=[IMAGE_TOKEN])
+        last[:, model.config.text_config.eos_token_id] = float("-inf")  # as generate(min_new_tokens=steps)
         nxt = last.argmax(-1, keepdim=True)
         new.append(nxt)
         ids = torch.cat([ids, nxt], 1)
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
     return torch.cat(new, 1)
+
+
+def manual_encoder_features(model, pixel_values, keeps: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Vision features ``[k, C]`` of one image (``pixel_values`` ``[1, ...]``) with patches removed by
+    hand between encoder blocks: before block ``l`` keep the patches ``keep`` (indices into the
+    patches alive there; CLS, when present, always stays), for each ``(l, keep)`` in ``keeps``.
+    The unwrapped tower runs with this test's own pre-hooks on its blocks."""
+    tower = model.model.vision_tower
+    blocks = max((m for m in tower.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+    has_cls = model.config.vision_config.model_type != "siglip_vision_model"
+    off = int(has_cls)
+    handles = []
+    for layer, keep in keeps:
+
+        def hook(module, args, kwargs, keep=keep):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            kept = torch.cat([hidden[:, :off], hidden[:, off:][:, keep]], 1)
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": kept}
+            return (kept,) + args[1:], kwargs
+
+        handles.append(blocks[layer].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        out = tower(pixel_values, output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    hidden = out.hidden_states[model.config.vision_feature_layer][0]
+    return hidden[off:] if model.config.vision_feature_select_strategy == "default" else hidden
