@@ -22,7 +22,7 @@ from vlmprune.context import ModelInfo, Point, Signals
 from vlmprune.stats import LLMShape
 
 from .base import Adapter, Installed, Plan, check_selection, llm_shape, register_adapter
-from .llm import Decoder, DecoderPruner
+from .llm import Decoder
 from .vlm import VLMRuntime
 from .vision import EncoderCapture, VisionTower, encoder_signals, install_capture, install_encoder_pruning
 
@@ -87,7 +87,6 @@ class LlavaAdapter(Adapter):
         installed = Installed()
         rt = LlavaRuntime(plan, info, self)
         enc_points = [p for p in plan.points if p.stage == "encoder"]
-        llm_points = [p for p in plan.points if p.stage == "llm"]
         if enc_points and not isinstance(self.config.vision_feature_layer, int):
             raise ValueError("encoder-stage pruning needs a single vision_feature_layer (this model concatenates several)")
         for p in enc_points:
@@ -98,14 +97,7 @@ class LlavaAdapter(Adapter):
             install_encoder_pruning(installed, self.tower, p.layer, rt.encoder_prune)
         enc_capture = tuple(sorted({layer % self.tower.depth for layer in plan.capture.get("encoder", ())}))
         install_capture(installed, self.tower, enc_capture, lambda: rt.capture, lambda: rt.alive)
-        llm_capture = tuple(sorted(plan.capture.get("llm", ()))) if llm_points else ()
-        rt.decoder = DecoderPruner(self.decoder, rt, llm_points, llm_capture)
-        rt.decoder.install(installed)
-        installed.hook(self.core.register_forward_pre_hook(rt.on_model_input, with_kwargs=True))
-        installed.set_attribute(self.core, "get_image_features", rt.image_features)
-        if self.model is not self.core:
-            installed.hook(self.model.register_forward_pre_hook(rt.on_top_input, with_kwargs=True))
-            installed.hook(self.model.register_forward_hook(rt.on_top_output, with_kwargs=True))
+        rt.install_common(installed, self.decoder, self.core, self.model)
         self.runtime = rt
         return installed
 

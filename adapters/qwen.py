@@ -24,7 +24,7 @@ from vlmprune.context import ModelInfo, Point, Signals
 from vlmprune.stats import LLMShape
 
 from .base import Adapter, Installed, Plan, check_selection, llm_shape, register_adapter
-from .llm import Decoder, DecoderPruner
+from .llm import Decoder
 from .vlm import VLMRuntime
 
 SIGNALS = ("hidden", "projected", "text_embedding", "text_attention", "llm_qkv")
@@ -63,15 +63,8 @@ class QwenVLAdapter(Adapter):
         info = self.info()
         installed = Installed()
         rt = QwenRuntime(plan, info, self)
-        llm_points = [p for p in plan.points if p.stage == "llm"]
-        llm_capture = tuple(sorted(plan.capture.get("llm", ()))) if llm_points else ()
-        rt.decoder = DecoderPruner(self.decoder, rt, llm_points, llm_capture)
-        rt.decoder.install(installed)
-        installed.hook(self.core.register_forward_pre_hook(rt.on_model_input, with_kwargs=True))
-        installed.set_attribute(self.core, "get_image_features", rt.image_features)
-        if self.model is not self.core:
-            installed.hook(self.model.register_forward_pre_hook(rt.on_top_input, with_kwargs=True))
-            installed.hook(self.model.register_forward_hook(rt.on_top_output, with_kwargs=True))
+        rt.install_common(installed, self.decoder, self.core, self.model)
+        self.runtime = rt
         return installed
 
 

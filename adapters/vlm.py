@@ -7,11 +7,12 @@ tokens}``; real tokens fill the first ``count`` slots of the image's span."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from vlmprune.context import ModelInfo
 
-from .base import Plan
-from .llm import DecoderPruner, VisualLayout
+from .base import Installed, Plan
+from .llm import Decoder, DecoderPruner, VisualLayout
 from .runtime import Runtime
 
 
@@ -32,6 +33,19 @@ class VLMRuntime(Runtime):
 
     def positions_mode(self) -> str:
         return self.method.positions
+
+    def install_common(self, installed: Installed, decoder: Decoder, core: nn.Module, top: nn.Module) -> None:
+        """What every VLM adapter installs: the decoder hooks for ``llm`` points, the model-level
+        input hook, the adapter's own ``get_image_features`` and (on the top model) labels."""
+        llm_points = [p for p in self.plan.points if p.stage == "llm"]
+        llm_capture = tuple(sorted(self.plan.capture.get("llm", ()))) if llm_points else ()
+        self.decoder = DecoderPruner(decoder, self, llm_points, llm_capture)
+        self.decoder.install(installed)
+        installed.hook(core.register_forward_pre_hook(self.on_model_input, with_kwargs=True))
+        installed.set_attribute(core, "get_image_features", self.image_features)
+        if top is not core:
+            installed.hook(top.register_forward_pre_hook(self.on_top_input, with_kwargs=True))
+            installed.hook(top.register_forward_hook(self.on_top_output, with_kwargs=True))
 
     # -- model-level hooks ---------------------------------------------------------------------------
     def on_model_input(self, module, args, kwargs):

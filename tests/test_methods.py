@@ -7,27 +7,17 @@ import pytest
 import torch
 
 import vlmprune
-from vlmprune.context import ModelInfo, Signals, TokenContext
+from vlmprune.context import ModelInfo
 from vlmprune.methods.prumerge_plus import iqr_outlier_ratio
+from tests.contexts import make_context
 from tests.tiny import batch, tiny_llava
 
 INFO = ModelInfo("test", 64, (8, 8), True, 4, 2, 4, ("encoder", "projector", "llm"))
 
 
 def context(tokens, budget, stage="projector", layer=None, seed=0, **signals):
-    b, n, _ = tokens.shape
-    return TokenContext(
-        tokens=tokens,
-        stage=stage,
-        layer=layer,
-        budget=budget,
-        target=budget,
-        grid=(8, 8),
-        token_index=torch.arange(n).expand(b, -1),
-        signals=Signals({k: (lambda v=v, **kw: v) for k, v in signals.items()}),
-        info=INFO,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    constants = {k: (lambda v=v, **kw: v) for k, v in signals.items()}
+    return make_context(tokens, budget, constants, INFO, stage, layer, seed=seed)
 
 
 def test_fastv_keeps_the_planted_token_and_exact_count():

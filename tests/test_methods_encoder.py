@@ -11,9 +11,10 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 import vlmprune
+from tests.contexts import SMALL, make_context
 from tests.tiny import batch, tiny_llava
 from tests.truth import positions_from_mask, pruned_prompt, record_selections
-from vlmprune.context import ModelInfo, Signals, TokenContext
+from vlmprune.context import ModelInfo
 from vlmprune.methods.fopru import row_quota
 from vlmprune.methods.hiprune import neighbours
 from vlmprune.methods.holov import similarity_variance
@@ -28,25 +29,11 @@ from vlmprune.primitives import (
 
 CLIP_L = ModelInfo("test", 576, (24, 24), True, 24, 22, 32, ("encoder", "projector", "llm"))
 CLIP_L_NO_CLS = ModelInfo("test", 576, (24, 24), False, 24, 22, 32, ("encoder", "projector", "llm"))
-SMALL = ModelInfo("test", 64, (8, 8), True, 4, 2, 4, ("encoder", "projector", "llm"))
 DEEP = 12  # vision depth of the wrap-level FlowCut tests: feature layer 10, points 2, 4, ..., 10
 
 
 def context(tokens, budget, info, signals, stage="projector", layer=None, state=None, token_index=None):
-    b, n, _ = tokens.shape
-    return TokenContext(
-        tokens=tokens,
-        stage=stage,
-        layer=layer,
-        budget=budget,
-        target=budget,
-        grid=info.grid,
-        token_index=torch.arange(n).expand(b, -1) if token_index is None else token_index,
-        signals=Signals(signals),
-        state={} if state is None else state,
-        info=info,
-        generator=torch.Generator().manual_seed(0),
-    )
+    return make_context(tokens, budget, signals, info, stage, layer, token_index, state)
 
 
 def attending(p: torch.Tensor, heads: int = 2) -> torch.Tensor:

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import vlmprune
+from tests.contexts import make_context
 from tests.tiny import batch, n_patches, tiny_llava
 from tests.truth import positions_from_mask, record_selections
 from vlmprune import calibrate_vflowopt
-from vlmprune.context import ModelInfo, Signals, TokenContext
+from vlmprune.context import ModelInfo
 from vlmprune.method import scale_llm_layers
 from vlmprune.methods.vflowopt import RELEASED, layer_average, solve_ratios
 from vlmprune.methods.zeroth_order import minmax_normalise
@@ -44,21 +45,7 @@ def model_for(tower="clip"):
 
 
 def context(tokens, budget, signals, info=SMALL, stage="projector", layer=None, token_index=None, image_state=None, target=None):
-    b, n, _ = tokens.shape
-    return TokenContext(
-        tokens=tokens,
-        stage=stage,
-        layer=layer,
-        budget=budget,
-        target=budget if target is None else target,
-        grid=info.grid,
-        token_index=torch.arange(n).expand(b, -1) if token_index is None else token_index,
-        signals=Signals(signals),
-        info=info,
-        generator=torch.Generator().manual_seed(0),
-        images=tuple(range(b)),
-        image_state=[{} for _ in range(b)] if image_state is None else image_state,
-    )
+    return make_context(tokens, budget, signals, info, stage, layer, token_index, image_state=image_state, target=target)
 
 
 def forward(model, inputs):

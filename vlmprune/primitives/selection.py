@@ -29,24 +29,25 @@ def topk_keep_order(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _farthest_point_greedy(
-    dist: torch.Tensor, k: int, first: torch.Tensor, weights: torch.Tensor | None = None
+    dist: torch.Tensor, k: int, first: torch.Tensor, weights: torch.Tensor | None = None, aggregate: str = "min"
 ) -> torch.Tensor:
-    """Gonzalez's greedy rule on a distance matrix ``[B, N, N]``: start at ``first`` and
-    repeatedly add the token whose minimum distance to the chosen set is largest (times
-    ``weights`` [B, N] when given). Returns indices in pick order ``[B, k]``."""
+    """Greedy diversity on a distance matrix ``[B, N, N]``: start at ``first`` and repeatedly add
+    the token whose ``aggregate`` (``"min"``: Gonzalez's k-center / max-min rule; ``"sum"``:
+    max-sum) of distances to the chosen set is largest (times ``weights`` [B, N] when given).
+    Returns indices in pick order ``[B, k]``; ties go to the lower index."""
     b, n, _ = dist.shape
     rows = torch.arange(b, device=dist.device)
     picks = torch.empty(b, k, dtype=torch.long, device=dist.device)
     picks[:, 0] = first
     chosen = torch.zeros(b, n, dtype=torch.bool, device=dist.device)
     chosen[rows, first] = True
-    min_dist = dist[rows, first].clone()
+    score = dist[rows, first].clone()
     for i in range(1, k):
-        gain = min_dist if weights is None else min_dist * weights
+        gain = score if weights is None else score * weights
         nxt = gain.masked_fill(chosen, float("-inf")).argmax(dim=-1)
         picks[:, i] = nxt
         chosen[rows, nxt] = True
-        min_dist = torch.minimum(min_dist, dist[rows, nxt])
+        score = torch.minimum(score, dist[rows, nxt]) if aggregate == "min" else score + dist[rows, nxt]
     return picks
 
 
@@ -242,21 +243,9 @@ def greedy_max_sum(
     largest-norm token) and repeatedly add the token whose *sum* of distances to the chosen
     set is largest (k-center uses the minimum). Ties go to the lower index."""
     _check_k(k, x.shape[1])
-    dist = pairwise_distance(x, metric)
-    b, n, _ = dist.shape
     if first is None:
         first = x.float().norm(dim=-1).argmax(dim=-1)
-    rows = torch.arange(b, device=x.device)
-    picks = torch.empty(b, k, dtype=torch.long, device=x.device)
-    picks[:, 0] = first
-    chosen = torch.zeros(b, n, dtype=torch.bool, device=x.device)
-    chosen[rows, first] = True
-    total = dist[rows, first].clone()
-    for i in range(1, k):
-        nxt = total.masked_fill(chosen, float("-inf")).argmax(dim=-1)
-        picks[:, i] = nxt
-        chosen[rows, nxt] = True
-        total = total + dist[rows, nxt]
+    picks = _farthest_point_greedy(pairwise_distance(x, metric), k, first, aggregate="sum")
     return torch.sort(picks, dim=-1).values if keep_order else picks
 
 
