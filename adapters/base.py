@@ -129,7 +129,7 @@ def check_selection(sel, ctx, method: str, allow_extra: bool) -> None:
     """Refuse a malformed selection with an error naming the method (never prune silently wrong)."""
     b, n = ctx.tokens.shape[:2]
     ragged = isinstance(sel.keep, (list, tuple))
-    if ragged and not allow_extra:
+    if ragged and not allow_extra and ctx.stage != "llm":  # llm-stage rows are left-filled per count
         raise RuntimeError(f"method {method!r} returned per-image keep lists at stage {ctx.stage!r}; use a [B, k] tensor")
     if len(sel.keep) != b:
         raise RuntimeError(f"method {method!r} returned keep for {len(sel.keep)} images, expected {b}")

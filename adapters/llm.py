@@ -44,6 +44,25 @@ class VisualLayout:
 
 
 @dataclass
+class SublayerIO:
+    """The signal ``sublayer_io``: what the attention and MLP sub-layers of one decoder layer saw
+    and returned at prefill, for the batch row of each image of one call (a row appears once per
+    image in it). ``attn_in``: the input of ``self_attn`` (after ``input_layernorm``);
+    ``attn_out``: its output before the residual add; ``mlp_in`` / ``mlp_out`` likewise for the
+    MLP (after ``post_attention_layernorm``, before the residual add); each ``[n_img, L, D]`` over
+    the sequence as it was at that layer. ``valid`` ``[n_img, L]``: real tokens there (not
+    padding or fill). ``visual`` ``[n_img, N]``: where each current visual token (aligned with
+    ``ctx.tokens``) sat in that sequence."""
+
+    attn_in: torch.Tensor
+    attn_out: torch.Tensor
+    mlp_in: torch.Tensor
+    mlp_out: torch.Tensor
+    valid: torch.Tensor
+    visual: torch.Tensor
+
+
+@dataclass
 class DecoderState:
     """Per-prefill state kept for the decode steps that follow it."""
 
@@ -55,6 +74,7 @@ class DecoderState:
     mask2d: torch.Tensor | None = None  # current padding mask (1 = real token) during prefill
     text_mask: torch.Tensor | None = None  # [B, L_cur] True for text (non-visual, non-pad) tokens
     captured: dict[int, dict] = field(default_factory=dict)
+    sublayer: dict[int, dict] = field(default_factory=dict)  # layer -> sub-layer inputs/outputs (prefill)
     past: int = 0  # cache length before the current decode step
     memo: dict = field(default_factory=dict)
 
@@ -100,6 +120,10 @@ class DecoderPruner:
             if not 1 <= layer < len(decoder.layers):
                 raise ValueError(f"llm pruning layer must be in [1, {len(decoder.layers) - 1}], got {layer}")
         self.capture = set(capture)
+        # the signal ``sublayer_io``: layers whose attention / MLP inputs and outputs are kept at prefill
+        self.sublayer = set(runtime.plan.capture.get("sublayer_io", ())) if self.points else set()
+        if any(not 0 <= layer < len(decoder.layers) for layer in self.sublayer):
+            raise ValueError(f"sublayer_io layers must be in [0, {len(decoder.layers) - 1}], got {sorted(self.sublayer)}")
         self.state = DecoderState()
         self.first_point = min(self.points) if self.points else None
 
@@ -119,6 +143,17 @@ class DecoderPruner:
                         self.state.captured.setdefault(idx, {})[key] = output
 
                 installed.hook(proj.register_forward_hook(hook))
+        for idx in self.sublayer:
+            layer = self.decoder.layers[idx]
+            for part, module in (("attn", layer.self_attn), ("mlp", layer.mlp)):
+
+                def io_hook(module, args, kwargs, output, idx=idx, part=part):
+                    if self.state.prefill:
+                        c = self.state.sublayer.setdefault(idx, {"mask2d": self.state.mask2d})
+                        c[f"{part}_in"] = read_arg(args, kwargs, "hidden_states", 0)
+                        c[f"{part}_out"] = output[0] if isinstance(output, tuple) else output
+
+                installed.hook(module.register_forward_hook(io_hook, with_kwargs=True))
 
     # -- LM input --------------------------------------------------------------------------------
     def _input_hook(self, module, args, kwargs):
@@ -137,6 +172,7 @@ class DecoderPruner:
         st.prefill = False
         st.past = past
         st.memo.clear()
+        st.sublayer.clear()
         t = st.input_transform
         if t is None:
             return None
@@ -284,27 +320,29 @@ class DecoderPruner:
         valid = self._current_valid()
         keep_rows = valid.clone() if valid is not None else torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         replace: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        for group in _groups_by_count(layout):
+        grids = getattr(self.rt, "image_grids", None)  # per image where images differ in shape (Qwen-VL)
+        ahead: dict = {}
+        for group in _groups_by_count(layout, grids):
             rows = layout.row[group]
             pos = torch.stack([layout.positions[i] for i in group])
             tokens = hidden[rows[:, None], pos]
             raster = torch.stack([layout.raster[i] for i in group])
             self.rt.n_visual = layout.totals[group[0]]
-            ctx = self.rt.context(point, tokens, raster, self._llm_signals(idx, group, pos, tokens), group)
+            if grids is not None:
+                self.rt.grid = grids[group[0]]
+            signals = self._llm_signals(idx, group, pos, tokens, lambda: self._project_ahead(idx, hidden, args, kwargs, ahead))
+            ctx = self.rt.context(point, tokens, raster, signals, group)
             sel: Selection = self.rt.run_method(ctx)
             check_selection(sel, ctx, self.rt.method.name, allow_extra=False)
-            keep, merged = sel.keep, sel.merged
-            order = torch.argsort(keep, dim=1)
-            keep = keep.gather(1, order)
-            if merged is not None:
-                merged = merged.gather(1, order[..., None].expand_as(merged))
-            for j, img in enumerate(group):
-                row = int(layout.row[img])
+            for j, (keep, merged, _) in enumerate(sel.per_image()):  # counts may differ per image
+                row = int(layout.row[group[j]])
+                order = torch.argsort(keep)
+                keep = keep[order]
                 drop = torch.ones(pos.shape[1], dtype=torch.bool, device=hidden.device)
-                drop[keep[j]] = False
+                drop[keep] = False
                 keep_rows[row, pos[j][drop]] = False
                 if merged is not None:
-                    replace.append((row, pos[j][keep[j]], merged[j]))
+                    replace.append((row, pos[j][keep], merged[order]))
         if replace:
             hidden = hidden.clone()
             for row, positions, values in replace:
@@ -327,16 +365,33 @@ class DecoderPruner:
             valid = t.valid if valid is None else valid.gather(1, t.index) & t.valid
         return valid
 
-    def _llm_signals(self, idx: int, group: list[int], pos: torch.Tensor, tokens: torch.Tensor) -> Signals:
+    def _project_ahead(self, idx: int, hidden: torch.Tensor, args, kwargs, memo: dict) -> dict:
+        """What a capture of layer ``idx`` would hold, for the layer about to run at this point:
+        its own input norm and q/k/v projections applied to the current hidden states (before
+        this point prunes), with the current sequence's cos/sin (computed once per point)."""
+        if "q" not in memo:
+            layer = self.decoder.layers[idx]
+            x = layer.input_layernorm(hidden)
+            attn = layer.self_attn
+            _, current = self._apply_layer_transforms(idx, args, dict(kwargs))  # earlier points' gathers
+            memo.update(q=attn.q_proj(x), k=attn.k_proj(x), v=attn.v_proj(x), cos_sin=current.get("position_embeddings"), mask2d=self.state.mask2d)
+        return memo
+
+    def _llm_signals(self, idx: int, group: list[int], pos: torch.Tensor, tokens: torch.Tensor, ahead: Callable[[], dict]) -> Signals:
         st = self.state
         layout = st.layout
         rows = layout.row[group]
         cap_layer = idx - 1
 
-        def qkv(layer: int = cap_layer):
+        def captured(layer: int) -> dict:
+            if layer == idx:  # the layer about to run: projected on demand
+                return ahead()
             if layer not in st.captured or "q" not in st.captured[layer]:
-                raise KeyError(f"LLM layer {layer} was not captured; captured: {sorted(st.captured)}")
-            c = st.captured[layer]
+                raise KeyError(f"LLM layer {layer} was not captured; captured: {sorted(st.captured)} (and {idx}, the next layer)")
+            return st.captured[layer]
+
+        def qkv(layer: int = cap_layer):
+            c = captured(layer)
             d = self.decoder
             q, k, v = d.split(c["q"], d.heads), d.split(c["k"], d.kv_heads), d.split(c["v"], d.kv_heads)
             cos, sin = c["cos_sin"]
@@ -346,13 +401,18 @@ class DecoderPruner:
         def text_attention(layer: int = cap_layer, query: str = "last", rope: bool = True, reduce: str = "mean"):
             """Attention that the prompt's last token (``query="last"``) or its text tokens after
             the image (``"instruction"``) pay to each image token at LLM layer ``layer``,
-            ``[n_img, N]``. ``rope=False`` recomputes it without rotary embeddings (FEATHER)."""
+            ``[n_img, N]`` (``reduce="none"``: per head, ``[n_img, H, N]``). ``rope=False``
+            recomputes it without rotary embeddings (FEATHER). ``layer`` may be a captured layer
+            or this point's own layer ``K`` (its projections applied to the current hidden states:
+            the "next layer" of PyramidDrop-style methods)."""
+            if reduce not in ("mean", "sum", "none"):
+                raise ValueError(f"reduce must be one of 'mean', 'sum', 'none', got {reduce!r}")
             if rope:
                 q, k, _ = qkv(layer)
             else:
-                c, d = st.captured[layer], self.decoder
+                c, d = captured(layer), self.decoder
                 q, k = d.split(c["q"], d.heads), d.split(c["k"], d.kv_heads)
-            mask2d = st.captured[layer].get("mask2d", st.mask2d).bool()
+            mask2d = captured(layer).get("mask2d", st.mask2d).bool()
             length = mask2d.shape[1]
             causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
             out = []
@@ -371,11 +431,34 @@ class DecoderPruner:
                 key_mask = (causal[qpos] & mask2d[row][None])[None]
                 probs = attention_rows(q[row : row + 1, :, qpos], k[row : row + 1], self.decoder.head_dim**-0.5, key_mask)
                 probs = probs[0][:, :, pos[j]]  # [H, Q, N]
+                if reduce == "none":
+                    out.append(probs.mean(1))
+                    continue
                 red = probs.mean(0) if reduce == "mean" else probs.sum(0)
                 out.append(red.mean(0))
             return torch.stack(out)
 
-        return Signals({"text_attention": text_attention, "llm_qkv": qkv, "hidden": lambda: tokens})
+        def sublayer_io(layer: int = cap_layer) -> SublayerIO:
+            """The attention and MLP sub-layers' inputs and outputs at decoder layer ``layer``
+            (captured at prefill; the method lists the layers under ``"sublayer_io"`` in
+            ``capture_layers``) for the batch rows of this call's images."""
+            if layer not in st.sublayer or "mlp_out" not in st.sublayer[layer]:
+                raise KeyError(f"sub-layers of LLM layer {layer} were not captured; captured: {sorted(st.sublayer)}")
+            c = st.sublayer[layer]
+            visual = []
+            for j in range(len(group)):
+                p = pos[j]
+                for at, t in sorted(st.layer_transforms.items(), reverse=True):
+                    if at > layer:  # pruned after the capture: follow the kept tokens back
+                        p = t.index[int(rows[j]), p]
+                visual.append(p)
+            pick = lambda x: x[rows]  # noqa: E731
+            return SublayerIO(
+                pick(c["attn_in"]), pick(c["attn_out"]), pick(c["mlp_in"]), pick(c["mlp_out"]),
+                valid=pick(c["mask2d"]).bool(), visual=torch.stack(visual),
+            )
+
+        return Signals({"text_attention": text_attention, "llm_qkv": qkv, "hidden": lambda: tokens, "sublayer_io": sublayer_io})
 
 
 def _gather_last(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -383,9 +466,11 @@ def _gather_last(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return pos.gather(-1, index.expand(*pos.shape[:-2], *index.shape))
 
 
-def _groups_by_count(layout: VisualLayout) -> list[list[int]]:
-    """Images that can share one method call: same alive count and same original count."""
-    groups: dict[tuple[int, int], list[int]] = {}
+def _groups_by_count(layout: VisualLayout, grids: list | None = None) -> list[list[int]]:
+    """Images that can share one method call: same alive count, same original count (and the
+    same grid, where the adapter gives one per image)."""
+    groups: dict[tuple, list[int]] = {}
     for i, pos in enumerate(layout.positions):
-        groups.setdefault((int(pos.numel()), layout.totals[i]), []).append(i)
+        key = (int(pos.numel()), layout.totals[i], tuple(grids[i]) if grids is not None else None)
+        groups.setdefault(key, []).append(i)
     return list(groups.values())

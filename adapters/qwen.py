@@ -27,7 +27,7 @@ from .base import Adapter, Installed, Plan, check_selection, llm_shape, register
 from .llm import Decoder
 from .vlm import VLMRuntime
 
-SIGNALS = ("hidden", "projected", "text_embedding", "text_attention", "llm_qkv")
+SIGNALS = ("hidden", "projected", "text_embedding", "text_attention", "llm_qkv", "sublayer_io")
 
 
 @register_adapter
@@ -85,6 +85,7 @@ class QwenRuntime(VLMRuntime):
         tokens = list(torch.split(out.pooler_output, counts))
         device = out.pooler_output.device
         self.begin(counts[0], grids[0], device)
+        self.image_grids = grids  # llm-stage calls get each image's own grid
         self.slots = counts
         rasters = [torch.arange(c, device=device) for c in counts]
         if any(p.stage == "projector" for p in self.plan.points):

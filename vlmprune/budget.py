@@ -91,3 +91,15 @@ def _parse_point(key) -> Point:
             raise ValueError(f"budget schedule key {key!r}: stage must be one of {STAGES}")
         return Point(stage, int(layer) if layer else None)
     raise TypeError(f"budget schedule key must be a stage name, 'stage:layer' or an int LLM layer, got {key!r}")
+
+
+def progressive_count(ratios, stage: int, target: int, current: int) -> int:
+    """Tokens a progressive method keeps at its pruning point ``stage`` when its official
+    schedule keeps ``int(N0 * ratios[t])`` of the original ``N0`` after point ``t``
+    (TransPrune, PyramidDrop-style AdaToken-3D) and the budget fixes the last point's count:
+    the schedule rescaled so its last ratio gives ``target``, ``int(ratios[t] * target /
+    ratios[-1])``, within ``[target, current]``. At ``target = ratios[-1] * N0`` this is the
+    official schedule; at ``target = N0`` every point keeps everything."""
+    if stage == len(ratios) - 1:
+        return min(target, current)
+    return min(current, max(target, int(ratios[stage] * target / ratios[-1] + 1e-9)))

@@ -51,8 +51,8 @@ class Selection:
     """What a method returns.
 
     ``keep``: ``[B, k]`` indices into ``ctx.tokens`` (sorted ascending unless the
-    method documents otherwise); at the projector stage also a list of 1-D tensors, one
-    per image, for methods whose count adapts per image. ``merged``: optional
+    method documents otherwise); at the projector and llm stages also a list of 1-D tensors,
+    one per image, for methods whose count adapts per image. ``merged``: optional
     replacement values for the kept tokens, shaped like ``keep`` plus ``C`` (recovery
     methods). ``extra``: optional ``[B, E, C]`` tokens with no single origin appended
     after the kept ones (PruMerge's summary token); projector stage only.

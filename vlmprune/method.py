@@ -21,6 +21,7 @@ SIGNALS = frozenset(
         "llm_qkv",  # per-head queries (post-RoPE), keys and values at an LLM layer
         "text_embedding",  # the LLM input embeddings of the prompt's text tokens
         "pixels",  # each current token's pixel patch, as fed to the vision tower
+        "sublayer_io",  # inputs and outputs of an LLM layer's attention and MLP sub-layers (prefill)
     }
 )
 
@@ -30,13 +31,24 @@ def option(default: Any, doc: str, choices: tuple | None = None):
     return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices})
 
 
-def scale_llm_layers(layers, reference: int, depth: int, where: str) -> tuple[int, ...]:
+def scale_llm_layers(layers, reference: int, depth: int, where: str, spread: bool = False) -> tuple[int, ...]:
     """Map LLM layer indices a paper gives for a ``reference``-layer language model onto one of
     ``depth`` layers: ``K -> floor(K * depth / reference + 0.5)`` (``reference=0``: used as
     given). The result must be strictly increasing in ``[1, depth - 1]`` (a pruning point sits
     before a decoder layer and after at least one); otherwise a ValueError naming ``where``
-    (e.g. VFlowOpt's 9, 18 of 28 give 10, 21 of 32 and 1, 3 of 4)."""
+    (e.g. VFlowOpt's 9, 18 of 28 give 10, 21 of 32 and 1, 3 of 4). ``spread=True`` (scaled
+    layers only) first separates layers that collide after rounding, moving each later one up
+    to one past its predecessor and then, from the last, down below ``depth`` (TransPrune's
+    7, 9, 12 of 32 round to 1, 1, 2 of 4 and spread to 1, 2, 3)."""
     mapped = tuple(int(k * depth / reference + 0.5) if reference else int(k) for k in layers)
+    if spread and reference and mapped:
+        out = list(mapped)
+        for i in range(1, len(out)):
+            out[i] = max(out[i], out[i - 1] + 1)
+        out[-1] = min(out[-1], depth - 1)
+        for i in range(len(out) - 2, -1, -1):
+            out[i] = min(out[i], out[i + 1] - 1)
+        mapped = tuple(out)
     if any(not 1 <= k < depth for k in mapped) or any(a >= b for a, b in zip(mapped, mapped[1:])):
         raise ValueError(
             f"{where}: layers {tuple(layers)}"
@@ -81,7 +93,9 @@ class Method:
         """Which encoder / LLM layers' attention projections the signals will read.
 
         Default: the feature layer for ``projector`` points, ``l - 1`` for an
-        ``encoder`` point at ``l``, ``K - 1`` for an ``llm`` point at ``K``.
+        ``encoder`` point at ``l``, ``K - 1`` for an ``llm`` point at ``K``. A method reading
+        ``sublayer_io`` adds the key ``"sublayer_io"`` with the LLM layers whose attention and
+        MLP inputs/outputs the adapter must keep at prefill.
         """
         enc, llm = set(), set()
         for p in self.points(info):

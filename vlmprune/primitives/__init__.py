@@ -14,6 +14,7 @@ from .scoring import (
     histogram_entropy,
     perturbation_sensitivity,
     received_attention,
+    transition_variation,
     value_norm,
 )
 from .selection import (
@@ -54,6 +55,7 @@ __all__ = [
     "tile_groups",
     "topk_keep_order",
     "topk_per_group",
+    "transition_variation",
     "uniform_grid",
     "union_keep",
     "value_norm",

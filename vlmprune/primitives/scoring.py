@@ -124,3 +124,25 @@ def perturbation_sensitivity(
         part = (diff.norm(dim=-1) / (2 * h)).sum(dim=1)
         total = part if total is None else total + part
     return total / directions.shape[0]
+
+
+def transition_variation(
+    x_in: torch.Tensor, x_out: torch.Tensor, valid: torch.Tensor | None = None, direction: str = "signed"
+) -> torch.Tensor:
+    """Token transition variation of one sub-layer (TransPrune, arXiv 2507.20630): for each token,
+    the norm ratio ``||x_out|| / ||x_in||`` times the softmax over the sequence of the direction
+    change ``1 - cos(x_in, x_out)`` (``direction="signed"``, the official code) or
+    ``1 - |cos|`` (``"abs"``, the paper's Eq. 2). ``x_in``/``x_out``: ``[B, L, D]``, the
+    sub-layer's (normalised) input and its output before the residual add; ``valid``
+    (``[B, L]`` bool) restricts the softmax to real tokens, one softmax per row (the official
+    code sums over the whole batch). Returns ``[B, L]`` in float32, 0 where not valid."""
+    if direction not in ("signed", "abs"):
+        raise ValueError(f"direction must be 'signed' or 'abs', got {direction!r}")
+    a, b = x_in.float(), x_out.float()
+    ratio = b.norm(dim=-1) / a.norm(dim=-1)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    change = 1 - (cos.abs() if direction == "abs" else cos)
+    if valid is not None:
+        change = change.masked_fill(~valid, float("-inf"))
+    weight = ratio * change.softmax(dim=-1)
+    return weight if valid is None else weight.masked_fill(~valid, 0.0)
