@@ -52,6 +52,8 @@ class Replay(vlmprune.Method):
         merged = None if all(m is None for m in merged) else merged
         extra = None if all(e is None for e in extra) else extra
         if ctx.stage == "llm":
+            if len({k.numel() for k in keeps}) > 1:  # per-image counts (FEATHER's grid overlap)
+                return vlmprune.Selection(keep=keeps, merged=merged)
             return vlmprune.Selection(keep=torch.stack(keeps), merged=None if merged is None else torch.stack(merged))
         return vlmprune.Selection(keep=keeps, merged=merged, extra=extra, keep_cls=sel.keep_cls)
 
@@ -152,13 +154,19 @@ def run_layers(model, embeds, mask2d, pos, prunes: dict[int, torch.Tensor]):
 
 
 def manual_multistage(model, inputs, seen: list[Recorded], projector_tokens) -> list[torch.Tensor]:
-    """Reference logits ``[L_i, V]`` per row for a projector point followed by ``llm`` points:
-    each prompt is rebuilt by hand with ``projector_tokens(selection)[i]`` as its image span
-    (compact positions), then the LLM runs layer by layer, dropping at each ``llm`` point the
-    image tokens the recorded selection did not keep (kept tokens keep their positions)."""
-    first, rest = seen[0], seen[1:]
-    assert first[0].stage == "projector" and all(rec[0].stage == "llm" for rec in rest)
-    tokens = projector_tokens(first[2])
+    """Reference logits ``[L_i, V]`` per row for a projector point (if any) followed by ``llm``
+    points: each prompt is rebuilt by hand with ``projector_tokens(selection)[i]`` (or, with no
+    projector point, every projected image token) as its image span (compact positions), then
+    the LLM runs layer by layer, dropping at each ``llm`` point the image tokens the recorded
+    selection did not keep (kept tokens keep their positions)."""
+    if seen[0][0].stage == "projector":
+        first, rest = seen[0], seen[1:]
+        tokens = projector_tokens(first[2])
+    else:
+        rest = seen
+        embeds = full_embeddings(model, inputs)
+        tokens = [embeds[i][inputs["input_ids"][i] == IMAGE_TOKEN] for i in range(embeds.shape[0])]
+    assert all(rec[0].stage == "llm" for rec in rest)
     refs = []
     for i in range(inputs["input_ids"].shape[0]):
         row = {k: v[i : i + 1] for k, v in inputs.items()}
