@@ -12,6 +12,9 @@ from tests.tiny import QWEN_IMAGE, qwen_batch, tiny_qwen
 
 VERSIONS = ["2", "2.5"]
 METHODS = ["divprune", "uniform", "fastv", "random"]
+# methods with points inside the LLM (multi-point) that run on Qwen: batch equivalence only here
+# (their manual and cache checks run on LLaVA, which shares the decoder machinery)
+LLM_METHODS = ["todre", "feather", "transprune", "adatoken3d"]
 TEXTS = [[10, 11, 12, 13], [20, 21]]
 GRIDS = [(16, 16), (12, 16)]  # 64 and 48 merged tokens
 
@@ -112,7 +115,7 @@ def test_manual_equivalence_with_3d_positions(version, name):
 
 
 @versions
-@methods
+@pytest.mark.parametrize("name", METHODS + LLM_METHODS)
 def test_batch_of_different_image_sizes_equals_single_runs(version, name):
     if name == "random":
         pytest.skip("random draws from one generator per forward: batch and single runs differ by design")
