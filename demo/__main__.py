@@ -1,0 +1,5 @@
+"""``python -m vlmprune.demo``: the Gradio demo (see :mod:`vlmprune.demo.app`)."""
+
+from .app import main
+
+main()
