@@ -1,0 +1,1 @@
+"""Offline evaluation for vlmprune: tasks, the embedded model's training, benchmark runners."""
