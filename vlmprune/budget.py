@@ -103,3 +103,11 @@ def progressive_count(ratios, stage: int, target: int, current: int) -> int:
     if stage == len(ratios) - 1:
         return min(target, current)
     return min(current, max(target, int(ratios[stage] * target / ratios[-1] + 1e-9)))
+
+
+def progressive_count_at(ctx, ratios, layers) -> int:
+    """:func:`progressive_count` for the point ``ctx.layer`` of a method pruning before
+    ``layers`` (a user schedule for that point wins: ``ctx.budget`` then differs from the target)."""
+    if ctx.budget != ctx.target:
+        return ctx.budget
+    return progressive_count(ratios, list(layers).index(ctx.layer), ctx.target, ctx.n)

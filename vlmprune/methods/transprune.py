@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import progressive_count
+from ..budget import progressive_count_at
 from ..context import Point, Selection, TokenContext
 from ..method import Method, option, scale_llm_layers
 from ..primitives.scoring import transition_variation
@@ -113,8 +113,7 @@ class TransPrune(Method):
 
     def select(self, ctx: TokenContext) -> Selection:
         b, n = ctx.tokens.shape[:2]
-        stage = self.pruning_layers(ctx.info).index(ctx.layer)
-        count = ctx.budget if ctx.budget != ctx.target else progressive_count(self.ratios, stage, ctx.target, n)
+        count = progressive_count_at(ctx, self.ratios, self.pruning_layers(ctx.info))
         if count == 0 or n == 0:
             return Selection(keep=torch.empty(b, 0, dtype=torch.long, device=ctx.tokens.device))
         iga = ctx.signals.text_attention(layer=ctx.layer, query="instruction").float()
