@@ -1,0 +1,1 @@
+"""Bundled assets: sample images, the embedded model files (installed as vlmprune.assets)."""
