@@ -3,6 +3,11 @@
     vlmprune eval                                   # every method, keep 100/33.3/22.2/11.1 %
     python -m vlmprune.eval.runner --methods fastv,visionzip --budgets 0.333,64 --limit 100
     python -m vlmprune.eval.runner --model /path/to/llava-hf-checkpoint --tasks easyvqa
+    vlmprune eval --methods atp:weights=assets/atp_embedded.safetensors --update   # add rows
+
+A method is ``NAME`` or ``NAME:KEY=VALUE[:KEY=VALUE...]`` (options passed to ``wrap()``; the
+rows are labelled ``NAME[KEY=VALUE,...]``). ``--update`` merges the new rows into the results
+already in ``--out``.
 
 For each method and budget it wraps the model (``vlmprune.wrap``), answers the questions of
 each task in batches with greedy decoding, unwraps, and records accuracy (exact match of the
@@ -306,6 +311,30 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def parse_method_spec(spec: str) -> tuple[str, str, dict]:
+    """``NAME`` or ``NAME:KEY=VALUE[:KEY=VALUE...]`` -> (label, name, wrap options). Values are
+    parsed as int, float or kept as strings (e.g. ``atp:weights=assets/atp_embedded.safetensors``);
+    the label names path-like values by their file name."""
+    name, *parts = spec.split(":")
+    options, shown = {}, []
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"vlmprune eval: --methods: {spec!r}: options are written KEY=VALUE after the name, "
+                             "e.g. atp:weights=path")
+        parsed = value
+        for cast in (int, float):
+            try:
+                parsed = cast(value)
+                break
+            except ValueError:
+                continue
+        options[key] = parsed
+        shown.append(f"{key}={Path(value).name if '/' in value else value}")
+    label = name + (f"[{','.join(shown)}]" if shown else "")
+    return label, name, options
+
+
 def default_methods() -> list[str]:
     import vlmprune
 
@@ -372,18 +401,19 @@ def run_benchmark(model, processor, tasks: dict[str, list[dict]], methods: list[
     n_visual = _visual_count(model, processor, first)
     skipped: dict[str, str] = {}
     usable = []
-    for m in methods:
+    for spec in methods:
+        label, name, options = parse_method_spec(spec)
         try:
-            vlmprune.get_method(m)
+            vlmprune.get_method(name)
         except ValueError as e:
             raise SystemExit(f"vlmprune eval: {e}")
         try:  # the method's own check() (and the adapter's) decide; nothing runs yet
-            vlmprune.wrap(model, method=m, budget=1.0).unwrap()
-        except (ValueError, TypeError, NotImplementedError) as e:
-            skipped[m] = str(e)
-            log.warning("skipping method %r: %s", m, e)
+            vlmprune.wrap(model, method=name, budget=1.0, **options).unwrap()
+        except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as e:
+            skipped[label] = str(e)
+            log.warning("skipping method %r: %s", label, e)
             continue
-        usable.append(m)
+        usable.append((label, name, options))
 
     # the work list: (method or None, budget)
     runs = []
@@ -400,8 +430,9 @@ def run_benchmark(model, processor, tasks: dict[str, list[dict]], methods: list[
     predictor = Predictor(model, processor, post_prompt=post_prompt, max_new_tokens=max_new_tokens)
     rows = []
     try:
-        for method, budget in runs:
-            handle = None if method is None else vlmprune.wrap(model, method=method, budget=budget)
+        for spec, budget in runs:
+            method = None if spec is None else spec[0]
+            handle = None if spec is None else vlmprune.wrap(model, method=spec[1], budget=budget, **spec[2])
             predictor.handle = handle
             try:
                 for task, samples in tasks.items():
@@ -431,6 +462,21 @@ def run_benchmark(model, processor, tasks: dict[str, list[dict]], methods: list[
 
 
 # ============================================================================ outputs
+
+
+def merge_results(path: Path, rows: list[dict], skipped: dict[str, str], subset: dict[str, int]):
+    """``--update``: the rows of ``path`` (an earlier ``results.json``) whose method was not run
+    now, followed by the new rows; returns (rows, skipped, the earlier runs' commands)."""
+    with open(path) as f:
+        old = json.load(f)
+    if old["config"]["tasks"] != subset:
+        raise SystemExit(f"vlmprune eval: --update: {path} holds tasks {old['config']['tasks']}, this run "
+                         f"{subset}; use the same --tasks and --limit or another --out")
+    new_methods = {r["method"] for r in rows} | set(skipped)
+    kept = [r for r in old["rows"] if r["method"] not in new_methods]
+    old_skipped = {m: why for m, why in old["config"].get("skipped", {}).items() if m not in new_methods}
+    commands = old["config"].get("earlier_commands", []) + [old["config"]["command"]]
+    return kept + rows, {**old_skipped, **skipped}, commands
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -561,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-per-method", action="store_true",
                    help="run keep-all budgets under every method instead of once unwrapped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--update", action="store_true",
+                   help="merge into the results already in --out (same tasks and --limit): rows of the methods "
+                        "run now replace theirs, the others are kept")
     return p
 
 
@@ -611,6 +660,9 @@ def main(argv=None) -> int:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    commands = []
+    if args.update and (out / "results.json").exists():
+        rows, skipped, commands = merge_results(out / "results.json", rows, skipped, subset)
     write_csv(rows, out / "results.csv")
     meta = {
         "model": args.model or "embedded",
@@ -633,6 +685,9 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
         "command": "vlmprune eval " + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    if commands:
+        meta["earlier_commands"] = commands
+        meta["methods"] = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
     with open(out / "results.json", "w") as f:
         json.dump({"config": meta, "rows": rows}, f, indent=2)
         f.write("\n")

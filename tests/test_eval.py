@@ -203,3 +203,28 @@ def test_eval_runner_end_to_end(tmp_path):
     if embedded:  # all tokens: the embedded model answers easy-VQA (>= 95 % on the test split)
         full = next(r for r in rows if r["task"] == "easyvqa" and r["method"] == "none")
         assert float(full["accuracy"]) >= 0.75, full
+
+    # --update with a method spec carrying an option: its rows join, FastV's and none's stay
+    argv2 = ["--limit", "8", "--methods", "random:seed=3", "--budgets", "0.111", "--batch-size", "8",
+             "--out", str(out), "--no-progress", "--threads", "1", "--update"] + (["--model", model] if model else [])
+    try:
+        assert runner.main(argv2) == 0
+    finally:
+        torch.set_num_threads(threads)
+    merged = json.loads((out / "results.json").read_text())
+    assert {(r["task"], r["method"]) for r in merged["rows"]} == {(t, m) for t, m, _ in want} | {
+        (t, "random[seed=3]") for t in T.TASKS}
+    assert merged["config"]["earlier_commands"] == [data["config"]["command"]]
+    with pytest.raises(SystemExit, match="--limit"):
+        runner.main(argv2[:1] + ["4"] + argv2[2:])
+
+
+def test_method_spec_parsing():
+    from vlmprune.eval.runner import parse_method_spec
+
+    assert parse_method_spec("fastv") == ("fastv", "fastv", {})
+    assert parse_method_spec("atp:weights=assets/atp.safetensors:tau=0.5") == (
+        "atp[weights=atp.safetensors,tau=0.5]", "atp", {"weights": "assets/atp.safetensors", "tau": 0.5})
+    assert parse_method_spec("random:seed=3")[2] == {"seed": 3}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_method_spec("atp:weights")
