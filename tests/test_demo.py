@@ -310,6 +310,9 @@ def test_run_reports_kept_tokens_scores_and_answer(tiny):
     assert res.stats["points"][-1]["out"] == [32]
     frac = tiny.run(img, QUESTION, "visionzip", 0.25, max_new_tokens=3)
     assert frac.ok and frac.tokens == 64 and frac.view.extra == 1  # VisionZip hands CLS on too
+    # a merging method says where dropped tokens went: VisionZip folds every other token into a
+    # contextual one, so the overlay colours them instead of dimming them
+    assert frac.view.n_kept == 63 and int(frac.view.merged.sum()) == 256 - 63 and not frac.view.dropped.any()
 
 
 def test_run_errors_come_back_as_messages(tiny):

@@ -66,6 +66,13 @@ def test_visionzip_dominant_contextual_split_and_planted_winner():
     assert sel.keep_cls and sel.keep.shape == (1, n_dom + n_ctx) and n_dom + n_ctx + 1 == 16
     assert 50 in sel.keep[0, :n_dom].tolist()
     torch.testing.assert_close(sel.merged[0, :n_dom], tokens[0, sel.keep[0, :n_dom]])  # dominant unchanged
+    # merge_map: every token lands in a kept slot; kept tokens in their own; a contextual value is
+    # its target plus the mean of the other tokens mapped to it
+    mm = sel.merge_map[0]
+    assert bool((mm >= 0).all()) and mm[sel.keep[0]].tolist() == list(range(n_dom + n_ctx))
+    j = n_dom
+    joined = [i for i in range(64) if int(mm[i]) == j and i != int(sel.keep[0, j])]
+    torch.testing.assert_close(sel.merged[0, j], tokens[0, sel.keep[0, j]] + tokens[0, joined].mean(0))
 
 
 def test_prumerge_plus_adaptive_count_spatial_samples_and_summary():
@@ -86,6 +93,10 @@ def test_prumerge_plus_adaptive_count_spatial_samples_and_summary():
     dropped = torch.ones(n, dtype=torch.bool)
     dropped[sel.keep[0]] = False
     torch.testing.assert_close(sel.extra[0][0], (tokens[0][dropped] * cls_attn[dropped, None]).sum(0))
+    mm = sel.merge_map[0]
+    assert mm[sel.keep[0]].tolist() == list(range(len(sel.keep[0])))
+    absorbed = dropped & (mm >= 0)
+    assert 0 < int(absorbed.sum()) < int(dropped.sum()) + 1 and bool((mm[~dropped] >= 0).all())
 
 
 @pytest.mark.parametrize("name", ["random", "uniform", "divprune", "visionzip", "fastv"])

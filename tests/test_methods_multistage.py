@@ -98,7 +98,7 @@ def test_vflowopt_recycling_conservation_and_count():
     pruned = torch.zeros(n, dtype=torch.bool)
     pruned[[0, 1, 4, 5, 10, 15]] = True  # cell (0, 0): 0, 1, 4, 5; cell (1, 1): 10, 15
     x[[0, 1, 4, 5]] = torch.tensor([1.0, 2.0, 3.0])  # one cell whose pruned tokens share a feature
-    keep, values = recycle_by_cell(x, importance, pruned, torch.arange(n), cols, cell)
+    keep, values, owner = recycle_by_cell(x, importance, pruned, torch.arange(n), cols, cell)
     cells = {(int(i) // cols // 2, int(i) % cols // 2) for i in pruned.nonzero().flatten()}
     assert keep.numel() == n - int(pruned.sum()) + len(cells)
     assert torch.all(keep[1:] > keep[:-1])
@@ -110,6 +110,9 @@ def test_vflowopt_recycling_conservation_and_count():
     torch.testing.assert_close(values[keep.tolist().index(carrier)], w @ x[[10, 15]])
     untouched = [i for i in keep.tolist() if not pruned[i]]
     assert torch.equal(values[[keep.tolist().index(i) for i in untouched]], x[untouched])
+    # owner: each token's carrier, as a position in keep (the cell's carrier for pruned tokens)
+    assert keep[owner].tolist()[10] == keep[owner].tolist()[15] == carrier
+    assert all(keep[owner[i]] == i for i in keep.tolist())
 
 
 def test_vflowopt_select_counts_follow_the_card():

@@ -136,16 +136,18 @@ def test_tome_mass_conservation_and_length():
 def test_contextual_identity_when_every_token_is_a_target():
     x = torch.randn(2, 6, 3)
     remaining = torch.tensor([[0, 2, 3, 5], [1, 2, 4, 5]])
-    targets, values = contextual_merge(x, torch.randn(2, 6, 3), remaining, n_contextual=4)
+    targets, values, owner = contextual_merge(x, torch.randn(2, 6, 3), remaining, n_contextual=4)
     assert torch.equal(targets, remaining)
+    assert owner.tolist() == [[0, -1, 1, 2, -1, 3], [-1, 0, 1, -1, 2, 3]]
     torch.testing.assert_close(values, x.gather(1, remaining[..., None].expand(-1, -1, 3)))
 
 
 def test_contextual_merge_mean_of_assigned():
     x = torch.arange(8.0).view(1, 4, 2)
     metric = torch.tensor([[[1.0, 0], [0, 1], [1, 0.1], [0.1, 1]]])
-    targets, values = contextual_merge(x, metric, torch.tensor([[0, 1, 2, 3]]), n_contextual=2)
+    targets, values, owner = contextual_merge(x, metric, torch.tensor([[0, 1, 2, 3]]), n_contextual=2)
     assert targets.tolist() == [[0, 2]]  # step 2: targets are remaining[0], remaining[2]
+    assert owner.tolist() == [[0, 1, 1, 1]]  # tokens 1 and 3 went into the second contextual token
     # token 1 ~ target 0? metric[1]=(0,1) vs (1,0) -> 0, vs (1,0.1) -> 0.1: joins target 2; token 3 too
     torch.testing.assert_close(values[0, 0], x[0, 0])
     torch.testing.assert_close(values[0, 1], x[0, 2] + (x[0, 1] + x[0, 3]) / 2)
@@ -154,5 +156,7 @@ def test_contextual_merge_mean_of_assigned():
 def test_similarity_merge_zero_weights_is_identity():
     x = torch.randn(1, 10, 4)
     centres = torch.tensor([[1, 4]])
-    out = similarity_merge(x, torch.randn(1, 10, 4), centres, torch.zeros(1, 10), topk=3)
+    out, absorbed = similarity_merge(x, torch.randn(1, 10, 4), centres, torch.zeros(1, 10), topk=3)
     torch.testing.assert_close(out, x[:, [1, 4]])
+    assert absorbed.shape == (1, 2, 3)
+    assert not bool((absorbed[0, 0] == 1).any()) and not bool((absorbed[0, 1] == 4).any())  # never itself

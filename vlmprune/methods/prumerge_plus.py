@@ -30,7 +30,9 @@ class PruMergePlus(Method):
     ``int(s/6), int(s/6) + int(s/3), ... < N - 1`` with ``s = int(1/r)`` that are not yet
     kept. Every kept token absorbs its 32 most key-similar other tokens weighted by
     their (unnormalised) CLS attention; one summary token ``sum_j a_j x_j`` over the
-    dropped tokens is appended. The count adapts per image: the budget is only a cap
+    dropped tokens is appended (``merge_map``: a dropped token absorbed by several centres is
+    shown with the first of them in keep order; one absorbed by none is only in the summary,
+    -1). The count adapts per image: the budget is only a cap
     (``adaptive=True``, the official behaviour); ``adaptive=False`` uses the budget's
     ratio ``(budget - 1) / N`` instead of the outlier share (a budget-matched variant,
     ours), which gives about ``budget`` tokens.
@@ -58,6 +60,7 @@ class PruMergePlus(Method):
         cls_attn = attn[:, 0, 1:]  # [B, N]
         n = cls_attn.shape[1]
         keeps, merged, extras = [], [], []
+        merge_map = torch.full((b, n), -1, dtype=torch.long, device=cls_attn.device)
         for i in range(b):
             ratio = iqr_outlier_ratio(cls_attn[i]) if self.adaptive else (ctx.budget - 1) / n
             count = max(1, int(n * ratio))
@@ -68,9 +71,14 @@ class PruMergePlus(Method):
             keep = torch.cat([top, samples])[: max(1, ctx.budget - 1)]
             rest = torch.ones(n, dtype=torch.bool, device=keep.device)
             rest[keep] = False
-            centres = similarity_merge(ctx.tokens[i : i + 1], k_full[i : i + 1, 1:], keep[None], cls_attn[i : i + 1], self.merge_topk)
+            centres, absorbed = similarity_merge(ctx.tokens[i : i + 1], k_full[i : i + 1, 1:], keep[None], cls_attn[i : i + 1], self.merge_topk)
+            by_centre = torch.zeros(keep.shape[0], n, dtype=torch.bool, device=keep.device)
+            by_centre.scatter_(1, absorbed[0], True)
+            first = by_centre.float().argmax(0)  # the first centre (keep order) absorbing each token
+            merge_map[i] = torch.where(by_centre.any(0) & rest, first, -1)
+            merge_map[i, keep] = torch.arange(keep.shape[0], device=keep.device)
             summary = (ctx.tokens[i][rest].float() * cls_attn[i][rest, None]).sum(0, keepdim=True)
             keeps.append(keep)
             merged.append(centres[0])
             extras.append(summary.to(ctx.tokens.dtype))
-        return Selection(keep=keeps, merged=merged, extra=extras, scores=cls_attn)
+        return Selection(keep=keeps, merged=merged, extra=extras, scores=cls_attn, merge_map=merge_map)

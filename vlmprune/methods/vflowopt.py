@@ -261,14 +261,15 @@ class VFlowOpt(Method):
         cell = hp["m"] * ctx.grid[1] / self.cell_reference if self.cell_reference else hp["m"]
         n_low = min(n, n_red + int(n / cell**2))
         order = torch.sort(imp, dim=-1, stable=True).indices
-        keeps, values = [], []
+        keeps, values, owners = [], [], []
         for j in range(ctx.tokens.shape[0]):
             pruned = torch.zeros(n, dtype=torch.bool, device=imp.device)
             pruned[order[j, :n_low]] = True
-            keep, vals = recycle_by_cell(ctx.tokens[j], imp[j], pruned, ctx.token_index[j], ctx.grid[1], cell)
+            keep, vals, owner = recycle_by_cell(ctx.tokens[j], imp[j], pruned, ctx.token_index[j], ctx.grid[1], cell)
             keeps.append(keep)
             values.append(vals)
-        return Selection(keep=keeps, merged=values, scores=imp)
+            owners.append(owner)
+        return Selection(keep=keeps, merged=values, scores=imp, merge_map=torch.stack(owners))
 
     def _prune_llm(self, ctx: TokenContext) -> Selection:
         states = [s[self.name] for s in ctx.image_state]

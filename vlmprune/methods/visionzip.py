@@ -63,7 +63,10 @@ class VisionZip(Method):
         rest_mask.scatter_(1, dominant, False)
         remaining = rest_mask.nonzero()[:, 1].view(b, n - n_dom)
         keys = ctx.signals.encoder_qkv(layer=layer)[1].mean(1)[:, 1:]  # head-mean keys, CLS dropped
-        targets, values = contextual_merge(ctx.tokens, keys, remaining, n_ctx)
+        targets, values, owner = contextual_merge(ctx.tokens, keys, remaining, n_ctx)
         keep = torch.cat([dominant, targets], dim=1)
         dom_values = ctx.tokens.gather(1, dominant.unsqueeze(-1).expand(-1, -1, ctx.tokens.shape[-1]))
-        return Selection(keep=keep, merged=torch.cat([dom_values, values], dim=1), keep_cls=True, scores=scores)
+        merge_map = torch.where(owner >= 0, owner + n_dom, owner)
+        merge_map.scatter_(1, dominant, torch.arange(n_dom, device=scores.device).expand(b, -1).contiguous())
+        return Selection(keep=keep, merged=torch.cat([dom_values, values], dim=1), keep_cls=True, scores=scores,
+                         merge_map=merge_map)

@@ -25,7 +25,9 @@ def contextual_merge(
     ``n_contextual``); every other remaining token joins its most similar target
     (dot product of L2-normalised ``metric``); a contextual token is
     ``x_target + mean(x of the joined tokens)``.
-    Returns ``(targets [B, Cn] indices into x, values [B, Cn, C])``.
+    Returns ``(targets [B, Cn] indices into x, values [B, Cn, C], owner [B, N])``: ``owner``
+    is the position in ``targets`` of the contextual token each remaining token went into
+    (-1 for tokens not in ``remaining``).
     """
     b, r = remaining.shape
     step = max(1, r // n_contextual)
@@ -45,7 +47,10 @@ def contextual_merge(
         1, assign, torch.ones_like(assign, dtype=torch.float)
     )
     values = _gather(x, targets).float() + summed / counts.clamp_min(1).unsqueeze(-1)
-    return targets, values.to(x.dtype)
+    owner = torch.full(x.shape[:2], -1, dtype=torch.long, device=x.device)
+    owner.scatter_(1, targets, torch.arange(targets.shape[1], device=x.device).expand(b, -1).contiguous())
+    owner.scatter_(1, others, assign)
+    return targets, values.to(x.dtype), owner
 
 
 def similarity_merge(
@@ -58,14 +63,15 @@ def similarity_merge(
     """PruMerge's recovery (arXiv 2403.15388, code-exact): every centre absorbs the
     ``topk`` other tokens whose ``metric`` is most cosine-similar to its own,
     ``x_i + sum_j w_j x_j`` with unnormalised weights ``w`` ([B, N]).
-    Returns the updated centres ``[B, k, C]``."""
+    Returns the updated centres ``[B, k, C]`` and the absorbed tokens ``[B, k, topk]``
+    (indices into ``x``)."""
     m = F.normalize(metric.float(), dim=-1)
     sim = _gather(m, centres) @ m.transpose(-1, -2)
     sim.scatter_(-1, centres.unsqueeze(-1), float("-inf"))
     top = sim.topk(min(topk, x.shape[1] - 1), dim=-1).indices
     w = weights.float().gather(1, top.flatten(1)).view_as(top)
     xs = x.float().gather(1, top.flatten(1).unsqueeze(-1).expand(-1, -1, x.shape[-1])).view(*top.shape, -1)
-    return (_gather(x, centres).float() + (w.unsqueeze(-1) * xs).sum(dim=2)).to(x.dtype)
+    return (_gather(x, centres).float() + (w.unsqueeze(-1) * xs).sum(dim=2)).to(x.dtype), top
 
 
 def bipartite_soft_matching(
@@ -127,13 +133,15 @@ def recycle_by_cell(
     raster indices on a grid ``cols`` wide. The pruned tokens are grouped by coarse cells of
     side ``cell`` (``floor(row / cell), floor(col / cell)``); every non-empty group's
     importance-weighted mean ``sum_i (I_i / sum I) x_i`` overwrites the group's most important
-    member, which is kept. Returns ``(keep [k] ascending, values [k, C])``, the kept tokens'
-    values (unchanged for tokens that were never pruned).
+    member, which is kept. Returns ``(keep [k] ascending, values [k, C], owner [N])``: the kept
+    tokens' values (unchanged for tokens that were never pruned) and, for every token, the
+    position in ``keep`` of the token carrying it (itself when kept).
     """
     row, col = raster // cols, raster % cols
     cell_id = torch.stack([(row.double() / cell).floor(), (col.double() / cell).floor()], dim=-1)
     values = x.clone()
     keep = ~pruned
+    carrier_of = torch.arange(x.shape[0], device=x.device)
     idx = pruned.nonzero().flatten()
     if idx.numel():
         _, group = torch.unique(cell_id[idx], dim=0, return_inverse=True)
@@ -145,5 +153,7 @@ def recycle_by_cell(
             carrier = members[importance[members].argmax()]
             values[carrier] = (w[:, None] * x[members].float()).sum(dim=0).to(x.dtype)
             keep[carrier] = True
+            carrier_of[members] = carrier
     kept = keep.nonzero().flatten()
-    return kept, values[kept]
+    position = torch.cumsum(keep.long(), 0) - 1  # position in kept of each kept token
+    return kept, values[kept], position[carrier_of]
