@@ -3,6 +3,7 @@ removing tokens (installed as ``vlmprune.adapters``)."""
 
 from .base import ADAPTERS, Adapter, Plan, find_adapter, register_adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 from .qwen import QwenVLAdapter
 
-__all__ = ["ADAPTERS", "Adapter", "Plan", "LlavaAdapter", "QwenVLAdapter", "find_adapter", "register_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "Plan", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "find_adapter", "register_adapter"]

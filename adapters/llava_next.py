@@ -1,0 +1,413 @@
+"""The adapter for transformers' LLaVA-NeXT (``LlavaNextForConditionalGeneration`` /
+``LlavaNextModel``, model_type ``"llava_next"``): "anyres" images, each encoded as a base image
+(the whole picture resized to the tower's size) plus a grid of tiles, with an ``image_newline``
+vector after every row of the (un-padded) tile grid.
+
+**Layout.** transformers packs one image as ``[base tokens (raster order)] [tile rows]``: the
+tiles' patch grids are joined into one big grid of ``rows x side`` by ``cols x side`` tokens,
+the rows and columns that only cover the letterbox padding are cut off (``unpad_image``) and
+each remaining row is followed by one newline token. The adapter learns this layout by passing
+an id tensor through the model's own ``pack_image_features``, so it knows which slot holds which
+(crop, raster) token and which slots are newlines, for any transformers version that packs the
+same way.
+
+**Stages.** ``projector`` (on the vision features of each crop, before the projector maps them)
+and ``llm`` (before decoder layer K in prefill, with the shared decoder machinery of
+:mod:`adapters.llm`). The ``encoder`` stage is not offered (a crop-wise budget inside the tower
+would need the tiles to run in groups of equal counts; not built yet): methods acting there
+(FlowCut) get a clear error at ``wrap()``.
+
+*Projector stage: one token set per crop.* Each crop (the base image, each tile) is one row of
+``ctx.tokens``; a tile holds only its tokens that survive un-padding, which always form a
+rectangle, so ``ctx.grid`` is that rectangle (``side x side`` for the base image and for tiles
+un-padding does not touch) and ``ctx.token_index`` the raster index inside it. Crops with the
+same grid and budget share one call. Encoder signals (CLS attention, encoder attention / q, k, v)
+come from each crop's own pass through the tower, ``pixels`` from its own pixels;
+``text_embedding`` is the prompt of the crop's image. ``ctx.images`` holds, per row, the crop's
+index among all crops of the forward plus the number of images (so per-row ``image_state`` of
+crops never mixes with the ``llm`` stage's per-image state). Each call gets a fresh random
+generator seeded by the method's ``seed``, so a crop's result does not depend on how the crops of
+a batch were grouped. ``stats["points"]`` has one projector entry per call, one count per crop.
+
+*Budget split.* The budget is per image and refers to the image's visual tokens: base tokens
+plus un-padded tile tokens (newline tokens excluded). At the projector stage the image's budget
+``B`` is split over its crops in proportion to their token counts ``n_c`` (largest remainder:
+``floor(B n_c / N)`` each, then one more to the crops with the largest remainders, ties to the
+earlier crop, the base image first); ``B = N`` keeps everything. A crop whose share is 0 is
+dropped whole (the method is not called for it). The ``llm`` stage sees all visual tokens of an
+image at once (per-image budget, grid: the crops stacked vertically, ``(crops * side, side)``,
+``token_index = crop * side**2 + raster``, the base image is crop 0).
+
+*Newline tokens.* They are not visual tokens: never candidates, never counted in stats or
+budgets. After the projector stage a row's newline is kept iff that row keeps at least one
+token (so a grid row that lost every token leaves nothing behind); inside the LLM newline tokens
+are kept like text.
+
+*Order and positions.* Base-image tokens reach the LLM first, in the method's order (CLS first
+when a method keeps it, extra tokens after); then the kept tile tokens in the unwrapped model's
+packed order (row by row over the joined tile grid) with the kept newlines; then each tile's
+CLS / extra tokens, tile by tile. As for LLaVA, the surviving tokens fill the first slots of the
+image's placeholder span and the language model's input hook removes the unused slots; positions
+are renumbered (``"compact"``) unless the method asks for ``"original"`` (each kept token keeps
+the position of the slot it came from).
+
+Multiple images per prompt, batches of images with different tile counts (``pixel_values`` 5-D
+padded as the processor returns it, or 4-D concatenated crops) and left padding are supported.
+
+Methods that carry a per-image state from the projector stage into the LLM (VFlowOpt's
+importance map) are refused: their projector calls here are per crop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlmprune.context import ModelInfo, Point, Signals
+
+from .base import Installed, Plan, check_selection, new_generator, register_adapter
+from .llava import LlavaAdapter, _pixel_patches
+from .llm import VisualLayout
+from .vision import EncoderCapture, encoder_signals, install_capture
+from .vlm import VLMRuntime
+
+#: methods whose projector stage hands a per-image state to their llm stage (refused here)
+CROSS_STAGE_STATE = {"vflowopt": "its importance map is computed per image at the projector and read in the LLM"}
+
+
+def split_budget(budget: int, counts: list[int]) -> list[int]:
+    """Share ``budget`` over parts of sizes ``counts`` in proportion (largest remainder, ties to
+    the earlier part)."""
+    total = sum(counts)
+    if not 0 <= budget <= total:
+        raise ValueError(f"budget must be in [0, {total}], got {budget}")
+    shares = [budget * c // total for c in counts]
+    remainders = [budget * c - s * total for c, s in zip(counts, shares)]
+    order = sorted(range(len(counts)), key=lambda i: (-remainders[i], i))
+    for i in order[: budget - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    model_types = ("llava_next",)
+    stages = ("projector", "llm")
+
+    def info(self) -> ModelInfo:
+        tc = self.config.text_config
+        return ModelInfo(
+            family="llava_next",
+            n_visual=None,  # depends on each image's size (tiles, un-padding)
+            grid=None,
+            has_cls=self.tower.has_cls,
+            encoder_layers=self.tower.depth,
+            feature_layer=self._feature_layer(),
+            llm_layers=tc.num_hidden_layers,
+            stages=self.stages,
+        )
+
+    def install(self, plan: Plan) -> Installed:
+        name = plan.method.name
+        if name in CROSS_STAGE_STATE and any(p.stage == "projector" for p in plan.points):
+            raise ValueError(
+                f"method {name!r} is not supported on LLaVA-NeXT: {CROSS_STAGE_STATE[name]}, and this adapter runs "
+                "the projector stage per crop (base image, tiles)"
+            )
+        info = self.info()
+        installed = Installed()
+        rt = LlavaNextRuntime(plan, info, self)
+        enc_capture = tuple(sorted({layer % self.tower.depth for layer in plan.capture.get("encoder", ())}))
+        install_capture(installed, self.tower, enc_capture, lambda: rt.capture, lambda: rt.alive)
+        rt.install_common(installed, self.decoder, self.core, self.model)
+        self.runtime = rt
+        return installed
+
+
+class LlavaNextRuntime(VLMRuntime):
+    def __init__(self, plan: Plan, info: ModelInfo, adapter: LlavaNextAdapter):
+        super().__init__(plan, info, adapter)
+        self.capture = EncoderCapture()
+        self.alive: torch.Tensor | None = None
+        self.image_grids: list[tuple[int, int]] | None = None  # llm-stage grid per image
+        self._call_budget: tuple[int, int] | None = None  # (budget, target) of the current crop call
+
+    def budget_at(self, point: Point) -> tuple[int, int]:
+        if self._call_budget is not None:
+            return self._call_budget
+        return super().budget_at(point)
+
+    # -- layout ------------------------------------------------------------------------------------
+    def _layouts(self, image_sizes, crops: list[int], n: int, side: int, strategy: str) -> list[dict]:
+        """Per image: which (crop, raster) each slot of its span holds (packed as transformers
+        packs features) and each crop's un-padded rectangle."""
+        core = self.adapter.core
+        ids = [torch.arange(k * n, dtype=torch.float64).view(k, n, 1) for k in crops]
+        newline = torch.tensor([-1.0], dtype=torch.float64)
+        packed, _ = core.pack_image_features(ids, image_sizes, strategy, image_newline=newline)
+        layouts = []
+        for k, p in zip(crops, packed):
+            slot_ids = p[:, 0].round().long()
+            is_nl = slot_ids < 0
+            gid = slot_ids.clamp(min=0)
+            crop, raster = gid // n, gid % n
+            slot_of = torch.full((k, n), -1, dtype=torch.long)
+            tok = (~is_nl).nonzero().flatten()
+            slot_of[crop[tok], raster[tok]] = tok
+            base_len = 0
+            if k > 1:  # the base image's tokens lead, without newlines
+                lead = (crop == 0) & ~is_nl
+                base_len = int(lead.long().cumprod(0).sum())
+            parts = []
+            for c in range(k):
+                rasters = (slot_of[c] >= 0).nonzero().flatten()  # ascending = row-major
+                rows, cols = rasters // side, rasters % side
+                h, w = int(rows.unique().numel()), int(cols.unique().numel())
+                if h * w != rasters.numel():
+                    raise RuntimeError(f"vlmprune: crop {c} of an image keeps a non-rectangular token set after un-padding")
+                parts.append({"raster": rasters, "grid": (h, w)})
+            layouts.append(
+                {"crops": k, "slot_ids": slot_ids, "is_nl": is_nl, "crop": crop, "raster": raster,
+                 "slot_of": slot_of, "base_len": base_len, "parts": parts,
+                 "total": int((~is_nl).sum()), "slots": int(slot_ids.numel())}
+            )
+        return layouts
+
+    # -- vision side ---------------------------------------------------------------------------------
+    def image_features(
+        self, pixel_values, image_sizes=None, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
+    ):
+        from transformers.models.llava_next.modeling_llava_next import (
+            image_size_to_num_patches,
+        )
+
+        adapter = self.adapter
+        core, tower, cfg = adapter.core, adapter.tower, adapter.config
+        if image_sizes is None:
+            raise ValueError("image_sizes is required for LLaVA-NeXT image features (the processor returns it)")
+        vfl = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = cfg.vision_feature_select_strategy if vision_feature_select_strategy is None else vision_feature_select_strategy
+        vc = cfg.vision_config
+        side = vc.image_size // vc.patch_size
+        n = side * side
+        crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, vc.image_size) for s in image_sizes]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[:k] for pv, k in zip(pixel_values, crops)], dim=0)
+        elif pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must have 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}")
+        if pixel_values.shape[0] != sum(crops):
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} crops; image_sizes asks for {sum(crops)} ({crops})")
+        device = pixel_values.device
+        layouts = self._layouts(image_sizes, crops, n, side, strategy)
+        n_img = len(crops)
+        self.begin(layouts[0]["total"], (side, side), device)
+        self.slots = [lay["slots"] for lay in layouts]
+        self.image_grids = [(lay["crops"] * side, side) for lay in layouts]
+        self.capture.clear()
+        self.alive = torch.arange(n, device=device).expand(pixel_values.shape[0], -1)
+        out = core.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        layers = [vfl] if isinstance(vfl, int) else list(vfl)
+        hidden = torch.cat([out.hidden_states[layer] for layer in layers], dim=-1)
+        if strategy == "default":
+            feats, cls_tok = hidden[:, 1:], (hidden[:, 0] if tower.has_cls else None)
+        else:
+            feats, cls_tok = hidden, None
+        if feats.shape[1] != n:
+            raise ValueError(
+                f"vision_feature_select_strategy={strategy!r} gives {feats.shape[1]} tokens per crop, not the "
+                f"{side}x{side} patch grid LLaVA-NeXT packs (use 'default' with a CLS tower, 'full' without)"
+            )
+        crop_start = [sum(crops[:i]) for i in range(n_img)]
+        owner = [i for i, k in enumerate(crops) for _ in range(k)]  # image of each crop
+        # per crop: kept local indices (None: all, in order), their values, extra tokens, keep CLS
+        chosen: list[dict] = [{"keep": None, "values": None, "extra": None, "cls": False} for _ in owner]
+        if any(p.stage == "projector" for p in self.plan.points):
+            self._projector_stage(Point("projector"), feats, cls_tok, pixel_values, layouts, crops, crop_start, owner, chosen, n_img)
+        self.images = []
+        vision, assembled = [], []
+        for i, lay in enumerate(layouts):
+            entries = self._assemble(lay, feats[crop_start[i] : crop_start[i] + crops[i]], cls_tok, crop_start[i],
+                                     chosen[crop_start[i] : crop_start[i] + crops[i]], n)
+            vision.append(entries["vision"])
+            assembled.append(entries)
+        projected = core.multi_modal_projector(torch.cat(vision)).split([v.shape[0] for v in vision])
+        newline = core.image_newline
+        padded = []
+        for i, (lay, entries, proj) in enumerate(zip(layouts, assembled, projected)):
+            count, slots = entries["count"], lay["slots"]
+            if count > slots:
+                raise RuntimeError(f"method {self.method.name!r} produced {count} tokens for {slots} image slots")
+            full = proj.new_zeros(slots, proj.shape[-1])
+            full[entries["vision_pos"]] = proj
+            full[entries["newline_pos"]] = newline.to(proj.dtype)
+            padded.append(full)
+            self.images.append(
+                {"count": count, "slots": slots, "source": entries["source"], "visual": entries["visual"],
+                 "raster": entries["raster"], "total": lay["total"]}
+            )
+        out.pooler_output = padded
+        return out
+
+    def _projector_stage(self, point, feats, cls_tok, pixel_values, layouts, crops, crop_start, owner, chosen, n_img):
+        patch = self.adapter.config.vision_config.patch_size
+        groups: dict[tuple, list[int]] = {}
+        for i, lay in enumerate(layouts):
+            counts = [int(part["raster"].numel()) for part in lay["parts"]]
+            budget, target = self._image_budget(point, lay["total"])
+            for c, (b, t) in enumerate(zip(split_budget(budget, counts), split_budget(target, counts))):
+                g = crop_start[i] + c
+                if b == 0:
+                    chosen[g]["keep"] = torch.empty(0, dtype=torch.long, device=feats.device)
+                    continue
+                groups.setdefault((lay["parts"][c]["grid"], b, t), []).append(g)
+        part_of = [layouts[owner[g]]["parts"][g - crop_start[owner[g]]] for g in range(len(owner))]
+        try:
+            for (grid, b, t), members in groups.items():
+                enc_raster = torch.stack([part_of[g]["raster"] for g in members]).to(feats.device)  # [G, n_c]
+                idx = torch.tensor(members, device=feats.device)
+                tokens = feats[idx[:, None], enc_raster]
+                local = torch.arange(enc_raster.shape[1], device=feats.device).expand(len(members), -1)
+                store = self._sub_capture(members)
+                self._call_budget = (b, t)
+                # a fresh generator per call: a crop's draws do not depend on how crops were grouped
+                self.generator = new_generator(self.method.seed, feats.device)
+                self.grid, self.n_visual = grid, enc_raster.shape[1]
+                signals = Signals(
+                    {
+                        **encoder_signals(self.adapter.tower, store, enc_raster, self.info.feature_layer),
+                        "hidden": lambda tokens=tokens: tokens,
+                        "projected": lambda tokens=tokens: self.adapter.core.multi_modal_projector(tokens),
+                        "projector": lambda: self.adapter.core.multi_modal_projector,
+                        "text_embedding": lambda members=members: self._text_embedding_of([owner[g] for g in members]),
+                        "pixels": lambda idx=idx, r=enc_raster: _pixel_patches(pixel_values[idx], patch, r),
+                    }
+                )
+                cls_rows = cls_tok[idx] if cls_tok is not None else None
+                ctx = self.context(point, tokens, local, signals, images=[n_img + g for g in members], cls_token=cls_rows)
+                sel = self.run_method(ctx)
+                check_selection(sel, ctx, self.method.name, allow_extra=True)
+                if sel.keep_cls and cls_tok is None:
+                    raise RuntimeError(f"method {self.method.name!r} asked to keep CLS, but the tower has none")
+                for j, (keep, merged, extra) in enumerate(sel.per_image()):
+                    g = members[j]
+                    values = tokens[j, keep] if merged is None else merged.to(feats.dtype)
+                    chosen[g] = {"keep": keep, "values": values, "extra": extra, "cls": bool(sel.keep_cls)}
+        finally:
+            self._call_budget = None
+
+    def _image_budget(self, point: Point, total: int) -> tuple[int, int]:
+        budget = self.plan.budget
+        target = budget.resolve_target(total)
+        at = budget.at(point, total)
+        return (target if at is None else at), target
+
+    def _sub_capture(self, members: list[int]) -> EncoderCapture:
+        store = EncoderCapture()
+        for layer, qkv in self.capture.qkv.items():
+            store.qkv[layer] = {k: v[members] for k, v in qkv.items()}
+            store.alive[layer] = self.capture.alive[layer][members]
+        return store
+
+    def _text_embedding_of(self, images: list[int]):
+        emb, mask = self._text_embedding()
+        return emb[images], mask[images]
+
+    def _assemble(self, lay: dict, feats: torch.Tensor, cls_tok, first_crop: int, chosen: list[dict], n: int) -> dict:
+        """The image's LM-input entries in order: (1) the base image: CLS if kept, its kept tokens
+        in the method's order, its extra tokens; (2) the packed part: kept tile tokens and kept
+        newlines in slot order; (3) each tile's CLS / extra tokens. Returns the vision-space rows
+        to project, where they and the newlines go, and per entry its source slot (-1: none),
+        visual flag (everything but newlines) and llm-stage raster id (``crop * n + raster``)."""
+        device = feats.device
+        k, base_len = lay["crops"], lay["base_len"]
+        kept = torch.zeros(k, n, dtype=torch.bool, device=device)
+        values = feats.clone()  # vision-space value of each (crop, tower raster); merged where given
+        ordered = []
+        for c, (part, ch) in enumerate(zip(lay["parts"], chosen)):
+            rasters = part["raster"].to(device)
+            r = rasters if ch["keep"] is None else rasters[ch["keep"]]
+            kept[c, r] = True
+            if ch["values"] is not None:
+                values[c, r] = ch["values"]
+            ordered.append(r)
+        none = lambda m: torch.full((m,), -1, dtype=torch.long, device=device)
+        rows, src, ids = [], [], []  # vision rows of (1) and (3), with their source slot and raster id
+
+        def specials(c: int, where: str):
+            ch = chosen[c]
+            if where == "cls" and ch["cls"]:
+                rows.append(cls_tok[first_crop + c][None])
+                src.append(none(1))
+                ids.append(none(1))
+            if where == "extra" and ch["extra"] is not None:
+                rows.append(ch["extra"].to(feats.dtype))
+                src.append(none(ch["extra"].shape[0]))
+                ids.append(none(ch["extra"].shape[0]))
+
+        slot_of = lay["slot_of"].to(device)
+        if base_len:
+            specials(0, "cls")
+            rows.append(values[0, ordered[0]])
+            src.append(slot_of[0, ordered[0]])
+            ids.append(ordered[0])
+            specials(0, "extra")
+        n_head = sum(r.shape[0] for r in rows)
+        # (2) the packed part: tile tokens (every crop when there is no base prefix) and newlines
+        tail = torch.arange(base_len, lay["slots"], device=device)
+        crop, raster = lay["crop"].to(device)[tail], lay["raster"].to(device)[tail]
+        nl = lay["is_nl"].to(device)[tail]
+        tok = kept[crop, raster] & ~nl
+        emit = tok
+        if bool(nl.any()):
+            row = nl.long().cumsum(0) - nl.long()  # a newline ends its row
+            row_kept = torch.zeros(int(row.max()) + 1, dtype=torch.long, device=device).scatter_add_(0, row, tok.long())
+            emit = tok | (nl & (row_kept[row] > 0))
+        slots, emit_nl = tail[emit], nl[emit]
+        crop, raster = crop[emit][~emit_nl], raster[emit][~emit_nl]
+        rows.append(values[crop, raster])
+        src.append(slots)  # every packed entry comes from its own slot (newlines too)
+        ids.append(crop * n + raster)
+        for c in range(1 if base_len else 0, k):
+            specials(c, "cls")
+            specials(c, "extra")
+        count = sum(r.shape[0] for r in rows) + int(emit_nl.sum())
+        source = torch.cat(src)
+        visual = torch.ones(count, dtype=torch.bool, device=device)
+        newline_pos = n_head + emit_nl.nonzero().flatten()
+        visual[newline_pos] = False
+        vision_pos = visual.nonzero().flatten()  # rows of ``torch.cat(rows)``, in entry order
+        return {
+            "vision": torch.cat(rows), "vision_pos": vision_pos, "newline_pos": newline_pos, "count": count,
+            "source": source, "visual": visual, "raster": torch.cat(ids),
+        }
+
+    # -- handed to the decoder's input hook ----------------------------------------------------------
+    def take_record(self) -> dict | None:
+        mask, images = self.image_mask, self.images
+        self.image_mask, self.images = None, None
+        if mask is None:
+            return None
+        if images is None:
+            raise RuntimeError(
+                "vlmprune: image tokens reached the language model without pixel_values passing through the "
+                "adapter (precomputed mm_encoder_outputs bypass it); pass pixel_values"
+            )
+        b, length = mask.shape
+        device = mask.device
+        spans = self._spans(mask, [img["slots"] for img in images])
+        keep = torch.ones(b, length, dtype=torch.bool, device=device)
+        pos_source = torch.arange(length, device=device).expand(b, -1).clone()
+        rows, positions = [], []
+        for (row, start), img in zip(spans, images):
+            count = img["count"]
+            keep[row, start + count : start + img["slots"]] = False
+            src = img["source"].to(device)
+            pos_source[row, start : start + count] = start + src.clamp(min=0)
+            rows.append(row)
+            positions.append(start + img["visual"].to(device).nonzero().flatten())
+        self.stats.llm_visual_tokens = [int(p.numel()) for p in positions]
+        self.stats.full_lengths = [length] * b
+        layout = VisualLayout(
+            torch.tensor(rows, device=device), positions, [img["raster"].to(device) for img in images],
+            [img["total"] for img in images],
+        )
+        return {"keep": keep, "pos_source": pos_source, "layout": layout, "positions": self.positions_mode()}
