@@ -399,8 +399,10 @@ class DecoderPruner:
             return q, k, v
 
         def text_attention(layer: int = cap_layer, query: str = "last", rope: bool = True, reduce: str = "mean"):
-            """Attention that the prompt's last token (``query="last"``) or its text tokens after
-            the image (``"instruction"``) pay to each image token at LLM layer ``layer``,
+            """Attention that the prompt's last token (``query="last"``), its text tokens after
+            the image (``"instruction"``) or the image's own tokens (``"visual"``: the column
+            means of the visual -> visual block, O(N^2) per head; ATP's self-modality score) pay
+            to each image token at LLM layer ``layer``, mean over the query rows,
             ``[n_img, N]`` (``reduce="none"``: per head, ``[n_img, H, N]``). ``rope=False``
             recomputes it without rotary embeddings (FEATHER). ``layer`` may be a captured layer
             or this point's own layer ``K`` (its projections applied to the current hidden states:
@@ -426,8 +428,10 @@ class DecoderPruner:
                     qpos = (st.text_mask[row] & after).nonzero().flatten()
                     if qpos.numel() == 0:
                         qpos = mask2d[row].nonzero().max().view(1)
+                elif query == "visual":
+                    qpos = pos[j]
                 else:
-                    raise ValueError(f"query must be one of 'last', 'instruction', got {query!r}")
+                    raise ValueError(f"query must be one of 'last', 'instruction', 'visual', got {query!r}")
                 key_mask = (causal[qpos] & mask2d[row][None])[None]
                 probs = attention_rows(q[row : row + 1, :, qpos], k[row : row + 1], self.decoder.head_dim**-0.5, key_mask)
                 probs = probs[0][:, :, pos[j]]  # [H, Q, N]

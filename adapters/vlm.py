@@ -43,9 +43,29 @@ class VLMRuntime(Runtime):
         self.decoder.install(installed)
         installed.hook(core.register_forward_pre_hook(self.on_model_input, with_kwargs=True))
         installed.set_attribute(core, "get_image_features", self.image_features)
+        self._install_generate_inputs(installed, top)
         if top is not core:
             installed.hook(top.register_forward_pre_hook(self.on_top_input, with_kwargs=True))
             installed.hook(top.register_forward_hook(self.on_top_output, with_kwargs=True))
+
+    def _install_generate_inputs(self, installed: Installed, top: nn.Module) -> None:
+        """``generate()`` (transformers >= 5.2x) encodes the images through ``image_features()``
+        before the first forward, so the prompt's ids (for the ``text_embedding`` signal) are
+        recorded when ``generate()`` is called; its prefill forward then records them again."""
+        original = getattr(top, "generate", None)
+        if original is None:
+            return
+        core = self.adapter.core
+
+        def generate(*args, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+                self.input_ids = ids
+                self.attention_mask = kwargs.get("attention_mask")
+                self.image_mask = ids == core.config.image_token_id
+            return original(*args, **kwargs)
+
+        installed.set_attribute(top, "generate", generate)
 
     # -- model-level hooks ---------------------------------------------------------------------------
     def on_model_input(self, module, args, kwargs):

@@ -8,6 +8,8 @@ import torch
 
 import vlmprune
 from tests.tiny import IMAGE_TOKEN, batch, n_patches, tiny_llava
+from vlmprune.methods.atp import ThresholdHeads
+from vlmprune.methods.covipal import PPM
 from tests.truth import (
     Replay,
     greedy_no_cache,
@@ -21,6 +23,18 @@ from tests.truth import (
 )
 
 ADAPTERS = [("clip", "sdpa"), ("clip", "eager"), ("siglip", "sdpa"), ("dinov2", "sdpa")]
+
+
+def random_atp_heads():
+    """ATP threshold heads for the tiny 4-layer LLM (points 1, 2, 3) with random outputs."""
+    gen = torch.Generator().manual_seed(0)
+    heads = ThresholdHeads((1, 2, 3))
+    for mlp in heads.mlps:
+        with torch.no_grad():
+            for p in mlp.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return heads.eval()
+
 
 # identity: does keeping every token reproduce the unwrapped model (merging methods add or
 # change tokens by design); batch: is the selection independent of the other images.
@@ -41,11 +55,15 @@ METHODS = {
     "feather": dict(options={}, identity=True, batch=True),
     "transprune": dict(options={}, identity=True, batch=True),  # TTV softmax per sample (official: over the batch)
     "adatoken3d": dict(options={}, identity=True, batch=True),
+    "atp": dict(options={}, identity=True, batch=True),  # ATP-TF; per-image counts
+    # learned thresholds with random heads (a row id; "method" names the registered method)
+    "atp_learned": dict(method="atp", options={"weights": random_atp_heads()}, identity=True, batch=True),
+    "covipal": dict(options={"weights": PPM(64, seed=0)}, identity=True, batch=True),  # random PPM
 }
 TEXTS = [[10, 11, 12, 13, 14], [20, 21], [30, 31, 32]]
 # eager attention changes only the LLM's attention kernel: run it for methods that prune inside
 # the LLM (where the adapter gathers 4-D masks) and for one projector-stage method
-EAGER_METHODS = {"divprune", "fastv", "todre", "vflowopt", "feather", "transprune", "adatoken3d"}
+EAGER_METHODS = {"divprune", "fastv", "todre", "vflowopt", "feather", "transprune", "adatoken3d", "atp", "atp_learned"}
 BUDGET = 24
 
 
@@ -71,14 +89,16 @@ def unwrapped_reference(tower: str, attn: str, inputs):
 
 
 def wrap_or_skip(model, name, budget, **options):
-    cls = vlmprune.get_method(name)
+    """Wrap with the method of table row ``name`` (its ``"method"`` where the row id differs)."""
+    method = METHODS.get(name, {}).get("method", name)
+    cls = vlmprune.get_method(method)
     if model.config.text_config._attn_implementation == "eager" and name not in EAGER_METHODS:
         pytest.skip("eager differs from SDPA only inside the LLM: run for methods with llm points and one projector method")
     if cls.requires_cls and model.config.vision_config.model_type == "siglip_vision_model":
         with pytest.raises(ValueError, match="CLS"):
             vlmprune.wrap(model, name, budget=budget, **options)
         pytest.skip(f"{name} needs a CLS token; SigLIP has none (clear error checked)")
-    return vlmprune.wrap(model, name, budget=budget, **options)
+    return vlmprune.wrap(model, method, budget=budget, **options)
 
 
 def forward(model, inputs):
@@ -164,6 +184,8 @@ def test_manual_equivalence(tower, attn, name):
         if point.stage == "projector":
             tokens = _by_hand_image_tokens(model, inputs, point, token_index, sel)
             embeds, mask, pos = pruned_prompt(model, inputs, tokens)
+            if handle.method.positions == "original":  # kept tokens keep their positions (CoViPAL)
+                pos = _original_positions(inputs, sel, mask)
             ref = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
             for i in range(ref.shape[0]):  # rows are right-aligned in both; compare the real tokens
                 n = int(mask[i].sum())
@@ -177,6 +199,22 @@ def test_manual_equivalence(tower, attn, name):
                 keep_pos.append(torch.sort(torch.cat([others, img[sel.keep[i]]])).values)
             ref = manual_llm_prune(model, inputs, point.layer, torch.stack(keep_pos))
             torch.testing.assert_close(pruned, ref, atol=1e-5, rtol=1e-5)
+
+
+def _original_positions(inputs, sel, new_mask):
+    """Position ids of a projector-stage selection that keeps original positions: each row's
+    text tokens and kept image tokens at their unpruned positions, right-aligned like
+    ``pruned_prompt``'s rows (padding at 0)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    pos = torch.zeros_like(new_mask)
+    for i, (keep, _, _) in enumerate(sel.per_image()):
+        row_ids = ids[i][mask[i].bool()]
+        full = torch.arange(row_ids.shape[0])
+        img = (row_ids == IMAGE_TOKEN).nonzero().flatten()
+        start, end = int(img[0]), int(img[-1]) + 1
+        kept = torch.cat([full[:start], full[start + keep], full[end:]])
+        pos[i, pos.shape[1] - kept.shape[0] :] = kept
+    return pos
 
 
 # 3. batch equivalence --------------------------------------------------------------------------------
@@ -215,13 +253,15 @@ def test_cache_equivalence(tower, attn, name):
     finally:
         handle.unwrap()
     point, token_index, sel = seen[0]
-    if len({rec[0] for rec in seen}) > 1:  # several points: replay every choice of the prefill
+    # several points, or a choice conditioned on the prompt text (CoViPAL: the no-cache loop's
+    # prompt grows every step): replay every choice of the prefill
+    if len({rec[0] for rec in seen}) > 1 or "text_embedding" in handle.method.needs:
         handle = vlmprune.wrap(model, Replay(seen, handle.method.positions), budget=BUDGET)
     elif point.stage == "llm":  # the last token changes every step: replay the prefill's choice
         rows = tuple(tuple(int(token_index[i, k]) for k in sel.keep[i]) for i in range(len(sel.keep)))
         handle = vlmprune.wrap(model, "fixed", budget=BUDGET, indices=rows, stage="llm", layer=point.layer)
     else:
-        handle = vlmprune.wrap(model, name, budget=BUDGET, **spec["options"])
+        handle = wrap_or_skip(model, name, BUDGET, **spec["options"])
     try:
         assert torch.equal(greedy_no_cache(model, inputs, 5), cached)
     finally:
@@ -240,7 +280,7 @@ def test_unwrap_restores(tower, attn, name):
     inputs = batch(TEXTS[:2], seed=4)
     before_hooks = _hooks(model)
     ref = forward(model, inputs)
-    handle = wrap_or_skip(model, name, 8)
+    handle = wrap_or_skip(model, name, 8, **METHODS[name]["options"])
     assert _hooks(model) > before_hooks
     pruned = forward(model, inputs)
     assert pruned.shape[1] < ref.shape[1] or name == "fastv"

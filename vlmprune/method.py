@@ -77,6 +77,9 @@ class Method:
     #: how positions of kept tokens are numbered when tokens leave before the LLM:
     #: ``"compact"`` (renumbered, what LLaVA implementations do) or ``"original"``.
     positions: ClassVar[str] = "compact"
+    #: whether ``wrap(..., weights=...)`` may hand this method trained module weights
+    #: (see :meth:`load_weights`); training-free methods leave it False.
+    accepts_weights: ClassVar[bool] = False
 
     seed: int = option(0, "seed of the random generator handed to select() (determinism under a seed)")
 
@@ -134,6 +137,18 @@ class Method:
 
     def select(self, ctx: TokenContext) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # -- trained weights (methods with ``accepts_weights = True``) ---------------------------------
+    def load_weights(self, weights: Any) -> None:
+        """Take trained module weights: a path to a file the method's training command wrote, or
+        an object the method documents (a state dict, a module). Called by ``wrap(weights=...)``."""
+        raise TypeError(f"method {self.name!r} takes no trained weights")
+
+    def resolve_weights(self, model: Any) -> None:
+        """Called by ``wrap()`` when no ``weights=`` is given and none were loaded: load the
+        shipped default weights for ``model`` if there are any, raise a clear error if the
+        method cannot run without weights, or do nothing (a training-free default)."""
+        return None
 
     # -- metadata -------------------------------------------------------------------------------
     @classmethod

@@ -46,6 +46,7 @@ def methods(filter: str = "*", stage: str | None = None) -> list[dict[str, Any]]
                 "needs": sorted(cls.needs),
                 "training_free": cls.training_free,
                 "requires_cls": cls.requires_cls,
+                "accepts_weights": cls.accepts_weights,
                 "paper": dict(cls.paper),
                 "options": cls.options(),
             }

@@ -51,19 +51,35 @@ class Handle:
         return f"Handle(method={self.method.name!r}, budget={self.budget}, {state})"
 
 
-def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, **options) -> Handle:
+def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=None, **options) -> Handle:
     """Make ``model`` prune its visual tokens with ``method`` at ``budget``.
 
     ``budget``: an int (visual tokens kept per image), a float in (0, 1] (fraction kept)
-    or a schedule dict (see :class:`vlmprune.budget.Budget`). ``options`` are the
-    method's options (``vlmprune.methods()`` lists them with defaults). The model is
-    patched in place; ``handle.unwrap()`` (or leaving a ``with`` block) restores it.
+    or a schedule dict (see :class:`vlmprune.budget.Budget`). ``weights``: trained module
+    weights for the methods that have some (``vlmprune.methods()`` lists them with
+    ``accepts_weights``): a path written by the method's training command, or an object the
+    method documents; without it such a method loads its shipped default (if any) for this
+    model. ``options`` are the method's options (``vlmprune.methods()`` lists them with
+    defaults). The model is patched in place; ``handle.unwrap()`` (or leaving a ``with``
+    block) restores it.
     """
     from .adapters import Plan, find_adapter
 
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise RuntimeError("this model is already wrapped by vlmprune; call handle.unwrap() first")
     instance = _instantiate(method, options)
+    if weights is not None:
+        if not instance.accepts_weights:
+            from .registry import methods as _methods
+
+            takers = [m["name"] for m in _methods() if m["accepts_weights"]]
+            raise TypeError(
+                f"parameter 'weights' is for methods with trained modules ({takers}); "
+                f"method {instance.name!r} takes no weights"
+            )
+        instance.load_weights(weights)
+    elif instance.accepts_weights:
+        instance.resolve_weights(model)
     adapter = find_adapter(model)
     info = adapter.info()
     instance.check(info)
