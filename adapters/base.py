@@ -42,6 +42,9 @@ class Plan:
     points: list[Point]
     capture: dict[str, tuple[int, ...]]
     stats: "Any"
+    #: ``wrap(positions=...)``: how tokens removed before the LLM are numbered, overriding the
+    #: method's own ``positions`` (None: the method's)
+    positions: str | None = None
 
 
 class Installed:
@@ -80,6 +83,8 @@ class Adapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     stages: ClassVar[tuple[str, ...]] = ()
+    #: the numberings of kept tokens the adapter can give (``wrap(positions=...)``)
+    positions_modes: ClassVar[tuple[str, ...]] = ("compact", "original")
 
     def __init__(self, model: nn.Module):
         self.model = model

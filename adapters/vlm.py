@@ -32,7 +32,7 @@ class VLMRuntime(Runtime):
         self.decoder: DecoderPruner | None = None
 
     def positions_mode(self) -> str:
-        return self.method.positions
+        return self.plan.positions or self.method.positions
 
     def install_common(self, installed: Installed, decoder: Decoder, core: nn.Module, top: nn.Module) -> None:
         """What every VLM adapter installs: the decoder hooks for ``llm`` points, the model-level

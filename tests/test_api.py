@@ -50,6 +50,8 @@ def test_methods_lists_baselines_with_metadata():
         (dict(method="fastv", budget=8, k_layer="2"), TypeError, "option 'k_layer' of method 'fastv' must be of type int"),
         (dict(method="fastv", budget=8, k_layer=9), ValueError, r"'k_layer' of method 'fastv' must be in \[1, 3\]"),
         (dict(method="fixed", budget=8, indices=(1,), stage="vision"), ValueError, "must be one of"),
+        (dict(method="uniform", budget=8, positions="kept"), ValueError, "parameter 'positions' must be one of"),
+        (dict(method="fastv", budget=8, positions="compact"), ValueError, "'positions'.*prunes only inside the LLM"),
     ],
 )
 def test_bad_input_is_refused_before_touching_the_model(clip, kwargs, error, match):
@@ -201,3 +203,24 @@ def test_labels_follow_the_pruned_sequence(clip):
     assert out.logits.shape[1] == kept.numel()
     want = torch.nn.functional.cross_entropy(out.logits[0, :-1], kept[1:], ignore_index=-100)
     torch.testing.assert_close(out.loss, want)
+
+
+def test_positions_override_numbers_kept_tokens_as_asked(clip):
+    """``wrap(positions="original")``: the pruned model equals the unpruned one with the dropped
+    image tokens masked out of attention and every token at its unpruned position; the method's
+    own numbering (``fixed`` at the projector: compact) differs from it."""
+    inputs = batch([[10, 11, 12, 13], [20, 21]])
+    keep = tuple(range(0, n_patches(), 5))
+    image_slots = (inputs["input_ids"] == IMAGE_TOKEN).nonzero()[:, 1].view(2, -1)
+    masked = inputs["attention_mask"].clone()
+    dropped = [j for j in range(n_patches()) if j not in keep]
+    masked.scatter_(1, image_slots[:, dropped], 0)
+    with torch.no_grad():
+        ref = clip(**{**inputs, "attention_mask": masked},
+                   position_ids=positions_from_mask(inputs["attention_mask"])).logits[:, -1]
+        with vlmprune.wrap(clip, "fixed", budget=len(keep), indices=keep, positions="original"):
+            original = clip(**inputs).logits[:, -1]
+        with vlmprune.wrap(clip, "fixed", budget=len(keep), indices=keep):
+            compact = clip(**inputs).logits[:, -1]
+    torch.testing.assert_close(original, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(compact, ref, atol=1e-3)

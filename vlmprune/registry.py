@@ -47,6 +47,7 @@ def methods(filter: str = "*", stage: str | None = None) -> list[dict[str, Any]]
                 "training_free": cls.training_free,
                 "requires_cls": cls.requires_cls,
                 "accepts_weights": cls.accepts_weights,
+                "positions": cls.positions if isinstance(cls.positions, str) else "per instance",
                 "paper": dict(cls.paper),
                 "options": cls.options(),
             }

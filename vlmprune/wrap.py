@@ -13,6 +13,8 @@ from .registry import get_method
 from .stats import Stats
 
 _HANDLE_ATTR = "_vlmprune_handle"
+#: numberings of kept visual tokens (``wrap(positions=...)``)
+POSITIONS = ("compact", "original")
 
 
 class Handle:
@@ -51,7 +53,8 @@ class Handle:
         return f"Handle(method={self.method.name!r}, budget={self.budget}, {state})"
 
 
-def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=None, **options) -> Handle:
+def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=None, positions: str | None = None,
+         **options) -> Handle:
     """Make ``model`` prune its visual tokens with ``method`` at ``budget``.
 
     ``budget``: an int (visual tokens kept per image), a float in (0, 1] (fraction kept)
@@ -59,7 +62,11 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     weights for the methods that have some (``vlmprune.methods()`` lists them with
     ``accepts_weights``): a path written by the method's training command, or an object the
     method documents; without it such a method loads its shipped default (if any) for this
-    model. ``options`` are the method's options (``vlmprune.methods()`` lists them with
+    model. ``positions``: how the tokens a method removes *before* the LLM leave the others
+    numbered: ``"compact"`` (renumbered, as LLaVA implementations of VisionZip and the like do)
+    or ``"original"`` (each kept token keeps its unpruned position id); ``None``: the method's
+    own choice (``vlmprune.methods()`` lists it). Inside the LLM original positions are always
+    kept. ``options`` are the method's options (``vlmprune.methods()`` lists them with
     defaults). The model is patched in place; ``handle.unwrap()`` (or leaving a ``with``
     block) restores it.
     """
@@ -89,6 +96,19 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
         for point in parsed.points():
             parsed.at(point, info.n_visual)
     points = instance.points(info)
+    if positions is not None:
+        if positions not in POSITIONS:
+            raise ValueError(f"parameter 'positions' must be one of {list(POSITIONS)} or None, got {positions!r}")
+        if not any(p.stage in ("encoder", "projector") for p in points):
+            raise ValueError(
+                f"parameter 'positions' numbers tokens removed before the LLM; method {instance.name!r} prunes "
+                "only inside the LLM, where original positions are always kept"
+            )
+        if positions not in adapter.positions_modes:
+            raise ValueError(
+                f"parameter 'positions': the {info.family} adapter offers {list(adapter.positions_modes)}, "
+                f"not {positions!r}"
+            )
     if any(p.stage == "llm" for p in points):
         impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
         text_impl = getattr(getattr(model.config, "text_config", None), "_attn_implementation", None) or impl
@@ -98,7 +118,8 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
                 f"attn_implementation 'sdpa' or 'eager'; this model uses {text_impl!r}"
             )
     stats = Stats(llm=adapter.llm_shape())
-    plan = Plan(method=instance, budget=parsed, points=points, capture=instance.capture_layers(info), stats=stats)
+    plan = Plan(method=instance, budget=parsed, points=points, capture=instance.capture_layers(info), stats=stats,
+                positions=positions)
     installed = adapter.install(plan)
     handle = Handle(model, instance, parsed, adapter, installed, stats)
     installed.set_attribute(model, _HANDLE_ATTR, handle)
