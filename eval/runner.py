@@ -489,7 +489,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def plot(rows: list[dict], path: Path, title: str = "") -> None:
     """One panel per task: accuracy against visual tokens kept (mean over LLM layers), one line
-    per method, every line starting from the shared all-tokens point when there is one."""
+    per method (dashed for a method run with options), every line starting from the shared
+    all-tokens point when there is one."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -508,8 +509,9 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
             pts = [(r["tokens_kept"], r["accuracy"] * 100) for r in task_rows if r["method"] == m]
             pts = sorted(pts + [(b["tokens_kept"], b["accuracy"] * 100) for b in base])
             if pts:
+                variant = "[" in m  # a method with options (NAME:KEY=VALUE): dashed
                 (line,) = ax.plot(*zip(*pts), marker=markers[k % len(markers)], color=cmap(k % 20),
-                                  label=m, linewidth=1.3, markersize=4.5)
+                                  label=m, linewidth=1.3, markersize=4.5, linestyle="--" if variant else "-")
                 handles.setdefault(m, line)
         for b in base:
             ax.axhline(b["accuracy"] * 100, color="gray", linestyle=":", linewidth=1)
