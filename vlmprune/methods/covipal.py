@@ -161,7 +161,7 @@ class CoViPAL(Method):
 
     **Training** (:mod:`vlmprune.train_covipal`, LVLM frozen): stage 1, attention-guided
     distillation: KL from the teacher distribution, the attention a deep LLM layer ``l_g``'s
-    last prompt token (or, ``--teacher-query text``, every text token after the image) pays
+    text tokens after the image (default; ``--teacher-query last``: the last prompt token) pay
     the visual tokens (head-mean, renormalised over the visual tokens), to ``softmax`` of the
     PPM logits. Stage 2 ([unverified] in the card): optional, LM loss of the pruned model with
     a soft top-k key mask (``--stage2-steps``).
