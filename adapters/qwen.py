@@ -1,18 +1,36 @@
 """The adapter for transformers' Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``,
 ``Qwen2_5_VLForConditionalGeneration``).
 
-Stages: ``projector`` (on the merger's output: each token is one 2x2 group of patches,
-already in LLM space, in raster order of the merged grid) and ``llm``. Images of different
-sizes have different token counts: the method is called once per group of images with the
-same merged grid. The vision encoder packs all images into one sequence (and 2.5-VL uses
-window attention), so encoder-stage pruning is not offered here; methods that need the
-vision encoder's attention (CLS or otherwise) get a clear error at ``wrap()``.
+Stages: ``encoder`` (before vision block ``l``, ``1 <= l <= depth - 1``), ``projector`` (on the
+merger's output: each token is one 2x2 group of patches, already in LLM space, in raster
+order of the merged grid) and ``llm``.
+
+Encoder stage: the unit of pruning is the merge group (the ``spatial_merge_size**2``
+patches that become one LLM token), so budgets count LLM tokens at every stage. The method
+sees one token per alive group: the mean of its patches' hidden states (signal ``hidden``,
+also ``ctx.tokens``), in raster order of the merged grid, with ``token_index`` the group's
+raster index. A method's ``merged`` values (recovery methods) shift every patch of the kept
+group by ``merged - mean``, so the group's mean becomes the merged value. Only ``hidden`` and
+``text_embedding`` are offered there (the tower has no CLS, and attention signals are not
+captured from its packed, windowed attention). The mechanics (packed sequence, ``cu_seqlens``
+per frame and, for 2.5-VL, per window, rotary embeddings, the merger and 2.5-VL's window
+reordering) are in :mod:`.qwen_vision`.
+
+Images of different sizes have different token counts: at the encoder and projector
+stages the method is called once per group of images with the same merged grid (and the
+same number of alive tokens); a method whose encoder counts differ per image
+(``encoder_per_image()``) is called once per image. The tower itself always runs once
+on the whole packed batch, so a batch gives the same tokens as images one by one.
+Methods that need the vision encoder's attention (CLS or otherwise) get a clear error at
+``wrap()``.
 
 Positions: Qwen's 3-D M-RoPE positions are computed by transformers from the *full* prompt
 (``mm_token_type_ids`` required) and the adapter gathers them for the kept tokens, so every
 kept token keeps its own (t, h, w) position and text after the image keeps its position.
 Decode steps therefore continue at the original positions and the model's cached
-``rope_deltas`` stays valid unchanged ("original" positions for every method here).
+``rope_deltas`` stays valid unchanged ("original" positions for every method here). This
+holds whichever stage removed a token: tokens removed in the encoder leave unused slots in
+their image's placeholder span, which the language model's input hook removes.
 """
 
 from __future__ import annotations
@@ -25,6 +43,7 @@ from vlmprune.stats import LLMShape
 
 from .base import Adapter, Installed, Plan, check_selection, llm_shape, register_adapter
 from .llm import Decoder
+from .qwen_vision import PackedGroups, QwenTower, install_qwen_encoder
 from .vlm import VLMRuntime
 
 SIGNALS = ("hidden", "projected", "text_embedding", "text_attention", "llm_qkv", "sublayer_io")
@@ -33,12 +52,14 @@ SIGNALS = ("hidden", "projected", "text_embedding", "text_attention", "llm_qkv",
 @register_adapter
 class QwenVLAdapter(Adapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
-    stages = ("projector", "llm")
+    stages = ("encoder", "projector", "llm")
+    positions_modes = ("original",)  # 3-D M-RoPE positions are gathered, never renumbered
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.core = model.model if hasattr(model, "lm_head") else model
         self.decoder = Decoder(self.core.language_model)
+        self.tower = QwenTower(self.core.visual)
         self.config = model.config
 
     def info(self) -> ModelInfo:
@@ -63,39 +84,74 @@ class QwenVLAdapter(Adapter):
         info = self.info()
         installed = Installed()
         rt = QwenRuntime(plan, info, self)
+        layers = []
+        for p in plan.points:
+            if p.stage != "encoder":
+                continue
+            if not isinstance(p.layer, int) or not 1 <= p.layer <= self.tower.depth - 1:
+                raise ValueError(
+                    f"encoder pruning layer must be an int in [1, {self.tower.depth - 1}] (before a vision block "
+                    f"of this {self.tower.depth}-block tower, after the first), got {p.layer!r}"
+                )
+            layers.append(p.layer)
+        if layers:
+            install_qwen_encoder(installed, self.tower, layers, lambda: rt.packed, rt.encoder_prune)
         rt.install_common(installed, self.decoder, self.core, self.model)
         self.runtime = rt
         return installed
 
 
 class QwenRuntime(VLMRuntime):
+    def __init__(self, plan: Plan, info: ModelInfo, adapter: QwenVLAdapter):
+        super().__init__(plan, info, adapter)
+        self.packed: PackedGroups | None = None  # set while the tower runs on this forward's images
+        self.image_grids: list[tuple[int, int]] = []
+
     def positions_mode(self) -> str:
         return "original"
+
+    def _groups(self, grids: list[tuple[int, int]], counts: list[int], per_image: bool) -> list[list[int]]:
+        """Images the method sees together: same merged grid and same number of alive tokens
+        (or one image per call)."""
+        if per_image:
+            return [[i] for i in range(len(grids))]
+        groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(zip(grids, counts)):
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
 
     def image_features(self, pixel_values, image_grid_thw=None, **kwargs):
         core = self.adapter.core
         visual = core.visual
         if image_grid_thw is None:
             raise ValueError("Qwen-VL image features need image_grid_thw (the processor returns it)")
-        out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw, return_dict=True)
         merge = visual.spatial_merge_size
         thw = image_grid_thw.tolist()
         counts = [t * h * w // merge**2 for t, h, w in thw]
         grids = [(t * h // merge, w // merge) for t, h, w in thw]
-        tokens = list(torch.split(out.pooler_output, counts))
-        device = out.pooler_output.device
+        device = pixel_values.device
         self.begin(counts[0], grids[0], device)
         self.image_grids = grids  # llm-stage calls get each image's own grid
         self.slots = counts
-        rasters = [torch.arange(c, device=device) for c in counts]
+        if any(p.stage == "encoder" for p in self.plan.points):
+            self.packed = PackedGroups(self.adapter.tower, image_grid_thw.to(device))
+        try:
+            out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw, return_dict=True)
+            packed = self.packed
+        finally:
+            self.packed = None
+        if packed is not None and packed.pruned:
+            rasters = [packed.kept_rasters(i) for i in range(len(counts))]
+            tokens = [out.pooler_output[off + r] for off, r in zip(packed.offsets, rasters)]
+        else:
+            rasters = [torch.arange(c, device=device) for c in counts]
+            tokens = list(torch.split(out.pooler_output, counts))
         if any(p.stage == "projector" for p in self.plan.points):
-            groups: dict[tuple[int, int], list[int]] = {}
-            for i, grid in enumerate(grids):
-                groups.setdefault(grid, []).append(i)
-            for grid, members in groups.items():
+            for members in self._groups(grids, [t.shape[0] for t in tokens], per_image=False):
                 feats = torch.stack([tokens[i] for i in members])
                 raster = torch.stack([rasters[i] for i in members])
-                self.n_visual, self.grid = feats.shape[1], grid
+                grid = grids[members[0]]
+                self.n_visual, self.grid = counts[members[0]], grid
                 signals = Signals(
                     {
                         "hidden": lambda feats=feats: feats,
@@ -122,6 +178,43 @@ class QwenRuntime(VLMRuntime):
         ]
         out.pooler_output = padded
         return out
+
+    def encoder_prune(self, layer: int, hidden: torch.Tensor, packed: PackedGroups) -> torch.Tensor:
+        """Before vision block ``layer``: the method keeps whole merge groups (see the module
+        docstring); returns the kept rows of ``hidden`` ``[S, C]`` and shrinks ``packed``."""
+        unit = self.adapter.tower.unit
+        groups = hidden.view(-1, unit, hidden.shape[-1])  # [G_alive, m^2, C], packed order
+        means = groups.mean(1)
+        n_img = len(packed.counts)
+        members_of = [packed.members(i) for i in range(n_img)]
+        keep = torch.zeros(groups.shape[0], dtype=torch.bool, device=hidden.device)
+        shift = None
+        calls = self._groups(self.image_grids, [m[0].numel() for m in members_of], self.method.encoder_per_image())
+        for members in calls:
+            pos = torch.stack([members_of[i][0] for i in members]).to(hidden.device)  # [B, N] into the alive groups
+            raster = torch.stack([members_of[i][1] for i in members]).to(hidden.device)
+            tokens = means[pos]
+            self.n_visual, self.grid = packed.counts[members[0]], self.image_grids[members[0]]
+            signals = Signals(
+                {
+                    "hidden": lambda tokens=tokens: tokens,
+                    "text_embedding": lambda members=members: self._text_embedding_of(members),
+                }
+            )
+            ctx = self.context(Point("encoder", layer), tokens, raster, signals, images=members)
+            sel = self.run_method(ctx)
+            check_selection(sel, ctx, self.method.name, allow_extra=False)
+            for j, (k, merged, _) in enumerate(sel.per_image()):
+                chosen = pos[j, k]
+                keep[chosen] = True
+                if merged is not None:
+                    if shift is None:
+                        shift = torch.zeros_like(means)
+                    shift[chosen] = merged.to(means.dtype) - means[chosen]
+        if shift is not None:
+            groups = groups + shift[:, None]
+        packed.alive = packed.alive[keep.to(packed.alive.device)]
+        return groups[keep].reshape(-1, hidden.shape[-1])
 
     def _text_embedding_of(self, members: list[int]):
         emb, mask = self._text_embedding()

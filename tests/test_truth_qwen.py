@@ -158,3 +158,7 @@ def test_unwrap_restores_and_cls_methods_refused(version):
     with pytest.raises(ValueError, match=r"budget must be in \[1, 48\]"):
         with vlmprune.wrap(model, "divprune", budget=60):
             forward(model, inputs)
+    with pytest.raises(ValueError, match=r"'positions': the qwen2.*adapter offers \['original'\]"):
+        vlmprune.wrap(model, "divprune", budget=8, positions="compact")
+    with vlmprune.wrap(model, "divprune", budget=8, positions="original"):  # what it does anyway
+        forward(model, inputs)
