@@ -278,8 +278,8 @@ def _hooks(model):
 def test_unwrap_restores(tower, attn, name):
     model = model_for(tower, attn)
     inputs = batch(TEXTS[:2], seed=4)
-    before_hooks = _hooks(model)
     ref = forward(model, inputs)
+    before_hooks = _hooks(model)  # after a forward: transformers adds its output-capturing hooks at the first one
     handle = wrap_or_skip(model, name, 8, **METHODS[name]["options"])
     assert _hooks(model) > before_hooks
     pruned = forward(model, inputs)
