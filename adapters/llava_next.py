@@ -11,11 +11,34 @@ an id tensor through the model's own ``pack_image_features``, so it knows which 
 (crop, raster) token and which slots are newlines, for any transformers version that packs the
 same way.
 
-**Stages.** ``projector`` (on the vision features of each crop, before the projector maps them)
-and ``llm`` (before decoder layer K in prefill, with the shared decoder machinery of
-:mod:`adapters.llm`). The ``encoder`` stage is not offered (a crop-wise budget inside the tower
-would need the tiles to run in groups of equal counts; not built yet): methods acting there
-(FlowCut) get a clear error at ``wrap()``.
+**Stages.** ``encoder`` (between vision blocks, per crop), ``projector`` (on the vision features
+of each crop, before the projector maps them) and ``llm`` (before decoder layer K in prefill, with
+the shared decoder machinery of :mod:`adapters.llm`).
+
+*Encoder stage: one image row per crop.* Every crop (the base image, each tile) goes through the
+CLIP tower as one row of the batch, on its full ``side x side`` grid (un-padding comes later):
+``ctx.grid`` is ``(side, side)``, ``ctx.token_index`` the raster index in the crop's grid,
+``ctx.images`` the crop's index among all crops of the forward plus the number of images (as at
+the projector stage). The crop's budget at an encoder point is its share of the image's budget at
+that point, split as at the projector stage (below: in proportion to the crops' *un-padded*
+token counts); a crop whose share covers all its un-padded tokens keeps its whole grid (so a full
+budget prunes nothing), and a crop whose share is 0 at some encoder point is dropped whole (it
+does not run through the tower). Candidates are all tokens of the grid, letterbox padding
+included (as in FlowCut's official NeXT path): tokens kept in the padding are then cut by
+un-padding, so an image can reach the LLM with fewer tokens than its budget. The tower runs once
+per image and crop share (the crops of one image with the same shares at every encoder point run
+as one batch, in crop order), so a method's batch-wide choice (FlowCut's default batch-max
+count) is taken over those crops, and a batch gives the same result as its images one by one;
+methods asking for ``encoder_per_image()`` (FlowCut ``count="per_image"``) run each crop alone.
+Each tower run gets a fresh random generator seeded by the method's ``seed``. Tokens pruned in
+the tower are simply absent afterwards: un-padding, the newline rule and the placement below act
+on the surviving raster indices (a crop's surviving tokens of the base image keep the method's
+order). Encoder points need a single ``vision_feature_layer`` and a layer in
+``[1, feature layer]``; a method with both encoder and projector points is refused (the
+projector stage here is per un-padded crop, not per surviving set). ``stats["points"]`` has one
+entry per tower run and point, one count per crop. With encoder points, the output of
+``get_image_features`` carries no ``hidden_states`` / ``last_hidden_state`` (the crops' token
+counts differ between runs), only the packed features.
 
 *Projector stage: one token set per crop.* Each crop (the base image, each tile) is one row of
 ``ctx.tokens``; a tile holds only its tokens that survive un-padding, which always form a
@@ -65,9 +88,9 @@ import torch
 from vlmprune.context import ModelInfo, Point, Signals
 
 from .base import Installed, Plan, check_selection, new_generator, register_adapter
-from .llava import LlavaAdapter, _pixel_patches
+from .llava import LlavaAdapter, LlavaRuntime, _pixel_patches
 from .llm import VisualLayout
-from .vision import EncoderCapture, encoder_signals, install_capture
+from .vision import EncoderCapture, encoder_signals, install_capture, install_encoder_pruning
 from .vlm import VLMRuntime
 
 #: methods whose projector stage hands a per-image state to their llm stage (refused here)
@@ -91,7 +114,7 @@ def split_budget(budget: int, counts: list[int]) -> list[int]:
 @register_adapter
 class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
-    stages = ("projector", "llm")
+    stages = ("encoder", "projector", "llm")
 
     def info(self) -> ModelInfo:
         tc = self.config.text_config
@@ -114,8 +137,24 @@ class LlavaNextAdapter(LlavaAdapter):
                 "the projector stage per crop (base image, tiles)"
             )
         info = self.info()
+        enc_points = [p for p in plan.points if p.stage == "encoder"]
+        if enc_points and any(p.stage == "projector" for p in plan.points):
+            raise ValueError(
+                f"method {name!r} acts at both the encoder and the projector stage, which the LLaVA-NeXT adapter "
+                "does not support (its projector stage runs per un-padded crop, not per surviving token set)"
+            )
+        if enc_points and not isinstance(self.config.vision_feature_layer, int):
+            raise ValueError("encoder-stage pruning needs a single vision_feature_layer (this model concatenates several)")
+        for p in enc_points:
+            if p.layer is None or not 1 <= p.layer <= info.feature_layer:
+                raise ValueError(
+                    f"encoder pruning layer (point {p} of method {name!r}) must be in [1, {info.feature_layer}] "
+                    f"(the feature layer), got {p.layer}"
+                )
         installed = Installed()
         rt = LlavaNextRuntime(plan, info, self)
+        for p in enc_points:
+            install_encoder_pruning(installed, self.tower, p.layer, rt.encoder_prune)
         enc_capture = tuple(sorted({layer % self.tower.depth for layer in plan.capture.get("encoder", ())}))
         install_capture(installed, self.tower, enc_capture, lambda: rt.capture, lambda: rt.alive)
         rt.install_common(installed, self.decoder, self.core, self.model)
@@ -130,11 +169,18 @@ class LlavaNextRuntime(VLMRuntime):
         self.alive: torch.Tensor | None = None
         self.image_grids: list[tuple[int, int]] | None = None  # llm-stage grid per image
         self._call_budget: tuple[int, int] | None = None  # (budget, target) of the current crop call
+        self._enc_budgets: dict | None = None  # encoder point -> (budget, target) of the current tower run
+        self.image_ids: list[int] | None = None  # ctx.images of the current tower run (crop keys)
 
     def budget_at(self, point: Point) -> tuple[int, int]:
         if self._call_budget is not None:
             return self._call_budget
+        if self._enc_budgets is not None and point.stage == "encoder":
+            return self._enc_budgets[point]
         return super().budget_at(point)
+
+    # the tower's pre-hooks call this with the current run's crops as image rows
+    encoder_prune = LlavaRuntime.encoder_prune
 
     # -- layout ------------------------------------------------------------------------------------
     def _layouts(self, image_sizes, crops: list[int], n: int, side: int, strategy: str) -> list[dict]:
@@ -202,24 +248,35 @@ class LlavaNextRuntime(VLMRuntime):
         self.begin(layouts[0]["total"], (side, side), device)
         self.slots = [lay["slots"] for lay in layouts]
         self.image_grids = [(lay["crops"] * side, side) for lay in layouts]
-        self.capture.clear()
-        self.alive = torch.arange(n, device=device).expand(pixel_values.shape[0], -1)
-        out = core.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        layers = [vfl] if isinstance(vfl, int) else list(vfl)
-        hidden = torch.cat([out.hidden_states[layer] for layer in layers], dim=-1)
-        if strategy == "default":
-            feats, cls_tok = hidden[:, 1:], (hidden[:, 0] if tower.has_cls else None)
-        else:
-            feats, cls_tok = hidden, None
-        if feats.shape[1] != n:
-            raise ValueError(
-                f"vision_feature_select_strategy={strategy!r} gives {feats.shape[1]} tokens per crop, not the "
-                f"{side}x{side} patch grid LLaVA-NeXT packs (use 'default' with a CLS tower, 'full' without)"
-            )
         crop_start = [sum(crops[:i]) for i in range(n_img)]
         owner = [i for i, k in enumerate(crops) for _ in range(k)]  # image of each crop
         # per crop: kept local indices (None: all, in order), their values, extra tokens, keep CLS
         chosen: list[dict] = [{"keep": None, "values": None, "extra": None, "cls": False} for _ in owner]
+        enc_points = [p for p in self.plan.points if p.stage == "encoder"]
+        if enc_points:
+            if int(strategy == "default") != int(tower.has_cls):
+                raise ValueError(
+                    f"vision_feature_select_strategy={strategy!r} does not give the {side}x{side} patch grid "
+                    "LLaVA-NeXT packs (use 'default' with a CLS tower, 'full' without)"
+                )
+            out, feats, cls_tok = self._encoder_stage(
+                enc_points, pixel_values, layouts, crops, crop_start, owner, chosen, n_img, n, side, vfl
+            )
+        else:
+            self.capture.clear()
+            self.alive = torch.arange(n, device=device).expand(pixel_values.shape[0], -1)
+            out = core.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+            layers = [vfl] if isinstance(vfl, int) else list(vfl)
+            hidden = torch.cat([out.hidden_states[layer] for layer in layers], dim=-1)
+            if strategy == "default":
+                feats, cls_tok = hidden[:, 1:], (hidden[:, 0] if tower.has_cls else None)
+            else:
+                feats, cls_tok = hidden, None
+            if feats.shape[1] != n:
+                raise ValueError(
+                    f"vision_feature_select_strategy={strategy!r} gives {feats.shape[1]} tokens per crop, not the "
+                    f"{side}x{side} patch grid LLaVA-NeXT packs (use 'default' with a CLS tower, 'full' without)"
+                )
         if any(p.stage == "projector" for p in self.plan.points):
             self._projector_stage(Point("projector"), feats, cls_tok, pixel_values, layouts, crops, crop_start, owner, chosen, n_img)
         self.images = []
@@ -246,6 +303,71 @@ class LlavaNextRuntime(VLMRuntime):
             )
         out.pooler_output = padded
         return out
+
+    def _encoder_stage(self, points, pixel_values, layouts, crops, crop_start, owner, chosen, n_img, n, side, vfl):
+        """Run the tower per image and crop share with the encoder points' pre-hooks pruning; return
+        an output object, the feature-layer features scattered back on each crop's full grid
+        (``[crops, n, D]``, zeros where pruned), the CLS rows and, in ``chosen``, each crop's
+        surviving tokens as indices into its un-padded rasters (in the method's order)."""
+        device = pixel_values.device
+        tower, core = self.adapter.tower, self.adapter.core
+        off = int(tower.has_cls)
+        shares: list[dict] = [{} for _ in owner]  # per crop: point -> (budget, target) in the tower
+        for i, lay in enumerate(layouts):
+            counts = [int(part["raster"].numel()) for part in lay["parts"]]
+            for p in points:
+                budget, target = self._image_budget(p, lay["total"])
+                for c, (b, t) in enumerate(zip(split_budget(budget, counts), split_budget(target, counts))):
+                    # a share covering the crop's un-padded tokens keeps its whole grid
+                    shares[crop_start[i] + c][p] = (n if b >= counts[c] else b, n if t >= counts[c] else t)
+        per_crop = self.method.encoder_per_image()
+        groups: dict[tuple, list[int]] = {}
+        for g in range(len(owner)):
+            if any(b == 0 for b, _ in shares[g].values()):  # dropped whole
+                chosen[g]["keep"] = torch.empty(0, dtype=torch.long, device=device)
+                continue
+            key = (g,) if per_crop else (owner[g], tuple(shares[g][p] for p in points))
+            groups.setdefault(key, []).append(g)
+        feats = cls_tok = first = None
+        saved = self.grid, self.n_visual
+        self.grid, self.n_visual = (side, side), n
+        try:
+            for members in groups.values():
+                idx = torch.tensor(members, device=device)
+                self.capture = EncoderCapture()
+                self.alive = torch.arange(n, device=device).expand(len(members), -1)
+                self.image_ids = [n_img + g for g in members]
+                self._enc_budgets = shares[members[0]]
+                self.generator = new_generator(self.method.seed, device)
+                out = core.vision_tower(pixel_values[idx], output_hidden_states=True, return_dict=True)
+                hidden = out.hidden_states[vfl]
+                if hidden.shape[1] - off != self.alive.shape[1]:
+                    raise RuntimeError(
+                        f"vlmprune: the feature layer holds {hidden.shape[1] - off} patches, {self.alive.shape[1]} alive"
+                    )
+                if feats is None:
+                    first = out
+                    feats = hidden.new_zeros(len(owner), n, hidden.shape[-1])
+                    cls_tok = hidden.new_zeros(len(owner), hidden.shape[-1]) if off else None
+                feats[idx[:, None], self.alive] = hidden[:, off:]
+                if off:
+                    cls_tok[idx] = hidden[:, 0]
+                for j, g in enumerate(members):
+                    rasters = layouts[owner[g]]["parts"][g - crop_start[owner[g]]]["raster"].to(device)
+                    local = torch.full((n,), -1, dtype=torch.long, device=device)
+                    local[rasters] = torch.arange(rasters.numel(), device=device)
+                    keep = local[self.alive[j]]
+                    chosen[g]["keep"] = keep[keep >= 0]  # tokens kept in the padding are cut by un-padding
+        finally:
+            self._enc_budgets, self.image_ids = None, None
+            self.grid, self.n_visual = saved
+        if first is None:
+            raise RuntimeError("vlmprune: every crop's encoder budget share is 0 at some encoder point; raise the budget")
+        # hidden states of crops with different survivors cannot be stacked: not returned
+        first.hidden_states, first.last_hidden_state = None, None
+        if hasattr(first, "attentions"):
+            first.attentions = None
+        return first, feats, cls_tok
 
     def _projector_stage(self, point, feats, cls_tok, pixel_values, layouts, crops, crop_start, owner, chosen, n_img):
         patch = self.adapter.config.vision_config.patch_size

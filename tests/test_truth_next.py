@@ -19,6 +19,7 @@ from adapters.llava_next import split_budget
 from tests.tiny import IMAGE_TOKEN, PAD, VOCAB
 from tests.truth import (
     Replay,
+    manual_encoder_features,
     positions_from_mask,
     pruned_prompt,
     record_selections,
@@ -262,11 +263,17 @@ def test_batch_equivalence(name):
     model = model_for()
     inputs = next_batch(TEXTS, SIZES, seed=2)
     with vlmprune.wrap(model, name, budget=BUDGET):
-        batched_logits, batched_tokens = forward(model, inputs)[:, -1], generate(model, inputs)
-        for i in range(len(TEXTS)):
-            one = single(inputs, i, TEXTS, SIZES, seed=2)
-            torch.testing.assert_close(forward(model, one)[0, -1], batched_logits[i], atol=1e-4, rtol=1e-4)
-            assert torch.equal(generate(model, one)[0], batched_tokens[i])
+        assert_batch_equals_single(model, inputs)
+
+
+def assert_batch_equals_single(model, inputs):
+    """The wrapped model's last logits and greedy tokens for the batch ``inputs`` (built from
+    ``TEXTS``, ``SIZES``, seed 2) equal those of each prompt run alone."""
+    batched_logits, batched_tokens = forward(model, inputs)[:, -1], generate(model, inputs)
+    for i in range(len(TEXTS)):
+        one = single(inputs, i, TEXTS, SIZES, seed=2)
+        torch.testing.assert_close(forward(model, one)[0, -1], batched_logits[i], atol=1e-4, rtol=1e-4)
+        assert torch.equal(generate(model, one)[0], batched_tokens[i])
 
 
 # 4. cache equivalence ------------------------------------------------------------------------------
@@ -292,13 +299,13 @@ def _hooks(model):
 
 
 # the hooks are the adapter's: one method per kind (projector with encoder captures, llm, both)
-@pytest.mark.parametrize("name", ["hiprune", "fastv", "todre"])
+@pytest.mark.parametrize("name", ["hiprune", "fastv", "todre", "flowcut"])
 def test_unwrap_restores(name):
     model = model_for()
     inputs = next_batch(TEXTS[:2], SIZES[:2], seed=4)
     ref = forward(model, inputs)
     before = _hooks(model)  # after a forward: transformers adds its output-capturing hooks at the first one
-    handle = vlmprune.wrap(model, name, budget=0.1)
+    handle = vlmprune.wrap(model, name, budget=0.1, **({"interval": 1} if name == "flowcut" else {}))
     assert _hooks(model) > before
     pruned = forward(model, inputs)
     assert pruned.shape[1] < ref.shape[1] or name == "fastv"
@@ -358,8 +365,11 @@ def test_two_images_in_one_prompt():
 def test_clear_errors():
     model = model_for()
     inputs = next_batch(TEXTS[:2], SIZES[:2], seed=7)
-    with pytest.raises(ValueError, match="encoder"):
-        vlmprune.wrap(model, "flowcut", budget=32)
+    with pytest.raises(ValueError, match=r"encoder pruning layer .* must be in \[1, 2\]"):
+        vlmprune.wrap(model, "fixed", budget=32, stage="encoder", layer=3, indices=[0, 1])
+    with pytest.raises(ValueError, match=r"budget must be in \[1, 160\]"):  # per image, at the encoder stage too
+        with vlmprune.wrap(model, "flowcut", budget=200):
+            forward(model, inputs)
     with pytest.raises(ValueError, match="vflowopt"):
         vlmprune.wrap(model, "vflowopt", budget=32)
     with pytest.raises(ValueError, match=r"budget must be in \[1, 160\]"):
@@ -368,3 +378,135 @@ def test_clear_errors():
     with vlmprune.wrap(model, "divprune", budget=16):
         with pytest.raises(ValueError, match="image_sizes"):
             model.model.get_image_features(inputs["pixel_values"])
+
+
+# encoder stage: every crop is one image row of the CLIP tower ---------------------------------------
+# flowcut with interval=1 prunes before blocks 1 and 2 (an entropy-adaptive count, then the budget)
+ENCODER = {
+    "flowcut": ("flowcut", dict(interval=1)),
+    "flowcut-per-image": ("flowcut", dict(interval=1, count="per_image")),
+    "fixed-encoder": ("fixed", dict(stage="encoder", layer=1, indices=tuple(range(0, N, 3)))),
+}
+encoder_methods = pytest.mark.parametrize("row", list(ENCODER))
+
+
+def wrap_encoder(model, row, budget, **extra):
+    name, options = ENCODER[row]
+    return vlmprune.wrap(model, name, budget=budget, **{**options, **extra})
+
+
+@encoder_methods
+def test_encoder_keep_all(row):
+    """A full budget keeps every crop's whole grid in the tower (a tile's share covers its
+    un-padded tokens): the unwrapped model's logits and tokens."""
+    model = model_for()
+    inputs = next_batch(TEXTS[:2], SIZES[:2])
+    if "ref" not in _REF:
+        _REF["ref"] = forward(model, inputs), generate(model, inputs)
+    ref_logits, ref_tokens = _REF["ref"]
+    extra = {"indices": tuple(range(N))} if row == "fixed-encoder" else {}
+    with wrap_encoder(model, row, 1.0, **extra) as handle:
+        torch.testing.assert_close(forward(model, inputs), ref_logits, atol=1e-5, rtol=0)
+        assert torch.equal(generate(model, inputs), ref_tokens)
+    assert handle.stats["llm_visual_tokens"] == TOTALS[:2]
+
+
+def _crop_shares(lay, budget_tokens: int) -> list[int]:
+    k = int(lay.max()) // N + 1
+    counts = [int(((lay >= 0) & (lay // N == c)).sum()) for c in range(k)]
+    return split_budget(budget_tokens, counts)
+
+
+@pytest.mark.parametrize("layer,budget", [(1, BUDGET), (2, 2)])
+def test_encoder_manual(layer, budget):
+    """``fixed`` at ``encoder:layer`` with its own index set per crop, rebuilt by hand: each kept
+    crop alone through the unwrapped tower (the test's own pre-hook drops its tokens before the
+    block), the projector, then the packing rule (base tokens first, tile tokens in packed order,
+    a tile row's newline iff the row keeps a token; tokens kept in the letterbox padding vanish);
+    budget 2 drops whole crops (their share is 0)."""
+    model = model_for()
+    inputs = next_batch(TEXTS[:2], SIZES[:2], seed=1)
+    lay = layout(model, SIZES[:2])
+    n_img, crops = 2, CROPS[:2]
+    gen = torch.Generator().manual_seed(11)
+    per_crop = [sorted(torch.randperm(N, generator=gen)[:12].tolist()) for _ in range(sum(crops))]
+    rows = [per_crop[0]] * n_img + per_crop  # ctx.images of a crop: its index plus the number of images
+    with vlmprune.wrap(model, "fixed", budget=budget, stage="encoder", layer=layer, indices=rows) as handle:
+        with record_selections(handle) as seen:
+            pruned = forward(model, inputs)
+    assert {rec[0] for rec in seen} == {vlmprune.context.Point("encoder", layer)}
+    called = sorted(k - n_img for rec in seen for k in rec.images)
+    tokens, counts = [], []
+    with torch.no_grad():
+        g = 0
+        for i in range(n_img):
+            budget_tokens = round(budget * TOTALS[i]) if isinstance(budget, float) else budget
+            shares = _crop_shares(lay[i], budget_tokens)
+            slot_feats = torch.zeros(lay[i].shape[0], model.config.text_config.hidden_size)
+            slot_feats[lay[i] < 0] = model.model.image_newline
+            kept = set()
+            for c in range(crops[i]):
+                if shares[c] == 0:
+                    assert g not in called
+                    g += 1
+                    continue
+                keep = torch.tensor(per_crop[g])
+                feats = manual_encoder_features(model, inputs["pixel_values"][i : i + 1, c], [(layer, keep)])
+                proj = model.model.multi_modal_projector(feats)
+                for j, r in enumerate(per_crop[g]):
+                    hit = (lay[i] == c * N + r).nonzero().flatten()
+                    if hit.numel():  # else: kept in the padding, cut by un-padding
+                        slot_feats[hit] = proj[j]
+                        kept.add((c, r))
+                g += 1
+            slots = _kept_slots(lay[i], kept, sorted(r for c, r in kept if c == 0))
+            tokens.append(slot_feats[slots])
+            counts.append(len(kept))
+        embeds, mask, pos = pruned_prompt(model, inputs, tokens)
+        ref = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
+    assert handle.stats["llm_visual_tokens"] == counts
+    for i in range(n_img):
+        n = int(mask[i].sum())
+        torch.testing.assert_close(pruned[i, -n:], ref[i, -n:], atol=1e-5, rtol=1e-5)
+
+
+@encoder_methods
+def test_encoder_batch(row):
+    """Images with 5 and 3 crops, left padding: the same as one by one (the tower runs per image
+    and crop share, so FlowCut's batch-max count is over one image's crops)."""
+    model = model_for()
+    inputs = next_batch(TEXTS, SIZES, seed=2)
+    with wrap_encoder(model, row, BUDGET):
+        assert_batch_equals_single(model, inputs)
+
+
+@encoder_methods
+def test_encoder_cache(row):
+    model = model_for()
+    inputs = next_batch(TEXTS[:2], SIZES[:2], seed=3)
+    with wrap_encoder(model, row, BUDGET):
+        cached = generate(model, inputs, steps=3)
+        assert torch.equal(greedy_no_cache(model, inputs, 3), cached)
+
+
+def test_encoder_budgets_and_counts():
+    """40 tokens per image split over the crops by their un-padded counts, one tower run per image
+    and share; FlowCut's first point keeps a batch-max count over those crops (one count per
+    call), its last exactly the share; per_image gives each crop its own count."""
+    model = model_for()
+    inputs = next_batch(TEXTS, SIZES, seed=5)
+    shares = [[12, 7, 7, 7, 7], [16, 12, 12], [20, 10, 10]]
+    for count in ("batch_max", "per_image"):
+        with vlmprune.wrap(model, "flowcut", budget=40, interval=1, count=count) as handle:
+            forward(model, inputs)
+        points = handle.stats["points"]
+        last = [p["out"] for p in points if p["point"] == "encoder:2"]
+        first = [p["out"] for p in points if p["point"] == "encoder:1"]
+        if count == "batch_max":
+            assert last == [[12], [7] * 4, [16], [12] * 2, [20], [10] * 2]
+            assert all(len(set(o)) == 1 for o in first)
+        else:
+            assert last == [[s] for img in shares for s in img]
+        assert all(p["in"] == [N] * len(p["in"]) for p in points if p["point"] == "encoder:1")
+        # tokens kept in the letterbox padding are cut by un-padding: at most the budget reaches the LLM
+        assert all(0 < t <= 40 for t in handle.stats["llm_visual_tokens"])
