@@ -11,8 +11,8 @@ sees one token per alive group: the mean of its patches' hidden states (signal `
 also ``ctx.tokens``), in raster order of the merged grid, with ``token_index`` the group's
 raster index. A method's ``merged`` values (recovery methods) shift every patch of the kept
 group by ``merged - mean``, so the group's mean becomes the merged value. Only ``hidden`` and
-``text_embedding`` are offered there (the tower has no CLS, and attention signals are not
-captured from its packed, windowed attention). The mechanics (packed sequence, ``cu_seqlens``
+``text_embedding`` are offered there (the tower has no CLS; encoder attention is offered at
+the projector stage only). The mechanics (packed sequence, ``cu_seqlens``
 per frame and, for 2.5-VL, per window, rotary embeddings, the merger and 2.5-VL's window
 reordering) are in :mod:`.qwen_vision`.
 
@@ -21,8 +21,21 @@ stages the method is called once per group of images with the same merged grid (
 same number of alive tokens); a method whose encoder counts differ per image
 (``encoder_per_image()``) is called once per image. The tower itself always runs once
 on the whole packed batch, so a batch gives the same tokens as images one by one.
-Methods that need the vision encoder's attention (CLS or otherwise) get a clear error at
-``wrap()``.
+
+Encoder attention (projector stage, signal ``encoder_attention(layer=l, reduce="none")``): for
+each vision block a method declares in ``capture_layers()`` a hook on the block's ``qkv``
+projection keeps q and k, rotated by the model's own ``apply_rotary_pos_emb_vision`` with the
+block's ``(cos, sin)``, and the ``cu_seqlens`` the block attended with; the probabilities are
+recomputed per image as ``softmax(q k^T / sqrt(d))`` within each frame (Qwen2-VL and 2.5-VL's
+full-attention blocks) or window (2.5-VL's other blocks), i.e. what the model computed, while
+the tower itself keeps SDPA / flash attention. Patches are then mapped to merged tokens: the
+rows of a 2x2 group's patches are averaged and the columns summed over each key group (rows
+stay distributions), in raster order of the merged grid: ``[n_img_in_call, H, N, N]`` (or
+head-``mean``/``sum`` ``[n_img_in_call, N, N]``) aligned with ``ctx.tokens``. The attention each
+token receives (mean over rows) is then the official Qwen2.5-VL HiPrune reduction (sum over
+queries, mean over a group's 4 patches) divided by N, the same ranking. Cost per image: one
+``[H, P, P]`` matrix for P patches. There is no CLS token, so ``cls_attention`` is not offered;
+methods that require it get a clear error at ``wrap()`` (HoloV uses received attention there).
 
 Positions: Qwen's 3-D M-RoPE positions are computed by transformers from the *full* prompt
 (``mm_token_type_ids`` required) and the adapter gathers them for the kept tokens, so every
@@ -43,10 +56,17 @@ from vlmprune.stats import LLMShape
 
 from .base import Adapter, Installed, Plan, check_selection, llm_shape, register_adapter
 from .llm import Decoder
-from .qwen_vision import PackedGroups, QwenTower, install_qwen_encoder
+from .qwen_vision import (
+    AttentionCapture,
+    PackedGroups,
+    QwenTower,
+    group_attention,
+    install_qwen_capture,
+    install_qwen_encoder,
+)
 from .vlm import VLMRuntime
 
-SIGNALS = ("hidden", "projected", "text_embedding", "text_attention", "llm_qkv", "sublayer_io")
+SIGNALS = ("hidden", "projected", "encoder_attention", "text_embedding", "text_attention", "llm_qkv", "sublayer_io")
 
 
 @register_adapter
@@ -96,6 +116,10 @@ class QwenVLAdapter(Adapter):
             layers.append(p.layer)
         if layers:
             install_qwen_encoder(installed, self.tower, layers, lambda: rt.packed, rt.encoder_prune)
+        capture = tuple(sorted({int(layer) % self.tower.depth for layer in plan.capture.get("encoder", ())}))
+        if capture:
+            install_qwen_capture(installed, self.tower, capture, lambda: rt.packed, lambda: rt.attention)
+        rt.captured_blocks = capture
         rt.install_common(installed, self.decoder, self.core, self.model)
         self.runtime = rt
         return installed
@@ -106,6 +130,8 @@ class QwenRuntime(VLMRuntime):
         super().__init__(plan, info, adapter)
         self.packed: PackedGroups | None = None  # set while the tower runs on this forward's images
         self.image_grids: list[tuple[int, int]] = []
+        self.attention = AttentionCapture()  # q/k of the captured vision blocks, this forward
+        self.captured_blocks: tuple[int, ...] = ()
 
     def positions_mode(self) -> str:
         return "original"
@@ -133,7 +159,8 @@ class QwenRuntime(VLMRuntime):
         self.begin(counts[0], grids[0], device)
         self.image_grids = grids  # llm-stage calls get each image's own grid
         self.slots = counts
-        if any(p.stage == "encoder" for p in self.plan.points):
+        self.attention = AttentionCapture()
+        if any(p.stage == "encoder" for p in self.plan.points) or self.captured_blocks:
             self.packed = PackedGroups(self.adapter.tower, image_grid_thw.to(device))
         try:
             out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw, return_dict=True)
@@ -156,6 +183,9 @@ class QwenRuntime(VLMRuntime):
                     {
                         "hidden": lambda feats=feats: feats,
                         "projected": lambda feats=feats: feats,
+                        "encoder_attention": lambda layer=None, reduce="none", members=members, raster=raster: (
+                            self._encoder_attention(packed, members, raster, layer, reduce)
+                        ),
                         "text_embedding": lambda members=members: self._text_embedding_of(members),
                     }
                 )
@@ -172,6 +202,7 @@ class QwenRuntime(VLMRuntime):
                         kept = torch.cat([kept, extra.to(feats.dtype)])
                         rasters[i] = torch.cat([rasters[i], rasters[i].new_full((extra.shape[0],), -1)])
                     tokens[i] = kept
+        self.attention = AttentionCapture()  # release the captured q/k
         padded = [torch.cat([t, t.new_zeros(c - t.shape[0], t.shape[1])]) for t, c in zip(tokens, counts)]
         self.images = [
             {"count": t.shape[0], "raster": r, "slots": c, "offset": 0} for t, r, c in zip(tokens, rasters, counts)
@@ -215,6 +246,34 @@ class QwenRuntime(VLMRuntime):
             groups = groups + shift[:, None]
         packed.alive = packed.alive[keep.to(packed.alive.device)]
         return groups[keep].reshape(-1, hidden.shape[-1])
+
+    def _encoder_attention(self, packed, members: list[int], raster: torch.Tensor, layer, reduce: str) -> torch.Tensor:
+        """Signal ``encoder_attention``: per image of the call, the attention probabilities of
+        vision block ``layer`` (0-based; default: the last, the feature layer) among that image's
+        merged tokens, ``[B, H, N, N]`` (``reduce="none"``) or head-``"mean"``/``"sum"``
+        ``[B, N, N]``, aligned with ``ctx.tokens`` (see :func:`.qwen_vision.group_attention`)."""
+        layer = self.info.feature_layer if layer is None else int(layer) % self.adapter.tower.depth
+        store = self.attention.blocks
+        if packed is None or layer not in store:
+            raise KeyError(
+                f"vision block {layer} was not captured; captured: {sorted(store)}. "
+                "Declare it in the method's capture_layers()."
+            )
+        if reduce not in ("none", "mean", "sum"):
+            raise ValueError(f"reduce must be one of 'none', 'mean', 'sum', got {reduce!r}")
+        out = []
+        for j, i in enumerate(members):
+            probs, ids = group_attention(self.adapter.tower, packed, store[layer], i)
+            pos = torch.searchsorted(ids, raster[j].to(ids.device))
+            if (pos >= ids.numel()).any() or not torch.equal(ids[pos.clamp_max(ids.numel() - 1)], raster[j].to(ids.device)):
+                raise RuntimeError(f"vlmprune: a current token of image {i} was not alive at vision block {layer}")
+            out.append(probs[:, pos][:, :, pos])
+        probs = torch.stack(out)
+        if reduce == "mean":
+            return probs.mean(1)
+        if reduce == "sum":
+            return probs.sum(1)
+        return probs
 
     def _text_embedding_of(self, members: list[int]):
         emb, mask = self._text_embedding()

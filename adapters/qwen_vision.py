@@ -202,3 +202,110 @@ def install_qwen_encoder(
 
     installed.hook(tower.merger.register_forward_hook(merger_hook))
 
+
+
+# -- vision-encoder attention, recomputed from a block's q and k ----------------------------------
+class AttentionCapture:
+    """Per-forward store of the captured vision blocks: ``{block: {"q", "k", "cu", "alive"}}``
+    with ``q``, ``k`` ``[S, H, D]`` after the block's own rotary embedding, ``cu`` the
+    ``cu_seqlens`` the block attended with (frames, or 2.5-VL windows) and ``alive`` the packed
+    positions of the groups alive at that block (all of them unless encoder pruning ran)."""
+
+    def __init__(self):
+        self.blocks: dict[int, dict[str, torch.Tensor]] = {}
+
+    def clear(self) -> None:
+        self.blocks.clear()
+
+
+def _rotary_of(attn: nn.Module) -> Callable:
+    fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb_vision", None)
+    if fn is None:
+        raise RuntimeError(
+            f"vlmprune: cannot find the rotary embedding of {type(attn).__name__} (apply_rotary_pos_emb_vision); "
+            "encoder attention signals are not supported with this transformers version"
+        )
+    return fn
+
+
+def install_qwen_capture(
+    installed: Installed,
+    tower: QwenTower,
+    blocks: tuple[int, ...],
+    state: Callable[[], PackedGroups | None],
+    store: Callable[[], AttentionCapture],
+) -> None:
+    """Keep, for each vision block in ``blocks`` (0-based), its queries and keys after the rotary
+    embedding, the ``cu_seqlens`` it used and the groups alive there. A pre-hook on the block's
+    attention module reads ``cu_seqlens`` and ``(cos, sin)`` as the block passes them (after the
+    encoder-pruning pre-hooks, so they describe the sequence actually attended); a forward hook
+    on its ``qkv`` projection splits q/k exactly as the model does and applies the model's own
+    ``apply_rotary_pos_emb_vision``. Active only while ``state()`` is set (the adapter's image
+    forward); the attention itself runs untouched (SDPA, flash or eager)."""
+    for index in blocks:
+        if not 0 <= index < tower.depth:
+            raise ValueError(f"vision block {index} to capture is outside the tower's 0..{tower.depth - 1}")
+        attn = tower.blocks[index].attn
+        rotary = _rotary_of(attn)
+        pending: dict[str, object] = {}
+
+        def pre_hook(module, args, kwargs, index=index, pending=pending):
+            pending.clear()
+            packed = state()
+            if packed is None:
+                return
+            cu = read_arg(args, kwargs, "cu_seqlens", 1)
+            rope = read_arg(args, kwargs, "position_embeddings", None)
+            if cu is None or not isinstance(rope, (tuple, list)):
+                raise RuntimeError(
+                    f"vlmprune: Qwen vision block {index} was not called with cu_seqlens and (cos, sin) "
+                    "position_embeddings; encoder attention signals are not supported with this transformers version"
+                )
+            pending.update(cu=cu, rope=rope, alive=packed.alive.clone())
+            return
+
+        def qkv_hook(module, args, output, index=index, pending=pending, attn=attn, rotary=rotary):
+            if not pending:
+                return
+            cos, sin = pending["rope"]
+            heads = attn.num_heads
+            q, k, _ = output.reshape(-1, 3, heads, output.shape[-1] // (3 * heads)).permute(1, 0, 2, 3).unbind(0)
+            q, k = rotary(q, k, cos, sin)
+            store().blocks[index] = {"q": q.detach(), "k": k.detach(), "cu": pending["cu"], "alive": pending["alive"]}
+            pending.clear()
+            return
+
+        installed.hook(attn.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        installed.hook(attn.qkv.register_forward_hook(qkv_hook))
+
+
+def group_attention(
+    tower: QwenTower, packed: PackedGroups, captured: dict[str, torch.Tensor], image: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention probabilities ``[H, G, G]`` of one captured block among one image's groups
+    alive there, in raster order, and their raster ids ``[G]``.
+
+    Patch level: ``softmax(q k^T * d^-1/2)`` (float32) with every query attending only to keys
+    of its own ``cu_seqlens`` segment (the frame, or the 2.5-VL window, exactly as the block
+    did). Group level (one row/column per merged token): the rows of a group's ``m^2`` patches
+    are averaged and the columns summed over each key group, so each row is still a probability
+    distribution over the merged tokens. ``received_attention`` of the result (mean over rows)
+    is the official Qwen2.5-VL HiPrune reduction (sum over queries, mean over a group's patches)
+    divided by the number of groups: the same ranking."""
+    unit = tower.unit
+    alive = captured["alive"].to(packed.image.device)
+    mine = (packed.image[alive] == image).nonzero().flatten()  # positions in the captured sequence
+    raster = packed.raster[alive[mine]]
+    q, k = captured["q"], captured["k"]
+    rows = packed.patch_rows(mine.to(q.device))  # packed order: segments stay contiguous
+    cu = captured["cu"].to(q.device).long()
+    segment = torch.searchsorted(cu[1:], rows, right=True)
+    qi, ki = q[rows].transpose(0, 1).float(), k[rows].transpose(0, 1).float()  # [H, P, D]
+    scores = (qi @ ki.transpose(1, 2)) * qi.shape[-1] ** -0.5
+    scores = scores.masked_fill(segment[:, None] != segment[None, :], float("-inf"))
+    probs = scores.softmax(-1)
+    h, p = probs.shape[:2]
+    g = p // unit
+    grouped = probs.view(h, g, unit, g, unit).mean(2).sum(-1)  # [H, G, G]
+    order = torch.argsort(raster.to(q.device))
+    return grouped[:, order][:, :, order], raster.to(q.device)[order]

@@ -13,9 +13,9 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
 )
+from vlmprune.adapters.llava_next import split_budget
 
 import vlmprune
-from adapters.llava_next import split_budget
 from tests.tiny import IMAGE_TOKEN, PAD, VOCAB
 from tests.truth import (
     Replay,

@@ -11,7 +11,7 @@ from tests.test_truth import record_selections
 from tests.tiny import QWEN_IMAGE, qwen_batch, tiny_qwen
 
 VERSIONS = ["2", "2.5"]
-METHODS = ["divprune", "uniform", "fastv", "random"]
+METHODS = ["divprune", "uniform", "fastv", "random", "hiprune", "holov"]  # the last two read vision attention
 # methods with points inside the LLM (multi-point) that run on Qwen: batch equivalence only here
 # (their manual and cache checks run on LLaVA, which shares the decoder machinery)
 LLM_METHODS = ["todre", "feather", "transprune", "adatoken3d"]
@@ -39,11 +39,13 @@ def generate(model, inputs, steps=4):
 
 
 def no_cache_loop(model, inputs, steps):
+    """Greedy loop without cache; like ``generate(min_new_tokens=steps)`` it never picks EOS or
+    the image placeholder."""
     inputs = dict(inputs)
     new = []
     for _ in range(steps):
         logits = forward(model, {**inputs, "use_cache": False})[:, -1]
-        logits[:, QWEN_IMAGE] = float("-inf")
+        logits[:, [QWEN_IMAGE, model.config.text_config.eos_token_id]] = float("-inf")
         nxt = logits.argmax(-1, keepdim=True)
         new.append(nxt)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], 1)
@@ -94,10 +96,8 @@ def test_manual_equivalence_with_3d_positions(version, name):
     for i in range(2):
         img = (ids[i] == QWEN_IMAGE).nonzero().flatten()
         keep = keeps[img.numel()].pop(0)
-        drop = torch.ones(ids.shape[1], dtype=torch.bool)
-        drop[img] = False
-        drop[img[keep]] = True
-        rows.append(drop.nonzero().flatten())
+        everything = torch.arange(ids.shape[1])  # the kept image tokens in the method's order (HoloV's is its own)
+        rows.append(torch.cat([everything[: int(img[0])], img[keep], everything[int(img[-1]) + 1 :]]))
     longest = max(r.numel() for r in rows)
     embeds = emb.new_zeros(2, longest, emb.shape[-1])
     new_mask = torch.zeros(2, longest, dtype=torch.long)

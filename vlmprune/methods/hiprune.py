@@ -15,6 +15,10 @@ from ..registry import register
 
 #: depth of the tower the README's object layer refers to (CLIP-L/336 of LLaVA-1.5)
 REFERENCE_DEPTH = 24
+DEFAULT_OBJECT_LAYER = 9
+#: README's Qwen2.5-VL row: object layer 16 of the 32-block vision tower (deep = last block)
+QWEN_REFERENCE = (16, 32)
+QWEN_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl"})
 
 
 def neighbours(anchors: torch.Tensor, rows: int, cols: int, mode: str) -> torch.Tensor:
@@ -67,10 +71,14 @@ class HiPrune(Method):
     layer_rule : {"scaled", "absolute"}, default "scaled"
         ``"scaled"``: ``object_layer`` refers to a 24-layer tower and becomes
         ``max(1, round(object_layer * L / 24))`` on a tower of depth ``L`` (9 on CLIP-L,
-        2 on a 4-layer test tower); ``"absolute"``: ``object_layer`` is used as given.
+        2 on a 4-layer test tower); on Qwen2-VL / Qwen2.5-VL towers (families ``qwen2_vl``,
+        ``qwen2_5_vl``) the README's Qwen row is the reference instead: the default 9 stands
+        for its 16 of 32 blocks, ``max(1, round(16 * L / 32))`` (16 on the 32-block tower), and
+        another value ``v`` for ``round(v * 16 / 9)`` of 32. ``"absolute"``: used as given.
     deep_layer : int, default 0
         1-indexed layer of the register scores; 0: the feature layer (the code reads
-        ``attentions[mm_vision_select_layer]``, the layer whose output LLaVA uses).
+        ``attentions[mm_vision_select_layer]``, the layer whose output LLaVA uses; the Qwen
+        code uses the last vision block, which is the Qwen adapter's feature layer).
     neighbours : {"flat", "grid"}, default "flat"
         Buffer arithmetic: the code's flat indices with clamping, or clean 2-D neighbours.
 
@@ -87,7 +95,7 @@ class HiPrune(Method):
     }
 
     alpha: float = option(0.1, "HIPRUNE_ALPHA, share of anchor + buffer tokens (README: 0.1)")
-    object_layer: int = option(9, "HIPRUNE_OBJECT_LAYER, 1-indexed (README: 9 of CLIP-L's 24)")
+    object_layer: int = option(9, "HIPRUNE_OBJECT_LAYER, 1-indexed (README: 9 of CLIP-L's 24; on Qwen-VL it stands for 16 of 32)")
     layer_rule: str = option(
         "scaled",
         "'scaled': object_layer refers to a 24-layer tower, round(object_layer * L / 24); 'absolute': as given",
@@ -108,7 +116,8 @@ class HiPrune(Method):
         depth = info.encoder_layers
         obj = self.object_layer
         if self.layer_rule == "scaled":
-            obj = max(1, round(obj * depth / REFERENCE_DEPTH))
+            ref_layer, ref_depth = QWEN_REFERENCE if info.family in QWEN_FAMILIES else (DEFAULT_OBJECT_LAYER, REFERENCE_DEPTH)
+            obj = max(1, round(obj * ref_layer / DEFAULT_OBJECT_LAYER * depth / ref_depth))
         deep = info.feature_layer + 1 if self.deep_layer == 0 else self.deep_layer
         for opt, value in (("object_layer", obj), ("deep_layer", deep)):
             if not 1 <= value <= depth:

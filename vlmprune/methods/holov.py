@@ -123,12 +123,16 @@ class HoloV(Method):
             raise ValueError(f"option 'crops' of method 'holov' must be >= 1, got {self.crops}")
 
     def check(self, info):
-        super().check(info)
         if self.saliency == "cls" and not info.has_cls:
             raise ValueError(
                 f"method 'holov' with saliency='cls' needs a CLS token, and this model's ({info.family}) vision tower "
                 "has none; use saliency='auto' or 'received'"
             )
+        # what this instance reads on this model: CLS attention, or (CLS-free towers such as
+        # Qwen-VL's, or saliency="received") the full encoder attention
+        use_cls = self.saliency == "cls" or (self.saliency == "auto" and info.has_cls)
+        self.needs = type(self).needs - {"encoder_attention" if use_cls else "cls_attention"}
+        super().check(info)
 
     def groups(self, ctx: TokenContext) -> torch.Tensor:
         n = ctx.n
