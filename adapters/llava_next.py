@@ -89,8 +89,12 @@ from vlmprune.context import ModelInfo, Point, Signals
 
 from .base import Installed, Plan, check_selection, new_generator, register_adapter
 from .llava import LlavaAdapter, LlavaRuntime, _pixel_patches
-from .llm import VisualLayout
-from .vision import EncoderCapture, encoder_signals, install_capture, install_encoder_pruning
+from .vision import (
+    EncoderCapture,
+    encoder_signals,
+    install_capture,
+    install_encoder_pruning,
+)
 from .vlm import VLMRuntime
 
 #: methods whose projector stage hands a per-image state to their llm stage (refused here)
@@ -503,33 +507,9 @@ class LlavaNextRuntime(VLMRuntime):
         }
 
     # -- handed to the decoder's input hook ----------------------------------------------------------
-    def take_record(self) -> dict | None:
-        mask, images = self.image_mask, self.images
-        self.image_mask, self.images = None, None
-        if mask is None:
-            return None
-        if images is None:
-            raise RuntimeError(
-                "vlmprune: image tokens reached the language model without pixel_values passing through the "
-                "adapter (precomputed mm_encoder_outputs bypass it); pass pixel_values"
-            )
-        b, length = mask.shape
-        device = mask.device
-        spans = self._spans(mask, [img["slots"] for img in images])
-        keep = torch.ones(b, length, dtype=torch.bool, device=device)
-        pos_source = torch.arange(length, device=device).expand(b, -1).clone()
-        rows, positions = [], []
-        for (row, start), img in zip(spans, images):
-            count = img["count"]
-            keep[row, start + count : start + img["slots"]] = False
-            src = img["source"].to(device)
-            pos_source[row, start : start + count] = start + src.clamp(min=0)
-            rows.append(row)
-            positions.append(start + img["visual"].to(device).nonzero().flatten())
-        self.stats.llm_visual_tokens = [int(p.numel()) for p in positions]
-        self.stats.full_lengths = [length] * b
-        layout = VisualLayout(
-            torch.tensor(rows, device=device), positions, [img["raster"].to(device) for img in images],
-            [img["total"] for img in images],
-        )
-        return {"keep": keep, "pos_source": pos_source, "layout": layout, "positions": self.positions_mode()}
+    def _place_image(self, img: dict, row: int, start: int, pos_source: torch.Tensor):
+        """As the base class, with newline tokens among the kept slots: ``source`` gives each slot's
+        offset in the unpruned span, ``visual`` which slots are visual tokens."""
+        device = pos_source.device
+        pos_source[row, start : start + img["count"]] = start + img["source"].to(device).clamp(min=0)
+        return start + img["visual"].to(device).nonzero().flatten(), img["raster"].to(device), img["total"]

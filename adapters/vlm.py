@@ -145,6 +145,15 @@ class VLMRuntime(Runtime):
         return [row for row, _ in self._spans(self.image_mask, self.slots)]
 
     # -- handed to the decoder's input hook ----------------------------------------------------------
+    def _place_image(self, img: dict, row: int, start: int, pos_source: torch.Tensor):
+        """One image whose kept tokens fill the first slots of its placeholder span (from ``start``
+        in ``row``): set where each takes its position id from in ``pos_source``; return the
+        sequence positions of its visual tokens, their raster indices and the image's token total."""
+        visual = torch.arange(start, start + img["count"], device=pos_source.device)
+        raster = img["raster"]
+        pos_source[row, visual] = torch.where(raster >= 0, start + img.get("offset", 0) + raster, start)
+        return visual, raster, img["slots"] - img.get("offset", 0)
+
     def take_record(self) -> dict | None:
         """The LM-input keep mask, position sources and visual layout of this prefill."""
         mask, images = self.image_mask, self.images
@@ -161,17 +170,15 @@ class VLMRuntime(Runtime):
         spans = self._spans(mask, [img["slots"] for img in images])
         keep = torch.ones(b, length, dtype=torch.bool, device=device)
         pos_source = torch.arange(length, device=device).expand(b, -1).clone()
-        rows, positions = [], []
+        rows, positions, rasters, totals = [], [], [], []
         for (row, start), img in zip(spans, images):
-            slots = img["slots"]
-            keep[row, start + img["count"] : start + slots] = False
-            visual = torch.arange(start, start + img["count"], device=device)
-            raster = img["raster"]
-            pos_source[row, visual] = torch.where(raster >= 0, start + img.get("offset", 0) + raster, start)
+            keep[row, start + img["count"] : start + img["slots"]] = False
+            visual, raster, total = self._place_image(img, row, start, pos_source)
             rows.append(row)
             positions.append(visual)
+            rasters.append(raster)
+            totals.append(total)
         self.stats.llm_visual_tokens = [int(p.numel()) for p in positions]
         self.stats.full_lengths = [length] * b
-        totals = [img["slots"] - img.get("offset", 0) for img in images]
-        layout = VisualLayout(torch.tensor(rows, device=device), positions, [img["raster"] for img in images], totals)
+        layout = VisualLayout(torch.tensor(rows, device=device), positions, rasters, totals)
         return {"keep": keep, "pos_source": pos_source, "layout": layout, "positions": self.positions_mode()}
