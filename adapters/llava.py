@@ -23,8 +23,14 @@ from vlmprune.stats import LLMShape
 
 from .base import Adapter, Installed, Plan, check_selection, llm_shape, register_adapter
 from .llm import Decoder
+from .vision import (
+    EncoderCapture,
+    VisionTower,
+    encoder_signals,
+    install_capture,
+    install_encoder_pruning,
+)
 from .vlm import VLMRuntime
-from .vision import EncoderCapture, VisionTower, encoder_signals, install_capture, install_encoder_pruning
 
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -82,18 +88,24 @@ class LlavaAdapter(Adapter):
         return llm_shape(self.decoder, self.config.text_config)
 
     # -- install -----------------------------------------------------------------------------------
+    def make_runtime(self, plan: Plan, info: ModelInfo) -> "LlavaRuntime":
+        """The per-wrap runtime whose methods the hooks call (a subclass brings its own)."""
+        return LlavaRuntime(plan, info, self)
+
     def install(self, plan: Plan) -> Installed:
         info = self.info()
-        installed = Installed()
-        rt = LlavaRuntime(plan, info, self)
         enc_points = [p for p in plan.points if p.stage == "encoder"]
         if enc_points and not isinstance(self.config.vision_feature_layer, int):
             raise ValueError("encoder-stage pruning needs a single vision_feature_layer (this model concatenates several)")
         for p in enc_points:
-            if not 1 <= p.layer <= info.feature_layer:
+            if p.layer is None or not 1 <= p.layer <= info.feature_layer:
                 raise ValueError(
-                    f"encoder pruning layer must be in [1, {info.feature_layer}] (the feature layer), got {p.layer}"
+                    f"encoder pruning layer (point {p} of method {plan.method.name!r}) must be in "
+                    f"[1, {info.feature_layer}] (the feature layer), got {p.layer}"
                 )
+        installed = Installed()
+        rt = self.make_runtime(plan, info)
+        for p in enc_points:
             install_encoder_pruning(installed, self.tower, p.layer, rt.encoder_prune)
         enc_capture = tuple(sorted({layer % self.tower.depth for layer in plan.capture.get("encoder", ())}))
         install_capture(installed, self.tower, enc_capture, lambda: rt.capture, lambda: rt.alive)
@@ -225,4 +237,3 @@ class LlavaRuntime(VLMRuntime):
         kept = _gather_tokens(patches, sel.keep) if sel.merged is None else sel.merged.to(hidden.dtype)
         self.alive = self.alive.gather(1, sel.keep)
         return torch.cat([hidden[:, :off], kept], dim=1)
-

@@ -92,8 +92,6 @@ from .llava import LlavaAdapter, LlavaRuntime, _pixel_patches
 from .vision import (
     EncoderCapture,
     encoder_signals,
-    install_capture,
-    install_encoder_pruning,
 )
 from .vlm import VLMRuntime
 
@@ -140,30 +138,15 @@ class LlavaNextAdapter(LlavaAdapter):
                 f"method {name!r} is not supported on LLaVA-NeXT: {CROSS_STAGE_STATE[name]}, and this adapter runs "
                 "the projector stage per crop (base image, tiles)"
             )
-        info = self.info()
-        enc_points = [p for p in plan.points if p.stage == "encoder"]
-        if enc_points and any(p.stage == "projector" for p in plan.points):
+        if any(p.stage == "encoder" for p in plan.points) and any(p.stage == "projector" for p in plan.points):
             raise ValueError(
                 f"method {name!r} acts at both the encoder and the projector stage, which the LLaVA-NeXT adapter "
                 "does not support (its projector stage runs per un-padded crop, not per surviving token set)"
             )
-        if enc_points and not isinstance(self.config.vision_feature_layer, int):
-            raise ValueError("encoder-stage pruning needs a single vision_feature_layer (this model concatenates several)")
-        for p in enc_points:
-            if p.layer is None or not 1 <= p.layer <= info.feature_layer:
-                raise ValueError(
-                    f"encoder pruning layer (point {p} of method {name!r}) must be in [1, {info.feature_layer}] "
-                    f"(the feature layer), got {p.layer}"
-                )
-        installed = Installed()
-        rt = LlavaNextRuntime(plan, info, self)
-        for p in enc_points:
-            install_encoder_pruning(installed, self.tower, p.layer, rt.encoder_prune)
-        enc_capture = tuple(sorted({layer % self.tower.depth for layer in plan.capture.get("encoder", ())}))
-        install_capture(installed, self.tower, enc_capture, lambda: rt.capture, lambda: rt.alive)
-        rt.install_common(installed, self.decoder, self.core, self.model)
-        self.runtime = rt
-        return installed
+        return super().install(plan)
+
+    def make_runtime(self, plan: Plan, info: ModelInfo) -> "LlavaNextRuntime":
+        return LlavaNextRuntime(plan, info, self)
 
 
 class LlavaNextRuntime(VLMRuntime):
