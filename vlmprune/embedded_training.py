@@ -135,6 +135,17 @@ def load_groups(features: Features, split: str, n_plain: int, n_grid: int, max_q
     return [by_image[k][:max_q] for k in keys]
 
 
+def pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows right-padded with ``pad`` to the longest: ``(ids [B, L], mask [B, L] bool)``."""
+    length = max(map(len, rows))
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row)
+        mask[r, : len(row)] = True
+    return ids, mask
+
+
 class Batcher:
     """Token ids of the embedded model's prompt, ``<s> <image>x256 question " Answer:"``, right
     padded, with the cached features of each item."""
@@ -171,12 +182,8 @@ class Batcher:
 
     def __call__(self, items: list[Item]) -> dict:
         rows = [[self.bos] + [self.image_id] * N_IMAGE_TOKENS + self.prompt_ids(it.question) for it in items]
-        length = max(map(len, rows))
-        ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.bool)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row)
-            mask[r, : len(row)] = True
+        ids, mask = pad_right(rows, self.pad)
+        length = ids.shape[1]
         feats = torch.cat([self.features.get(it.store, [it.index]) for it in items])
         last = mask.sum(1) - 1
         answers = torch.tensor([self.answer(it.answer) for it in items])

@@ -48,6 +48,7 @@ from vlmprune.embedded_training import (
     hard_key_mask,
     load_groups,
     log,
+    pad_right,
     start_run,
 )
 from vlmprune.methods.covipal import (
@@ -86,13 +87,7 @@ def teacher_targets(lm: FrozenLM, batcher: Batcher, groups, layer: int, query: s
 def text_batch(lm: FrozenLM, batcher: Batcher, items):
     """Text embeddings ``[B, T, D]`` and mask of ``<s>`` + each question (the ``text_embedding``
     signal: every non-image prompt token)."""
-    ids = [[batcher.bos] + batcher.prompt_ids(it.question) for it in items]
-    t = max(map(len, ids))
-    x = torch.full((len(ids), t), batcher.pad, dtype=torch.long)
-    m = torch.zeros(len(ids), t, dtype=torch.bool)
-    for r, row in enumerate(ids):
-        x[r, : len(row)] = torch.tensor(row)
-        m[r, : len(row)] = True
+    x, m = pad_right([[batcher.bos] + batcher.prompt_ids(it.question) for it in items], batcher.pad)
     with torch.no_grad():
         return lm.lm.embed_tokens(x), m
 
