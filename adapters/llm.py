@@ -442,6 +442,21 @@ class DecoderPruner:
                 out.append(red.mean(0))
             return torch.stack(out)
 
+        def relay_qkv(layer: int = cap_layer):
+            """Per image of the call, LLM layer ``layer``'s per-head queries and keys (after RoPE)
+            and values of the prompt's last token (row 0) followed by the image's current tokens
+            (rows 1..N), ``[n_img, H, 1 + N, D]`` each, grouped-query keys and values repeated to
+            the query heads (FlowCut's last-token relay)."""
+            q, k, v = qkv(layer)
+            mask2d = captured(layer).get("mask2d", st.mask2d).bool()
+            rep = q.shape[1] // k.shape[1]
+            out = []
+            for j in range(len(group)):
+                row = int(rows[j])
+                idx = torch.cat([mask2d[row].nonzero().max().view(1), pos[j].to(q.device)])
+                out.append(tuple(t[row][:, idx] for t in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))))
+            return tuple(torch.stack(t) for t in zip(*out))
+
         def sublayer_io(layer: int = cap_layer) -> SublayerIO:
             """The attention and MLP sub-layers' inputs and outputs at decoder layer ``layer``
             (captured at prefill; the method lists the layers under ``"sublayer_io"`` in
@@ -462,7 +477,15 @@ class DecoderPruner:
                 valid=pick(c["mask2d"]).bool(), visual=torch.stack(visual),
             )
 
-        return Signals({"text_attention": text_attention, "llm_qkv": qkv, "hidden": lambda: tokens, "sublayer_io": sublayer_io})
+        return Signals(
+            {
+                "text_attention": text_attention,
+                "llm_qkv": qkv,
+                "relay_qkv": relay_qkv,
+                "hidden": lambda: tokens,
+                "sublayer_io": sublayer_io,
+            }
+        )
 
 
 def _gather_last(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

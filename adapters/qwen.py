@@ -1,18 +1,20 @@
 """The adapter for transformers' Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``,
 ``Qwen2_5_VLForConditionalGeneration``).
 
-Stages: ``encoder`` (before vision block ``l``, ``1 <= l <= depth - 1``), ``projector`` (on the
-merger's output: each token is one 2x2 group of patches, already in LLM space, in raster
-order of the merged grid) and ``llm``.
+Stages: ``encoder`` (before vision block ``l``, ``1 <= l <= depth - 1``, or ``l = depth``: after
+the last block, on the merger's input), ``projector`` (on the merger's output: each token is one
+2x2 group of patches, already in LLM space, in raster order of the merged grid) and ``llm``.
 
 Encoder stage: the unit of pruning is the merge group (the ``spatial_merge_size**2``
 patches that become one LLM token), so budgets count LLM tokens at every stage. The method
 sees one token per alive group: the mean of its patches' hidden states (signal ``hidden``,
 also ``ctx.tokens``), in raster order of the merged grid, with ``token_index`` the group's
 raster index. A method's ``merged`` values (recovery methods) shift every patch of the kept
-group by ``merged - mean``, so the group's mean becomes the merged value. Only ``hidden`` and
-``text_embedding`` are offered there (the tower has no CLS; encoder attention is offered at
-the projector stage only). The mechanics (packed sequence, ``cu_seqlens``
+group by ``merged - mean``, so the group's mean becomes the merged value. Signals there:
+``hidden``, ``text_embedding`` and ``encoder_qkv(layer)`` (default: the block just run) for every
+vision block the method captures, per patch: ``[B, H, N * 4, D]``, each token's 4 patches on
+consecutive rows (``ModelInfo.patches_per_token``), queries and keys after the block's rotary
+embedding (FlowCut's mean-query relay; the tower has no CLS). The mechanics (packed sequence, ``cu_seqlens``
 per frame and, for 2.5-VL, per window, rotary embeddings, the merger and 2.5-VL's window
 reordering) are in :mod:`.qwen_vision`.
 
@@ -37,6 +39,12 @@ queries, mean over a group's 4 patches) divided by N, the same ranking. Cost per
 ``[H, P, P]`` matrix for P patches. There is no CLS token, so ``cls_attention`` is not offered;
 methods that require it get a clear error at ``wrap()`` (HoloV uses received attention there).
 
+Projector-stage signals besides ``encoder_attention``: ``encoder_qkv`` (as at the encoder stage),
+``projector_input`` (each token's 4 patches' last-block outputs, concatenated in the merger's
+order, ``[B, N, 4 C_v]``: the merger's input, captured by a pre-hook) with ``projector`` (the
+merger as a row-wise map of it, :class:`.qwen_vision.GroupProjector`; ZOO-Prune perturbs
+there), and ``pixels`` (each token's ``2p x 2p`` pixel block, first temporal slice).
+
 Positions: Qwen's 3-D M-RoPE positions are computed by transformers from the *full* prompt
 (``mm_token_type_ids`` required) and the adapter gathers them for the kept tokens, so every
 kept token keeps its own (t, h, w) position and text after the image keeps its position.
@@ -60,13 +68,19 @@ from .qwen_vision import (
     AttentionCapture,
     PackedGroups,
     QwenTower,
+    GroupProjector,
     group_attention,
+    group_qkv,
+    install_merger_input,
     install_qwen_capture,
     install_qwen_encoder,
 )
 from .vlm import VLMRuntime
 
-SIGNALS = ("hidden", "projected", "encoder_attention", "text_embedding", "text_attention", "llm_qkv", "sublayer_io")
+SIGNALS = (
+    "hidden", "projected", "projector", "projector_input", "pixels", "encoder_attention", "encoder_qkv",
+    "text_embedding", "text_attention", "llm_qkv", "relay_qkv", "sublayer_io",
+)
 
 
 @register_adapter
@@ -95,6 +109,7 @@ class QwenVLAdapter(Adapter):
             llm_layers=tc.num_hidden_layers,
             stages=self.stages,
             signals=SIGNALS,
+            patches_per_token=self.tower.unit,
         )
 
     def llm_shape(self) -> LLMShape:
@@ -108,10 +123,11 @@ class QwenVLAdapter(Adapter):
         for p in plan.points:
             if p.stage != "encoder":
                 continue
-            if not isinstance(p.layer, int) or not 1 <= p.layer <= self.tower.depth - 1:
+            if not isinstance(p.layer, int) or not 1 <= p.layer <= self.tower.depth:
                 raise ValueError(
-                    f"encoder pruning layer must be an int in [1, {self.tower.depth - 1}] (before a vision block "
-                    f"of this {self.tower.depth}-block tower, after the first), got {p.layer!r}"
+                    f"encoder pruning layer must be an int in [1, {self.tower.depth}] (before a vision block "
+                    f"of this {self.tower.depth}-block tower, after the first; {self.tower.depth}: before the merger), "
+                    f"got {p.layer!r}"
                 )
             layers.append(p.layer)
         if layers:
@@ -119,6 +135,8 @@ class QwenVLAdapter(Adapter):
         capture = tuple(sorted({int(layer) % self.tower.depth for layer in plan.capture.get("encoder", ())}))
         if capture:
             install_qwen_capture(installed, self.tower, capture, lambda: rt.packed, lambda: rt.attention)
+        if any(p.stage == "projector" for p in plan.points):
+            install_merger_input(installed, self.tower, lambda: rt.packed, lambda: rt.attention)
         rt.captured_blocks = capture
         rt.install_common(installed, self.decoder, self.core, self.model)
         self.runtime = rt
@@ -160,7 +178,7 @@ class QwenRuntime(VLMRuntime):
         self.image_grids = grids  # llm-stage calls get each image's own grid
         self.slots = counts
         self.attention = AttentionCapture()
-        if any(p.stage == "encoder" for p in self.plan.points) or self.captured_blocks:
+        if any(p.stage in ("encoder", "projector") for p in self.plan.points) or self.captured_blocks:
             self.packed = PackedGroups(self.adapter.tower, image_grid_thw.to(device))
         try:
             out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw, return_dict=True)
@@ -183,8 +201,14 @@ class QwenRuntime(VLMRuntime):
                     {
                         "hidden": lambda feats=feats: feats,
                         "projected": lambda feats=feats: feats,
+                        "projector": lambda: GroupProjector(self.adapter.tower),
+                        "projector_input": lambda members=members: self._merger_input(packed, members),
+                        "pixels": lambda members=members, raster=raster: self._pixels(pixel_values, thw, members, raster),
                         "encoder_attention": lambda layer=None, reduce="none", members=members, raster=raster: (
                             self._encoder_attention(packed, members, raster, layer, reduce)
+                        ),
+                        "encoder_qkv": lambda layer=None, members=members, raster=raster: (
+                            self._encoder_qkv(packed, members, raster, self.info.feature_layer if layer is None else layer)
                         ),
                         "text_embedding": lambda members=members: self._text_embedding_of(members),
                     }
@@ -229,6 +253,9 @@ class QwenRuntime(VLMRuntime):
             signals = Signals(
                 {
                     "hidden": lambda tokens=tokens: tokens,
+                    "encoder_qkv": lambda layer=layer - 1, members=members, raster=raster: (
+                        self._encoder_qkv(packed, members, raster, layer)
+                    ),
                     "text_embedding": lambda members=members: self._text_embedding_of(members),
                 }
             )
@@ -247,26 +274,37 @@ class QwenRuntime(VLMRuntime):
         packed.alive = packed.alive[keep.to(packed.alive.device)]
         return groups[keep].reshape(-1, hidden.shape[-1])
 
-    def _encoder_attention(self, packed, members: list[int], raster: torch.Tensor, layer, reduce: str) -> torch.Tensor:
-        """Signal ``encoder_attention``: per image of the call, the attention probabilities of
-        vision block ``layer`` (0-based; default: the last, the feature layer) among that image's
-        merged tokens, ``[B, H, N, N]`` (``reduce="none"``) or head-``"mean"``/``"sum"``
-        ``[B, N, N]``, aligned with ``ctx.tokens`` (see :func:`.qwen_vision.group_attention`)."""
-        layer = self.info.feature_layer if layer is None else int(layer) % self.adapter.tower.depth
+    def _captured(self, packed, layer: int) -> dict:
         store = self.attention.blocks
         if packed is None or layer not in store:
             raise KeyError(
                 f"vision block {layer} was not captured; captured: {sorted(store)}. "
                 "Declare it in the method's capture_layers()."
             )
+        return store[layer]
+
+    @staticmethod
+    def _locate(ids: torch.Tensor, raster: torch.Tensor, image: int, layer: int) -> torch.Tensor:
+        """Positions in ``ids`` (ascending raster ids alive at ``layer``) of the current tokens."""
+        raster = raster.to(ids.device)
+        pos = torch.searchsorted(ids, raster)
+        if (pos >= ids.numel()).any() or not torch.equal(ids[pos.clamp_max(ids.numel() - 1)], raster):
+            raise RuntimeError(f"vlmprune: a current token of image {image} was not alive at vision block {layer}")
+        return pos
+
+    def _encoder_attention(self, packed, members: list[int], raster: torch.Tensor, layer, reduce: str) -> torch.Tensor:
+        """Signal ``encoder_attention``: per image of the call, the attention probabilities of
+        vision block ``layer`` (0-based; default: the last, the feature layer) among that image's
+        merged tokens, ``[B, H, N, N]`` (``reduce="none"``) or head-``"mean"``/``"sum"``
+        ``[B, N, N]``, aligned with ``ctx.tokens`` (see :func:`.qwen_vision.group_attention`)."""
+        layer = self.info.feature_layer if layer is None else int(layer) % self.adapter.tower.depth
+        captured = self._captured(packed, layer)
         if reduce not in ("none", "mean", "sum"):
             raise ValueError(f"reduce must be one of 'none', 'mean', 'sum', got {reduce!r}")
         out = []
         for j, i in enumerate(members):
-            probs, ids = group_attention(self.adapter.tower, packed, store[layer], i)
-            pos = torch.searchsorted(ids, raster[j].to(ids.device))
-            if (pos >= ids.numel()).any() or not torch.equal(ids[pos.clamp_max(ids.numel() - 1)], raster[j].to(ids.device)):
-                raise RuntimeError(f"vlmprune: a current token of image {i} was not alive at vision block {layer}")
+            probs, ids = group_attention(self.adapter.tower, packed, captured, i)
+            pos = self._locate(ids, raster[j], i, layer)
             out.append(probs[:, pos][:, :, pos])
         probs = torch.stack(out)
         if reduce == "mean":
@@ -274,6 +312,47 @@ class QwenRuntime(VLMRuntime):
         if reduce == "sum":
             return probs.sum(1)
         return probs
+
+    def _encoder_qkv(self, packed, members: list[int], raster: torch.Tensor, layer: int):
+        """Signal ``encoder_qkv``: per image of the call, vision block ``layer``'s per-head
+        queries and keys (after its rotary embedding) and values of the patches of the current
+        tokens, ``[B, H, N * m^2, D]`` each: token ``j``'s ``m^2`` patches on rows
+        ``j m^2 .. (j + 1) m^2 - 1`` (``ModelInfo.patches_per_token``), in the merger's order."""
+        layer = int(layer) % self.adapter.tower.depth
+        captured = self._captured(packed, layer)
+        unit = self.adapter.tower.unit
+        out = []
+        for j, i in enumerate(members):
+            (q, k, v), ids = group_qkv(self.adapter.tower, packed, captured, i)
+            pos = self._locate(ids, raster[j], i, layer)
+            rows = (pos[:, None] * unit + torch.arange(unit, device=pos.device)).flatten()
+            out.append((q[:, rows], k[:, rows], v[:, rows]))
+        return tuple(torch.stack(t) for t in zip(*out))
+
+    def _merger_input(self, packed, members: list[int]) -> torch.Tensor:
+        """Signal ``projector_input``: what the merger maps to each current token, its ``m^2``
+        patches' last-block outputs concatenated in the merger's order, ``[B, N, m^2 C_v]``
+        (the input of signal ``projector``)."""
+        x = self.attention.merger_input
+        if packed is None or x is None:
+            raise RuntimeError("vlmprune: the merger's input was not captured in this forward")
+        groups = x.reshape(-1, self.adapter.tower.unit * x.shape[-1])  # alive groups, packed order
+        return torch.stack([groups[packed.members(i)[0].to(groups.device)] for i in members])
+
+    def _pixels(self, pixel_values: torch.Tensor, thw: list, members: list[int], raster: torch.Tensor) -> torch.Tensor:
+        """Signal ``pixels``: each current token's pixel patch ``[B, N, C, m p, m p]``: its
+        ``m x m`` patches (the processor stores each merge group's patches consecutively, each
+        as ``[C, T, p, p]``) joined, first temporal slice (an image's slices are copies)."""
+        visual = self.adapter.core.visual
+        m, p, c = visual.spatial_merge_size, visual.config.patch_size, visual.config.in_channels
+        sizes = [t * h * w for t, h, w in thw]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        out = []
+        for j, i in enumerate(members):
+            image = pixel_values[starts[i] : starts[i] + sizes[i]].view(-1, m, m, c, visual.config.temporal_patch_size, p, p)
+            groups = image[raster[j].to(image.device), :, :, :, 0]  # [N, m, m, C, p, p]
+            out.append(groups.permute(0, 3, 1, 4, 2, 5).reshape(groups.shape[0], c, m * p, m * p))
+        return torch.stack(out)
 
     def _text_embedding_of(self, members: list[int]):
         emb, mask = self._text_embedding()

@@ -146,7 +146,8 @@ def install_qwen_encoder(
     """Pre-hooks on blocks ``min(layers)`` .. last and a forward hook on the merger. They act
     only while ``state()`` returns a :class:`PackedGroups` (the adapter's image forward); video
     and other calls of the tower pass through untouched. ``prune(layer, hidden, packed)`` runs
-    before each block in ``layers``: it updates ``packed.alive`` and returns the kept rows."""
+    before each block in ``layers``: it updates ``packed.alive`` and returns the kept rows.
+    Layer ``depth`` (after the last block) prunes the merger's input: a pre-hook on the merger."""
     first = min(layers)
     prune_at = set(layers)
 
@@ -192,6 +193,17 @@ def install_qwen_encoder(
             )
         )
 
+    def merger_pre_hook(module, args, kwargs):
+        packed = state()
+        if packed is None:
+            return None
+        hidden = prune(tower.depth, read_arg(args, kwargs, "hidden_states", 0, aliases=("x",)), packed)
+        packed.pruned = True
+        return write_arg(args, kwargs, "hidden_states", hidden, 0, aliases=("x",))
+
+    if tower.depth in prune_at:
+        installed.hook(tower.merger.register_forward_pre_hook(merger_pre_hook, with_kwargs=True))
+
     def merger_hook(module, args, output):
         packed = state()
         if packed is None or not packed.pruned:
@@ -206,16 +218,18 @@ def install_qwen_encoder(
 
 # -- vision-encoder attention, recomputed from a block's q and k ----------------------------------
 class AttentionCapture:
-    """Per-forward store of the captured vision blocks: ``{block: {"q", "k", "cu", "alive"}}``
-    with ``q``, ``k`` ``[S, H, D]`` after the block's own rotary embedding, ``cu`` the
+    """Per-forward store of the captured vision blocks: ``{block: {"q", "k", "v", "cu", "alive"}}``
+    with ``q``, ``k`` ``[S, H, D]`` after the block's own rotary embedding (``v`` as projected), ``cu`` the
     ``cu_seqlens`` the block attended with (frames, or 2.5-VL windows) and ``alive`` the packed
     positions of the groups alive at that block (all of them unless encoder pruning ran)."""
 
     def __init__(self):
         self.blocks: dict[int, dict[str, torch.Tensor]] = {}
+        self.merger_input: torch.Tensor | None = None  # [S, C_v] alive patches, packed order
 
     def clear(self) -> None:
         self.blocks.clear()
+        self.merger_input = None
 
 
 def _rotary_of(attn: nn.Module) -> Callable:
@@ -269,9 +283,11 @@ def install_qwen_capture(
                 return
             cos, sin = pending["rope"]
             heads = attn.num_heads
-            q, k, _ = output.reshape(-1, 3, heads, output.shape[-1] // (3 * heads)).permute(1, 0, 2, 3).unbind(0)
+            q, k, v = output.reshape(-1, 3, heads, output.shape[-1] // (3 * heads)).permute(1, 0, 2, 3).unbind(0)
             q, k = rotary(q, k, cos, sin)
-            store().blocks[index] = {"q": q.detach(), "k": k.detach(), "cu": pending["cu"], "alive": pending["alive"]}
+            store().blocks[index] = {
+                "q": q.detach(), "k": k.detach(), "v": v.detach(), "cu": pending["cu"], "alive": pending["alive"]
+            }
             pending.clear()
             return
 
@@ -309,3 +325,49 @@ def group_attention(
     grouped = probs.view(h, g, unit, g, unit).mean(2).sum(-1)  # [H, G, G]
     order = torch.argsort(raster.to(q.device))
     return grouped[:, order][:, :, order], raster.to(q.device)[order]
+
+
+def group_qkv(
+    tower: QwenTower, packed: PackedGroups, captured: dict[str, torch.Tensor], image: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``((q, k, v), raster)``: one captured block's per-head queries and keys (after its rotary
+    embedding) and values ``[H, G * m^2, D]`` for one image's groups alive there, the groups in
+    raster order with each group's ``m^2`` patches on consecutive rows (in the merger's order),
+    and the groups' raster ids ``[G]``."""
+    unit = tower.unit
+    alive = captured["alive"].to(packed.image.device)
+    mine = (packed.image[alive] == image).nonzero().flatten()
+    raster = packed.raster[alive[mine]]
+    order = torch.argsort(raster)
+    rows = packed.patch_rows(mine[order].to(captured["q"].device))
+    qkv = tuple(captured[key][rows].transpose(0, 1) for key in ("q", "k", "v"))
+    return qkv, raster[order].to(captured["q"].device)
+
+
+def install_merger_input(
+    installed: Installed, tower: QwenTower, state: Callable[[], PackedGroups | None], store: Callable[[], AttentionCapture]
+) -> None:
+    """Keep the merger's input (the last block's output for the alive groups, packed order) in
+    ``store().merger_input`` during the adapter's image forward. Registered after any pruning
+    pre-hook on the merger, so it sees the groups that are actually merged."""
+
+    def pre_hook(module, args, kwargs):
+        if state() is not None:
+            store().merger_input = read_arg(args, kwargs, "hidden_states", 0, aliases=("x",)).detach()
+
+    installed.hook(tower.merger.register_forward_pre_hook(pre_hook, with_kwargs=True))
+
+
+class GroupProjector(nn.Module):
+    """The merger as a row-wise map (signal ``projector``): ``[R, m^2 C_v]`` (a merge group's
+    patches concatenated, signal ``projector_input``) to ``[R, C_llm]``, through the merger's own
+    per-patch norm and MLP. Its parameters are the merger's (``merger.*``), so
+    ``torch.func.functional_call`` can run it in another dtype."""
+
+    def __init__(self, tower: QwenTower):
+        super().__init__()
+        self.merger = tower.merger
+        self.unit = tower.unit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merger(x.reshape(-1, x.shape[-1] // self.unit))

@@ -124,6 +124,7 @@ class _Probe(Method):
         if self.where.stage == "llm":
             self.text = ctx.signals.text_attention(query="last")
             self.instr = ctx.signals.text_attention(query="instruction")
+            self.relay = ctx.signals.relay_qkv()
         else:
             self.cls = ctx.signals.cls_attention()
             self.cls0 = ctx.signals.cls_attention(layer=0)
@@ -148,6 +149,38 @@ def test_llm_attention_rows_match_eager_attentions():
         torch.testing.assert_close(probe.text[i], want, atol=1e-5, rtol=1e-4)
         after = torch.arange(int(img[-1]) + 1, ids.shape[1])
         torch.testing.assert_close(probe.instr[i], ref[i][:, after][:, :, img].mean(0).mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_relay_qkv_is_the_last_token_and_image_rows_of_the_layer():
+    """``relay_qkv`` (FlowCut's LLM relay): q/k reproduce the eager model's last-token attention
+    over the image (renormalised), v is the layer's value projection, kv heads repeated."""
+    model = tiny_llava("clip", "eager")
+    inputs = batch([[10, 11, 12], [20]], seed=3)
+    pos = positions_from_mask(inputs["attention_mask"])
+    values = {}
+    hook = model.model.language_model.layers[1].self_attn.v_proj.register_forward_hook(
+        lambda mod, args, out: values.setdefault("v", out.detach())
+    )
+    with torch.no_grad():
+        ref = model(**inputs, position_ids=pos, output_attentions=True).attentions[1]
+    hook.remove()
+    probe = _Probe(where=Point("llm", 2))
+    with vlmprune.wrap(model, probe, budget=n_patches()):
+        with torch.no_grad():
+            model(**inputs, position_ids=pos)
+    q, k, v = probe.relay
+    heads, kv_heads = model.config.text_config.num_attention_heads, model.config.text_config.num_key_value_heads
+    n = n_patches()
+    assert q.shape == k.shape == v.shape == (2, heads, 1 + n, 16)
+    ids = inputs["input_ids"]
+    for i in range(2):
+        img = (ids[i] == IMAGE_TOKEN).nonzero().flatten()
+        want = ref[i, :, -1, img] / ref[i, :, -1, img].sum(-1, keepdim=True)
+        got = (q[i, :, :1] @ k[i, :, 1:].transpose(-1, -2) / 4.0).softmax(-1)[:, 0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        rows = torch.cat([torch.tensor([ids.shape[1] - 1]), img])
+        by_hand = values["v"][i, rows].view(1 + n, kv_heads, 16).transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+        torch.testing.assert_close(v[i], by_hand, atol=1e-6, rtol=1e-5)
 
 
 def test_encoder_cls_attention_matches_eager_vision_attentions():

@@ -26,7 +26,8 @@ COUNTS = [64, 60]
 
 # (version, encoder layers): "2.5-deep" is a 4-block Qwen2.5-VL tower with full attention in
 # blocks 1 and 3 and 3x3-group windows (partial at the edges): layer 2 is before a window block
-CASES = [("2", (1,)), ("2.5", (1,)), ("2.5-deep", (2,)), ("2.5-deep", (1, 2))]
+# (before the merger: layer = depth, 2 or 4)
+CASES = [("2", (1,)), ("2.5", (1,)), ("2.5-deep", (2,)), ("2.5-deep", (1, 2)), ("2", (2,)), ("2.5-deep", (2, 4))]
 case_ids = [f"{v}-L{'+'.join(map(str, layers))}" for v, layers in CASES]
 cases = pytest.mark.parametrize("version,layers", CASES, ids=case_ids)
 
@@ -115,7 +116,7 @@ def visual_by_hand(model, pixels, grid, keep_at):
         order = raster.clone()
     raster, window = raster[order], window[order]
     x, cos, sin = (t.view(-1, unit, t.shape[-1])[order] for t in (x, cos, sin))
-    for layer, block in enumerate(visual.blocks):
+    for layer in range(len(visual.blocks) + 1):  # layer = depth: before the merger
         if layer in keep_at:
             by_raster = torch.argsort(raster)
             kept = keep_at[layer](x.mean(1)[by_raster], raster[by_raster])
@@ -125,6 +126,9 @@ def visual_by_hand(model, pixels, grid, keep_at):
             if new_means is not None:  # new_means follow `kept`; x follows the window order
                 where = (raster[:, None] == kept[None, :]).float().argmax(1)
                 x = x + (new_means[where] - x.mean(1))[:, None]
+        if layer == len(visual.blocks):
+            break
+        block = visual.blocks[layer]
         full = not windowed or layer in visual.fullatt_block_indexes
         _, sizes = torch.unique_consecutive(torch.zeros_like(window) if full else window, return_counts=True)
         cu = torch.nn.functional.pad((sizes * unit).cumsum(0), (1, 0)).to(torch.int32)
@@ -355,8 +359,8 @@ def test_unwrap_restores_and_errors(version):
     handle.unwrap()
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
     torch.testing.assert_close(forward(model, inputs), ref, atol=0, rtol=0)
-    for bad in (0, 2):
-        with pytest.raises(ValueError, match=r"encoder pruning layer must be an int in \[1, 1\]"):
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=r"encoder pruning layer must be an int in \[1, 2\]"):
             vlmprune.wrap(model, TopNorm(layers=(bad,)), budget=8)
     with pytest.raises(ValueError, match="stage.*must be one of"):
         vlmprune.wrap(model, "fixed", stage="vision", indices=[0], budget=1)

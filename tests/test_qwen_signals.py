@@ -18,7 +18,7 @@ from vlmprune.adapters.qwen_vision import QwenTower
 import vlmprune
 from tests.test_truth_qwen import forward
 from tests.tiny import qwen_batch, tiny_qwen
-from vlmprune.context import ModelInfo, Selection
+from vlmprune.context import ModelInfo, Point, Selection
 from vlmprune.method import Method
 from vlmprune.primitives.scoring import received_attention
 
@@ -163,3 +163,133 @@ def test_holov_and_hiprune_checks_and_layers_on_qwen():
         vlmprune.wrap(model, "holov", budget=8, saliency="cls")
     with pytest.raises(ValueError, match="needs a CLS token"):  # cls_attention stays unavailable
         vlmprune.wrap(model, "visionzip", budget=8)
+
+
+# -- encoder q/k/v, the merger as a projector, pixels ---------------------------------------------
+@dataclass
+class SignalProbe(Method):
+    """Test method: before vision block 1 keeps every other token (``prune``), before the merger
+    (layer = depth) and at the projector keeps all; records ``encoder_qkv`` at every point and the
+    projector-stage signals."""
+
+    name = "test_qwen_signal_probe"
+    stages = ("encoder", "projector")
+    needs = frozenset({"encoder_qkv", "projector", "projector_input", "pixels"})
+    positions = "original"
+    prune: bool = False
+
+    def points(self, info):
+        return [Point("encoder", 1), Point("encoder", info.encoder_layers), Point("projector")]
+
+    def capture_layers(self, info):
+        return {"encoder": tuple(range(info.encoder_layers)), "llm": ()}
+
+    def select(self, ctx):
+        b, n = ctx.tokens.shape[:2]
+        rec = {"images": list(ctx.images), "raster": ctx.token_index.clone()}
+        layers = range(ctx.layer) if ctx.stage == "encoder" else range(ctx.info.encoder_layers)
+        rec["qkv"] = {layer: ctx.signals.encoder_qkv(layer=layer) for layer in layers}
+        if ctx.stage == "projector":
+            rec["tokens"] = ctx.tokens
+            rec["merged_by_projector"] = ctx.signals.projector()(ctx.signals.projector_input().flatten(0, 1)).view(b, n, -1)
+            rec["pixels"] = ctx.signals.pixels()
+        self.seen.setdefault(str(ctx.point), []).append(rec)
+        keep = torch.arange(0, n, 2) if self.prune and ctx.layer == 1 else torch.arange(n)
+        return Selection(keep=keep.expand(b, -1).clone())
+
+
+def packed_rows(version, model, inputs, image):
+    """Packed rows (the tower's order) of one image's patches, merge groups in raster order."""
+    thw = inputs["image_grid_thw"]
+    counts = [int(t * h * w) // 4 for t, h, w in thw.tolist()]
+    order = QwenTower(model.model.visual).window_index(thw)[0] if version == "2.5" else torch.arange(sum(counts))
+    groups = torch.argsort(order)[sum(counts[:image]) : sum(counts[: image + 1])]
+    return (groups[:, None] * 4 + torch.arange(4)).flatten()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_encoder_qkv_reproduces_each_block(version):
+    """Per patch, q/k give the eager model's own attention (full-attention blocks) and the
+    eager probabilities times v, through the block's output projection, give its output."""
+    model, eager = model_for(version), model_for(version, "eager")
+    inputs = qwen_batch(PROBE_TEXTS, PROBE_GRIDS, seed=5)
+    visual = eager.model.visual
+    outputs = {}
+    hooks = [blk.attn.register_forward_hook(lambda m, a, out, i=i: outputs.setdefault(i, out.detach())) for i, blk in enumerate(visual.blocks)]
+    try:
+        full = eager_attention(eager, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    probe = SignalProbe()
+    probe.seen = {}
+    with vlmprune.wrap(model, probe, budget=1.0):
+        forward(model, inputs)
+    tower = QwenTower(visual)
+    for rec in probe.seen["projector"]:
+        for layer, (q, k, v) in rec["qkv"].items():
+            assert q.shape == (len(rec["images"]), 4, 4 * rec["raster"].shape[1], 8)
+            for j, i in enumerate(rec["images"]):
+                rows = packed_rows(version, model, inputs, i)
+                eager_probs = full[layer][:, rows][:, :, rows]
+                if layer in tower.full_blocks:
+                    torch.testing.assert_close((q[j] @ k[j].transpose(1, 2) / 8**0.5).softmax(-1), eager_probs, atol=1e-5, rtol=1e-4)
+                out = visual.blocks[layer].attn.proj((eager_probs @ v[j]).transpose(0, 1).flatten(1))
+                torch.testing.assert_close(out, outputs[layer][rows], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_encoder_qkv_follows_pruning_and_the_merger_is_the_projector(version):
+    """After pruning before block 1, later points see the kept tokens' rows of the same q/k/v;
+    ``projector(projector_input)`` gives the merged tokens, with and without that pruning."""
+    model = model_for(version)
+    inputs = qwen_batch(PROBE_TEXTS, PROBE_GRIDS, seed=6)
+    for prune in (False, True):
+        probe = SignalProbe(prune=prune)
+        probe.seen = {}
+        with vlmprune.wrap(model, probe, budget=1.0) as handle:
+            forward(model, inputs)
+        first = {tuple(r["images"]): r for r in probe.seen["encoder:1"]}
+        for point in ("encoder:2", "projector"):
+            for rec in probe.seen[point]:
+                before = first[tuple(rec["images"])]
+                kept = torch.arange(0, before["raster"].shape[1], 2) if prune else torch.arange(before["raster"].shape[1])
+                assert torch.equal(rec["raster"], before["raster"][:, kept])
+                rows = (kept[:, None] * 4 + torch.arange(4)).flatten()
+                for a, b in zip(rec["qkv"][0], before["qkv"][0]):
+                    torch.testing.assert_close(a, b[:, :, rows], atol=0, rtol=0)
+        assert probe.seen["encoder:2"][0]["qkv"][1][0].shape[2] == 4 * probe.seen["encoder:2"][0]["raster"].shape[1]
+        for rec in probe.seen["projector"]:
+            torch.testing.assert_close(rec["merged_by_projector"], rec["tokens"], atol=1e-5, rtol=1e-5)
+        counts = [g * h // 4 for g, h in PROBE_GRIDS]
+        assert handle.stats["llm_visual_tokens"] == ([(c + 1) // 2 for c in counts] if prune else counts)
+
+
+def test_pixels_are_each_tokens_image_region():
+    """Through the real Qwen2-VL image processor (no resize / rescale / normalise): the
+    ``pixels`` of merged token (r, c) are the image's ``8 x 8`` block at (r, c)."""
+    from transformers import Qwen2VLImageProcessor
+
+    proc = Qwen2VLImageProcessor(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 64 * 4,
+        do_resize=False, do_rescale=False, do_normalize=False,
+    )
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(64, 48, 3, generator=gen), torch.rand(32, 64, 3, generator=gen)]
+    pix = proc(images=[im.numpy() for im in images], return_tensors="pt")
+    grids = [(int(h), int(w)) for _, h, w in pix["image_grid_thw"].tolist()]
+    assert grids == [(16, 12), (8, 16)]
+    inputs = qwen_batch([[10], [11, 12]], grids)
+    inputs["pixel_values"] = pix["pixel_values"]
+    model = model_for("2")
+    probe = SignalProbe()
+    probe.seen = {}
+    with vlmprune.wrap(model, probe, budget=1.0):
+        forward(model, inputs)
+    for rec in probe.seen["projector"]:
+        for j, i in enumerate(rec["images"]):
+            image = images[i].permute(2, 0, 1)
+            cols = grids[i][1] // 2
+            for t, r in enumerate(rec["raster"][j].tolist()):
+                row, col = divmod(r, cols)
+                torch.testing.assert_close(rec["pixels"][j, t], image[:, 8 * row : 8 * row + 8, 8 * col : 8 * col + 8])

@@ -44,6 +44,9 @@ class ModelInfo:
     llm_layers: int
     stages: tuple[str, ...]
     signals: tuple[str, ...] = ()  # signal names the adapter can provide; empty = all
+    #: vision-encoder patches per visual token (Qwen-VL's 2x2 merge groups: 4); encoder-stage
+    #: ``encoder_qkv`` rows are patches, this many consecutive rows per token
+    patches_per_token: int = 1
 
 
 @dataclass

@@ -16,9 +16,11 @@ SIGNALS = frozenset(
         "encoder_qkv",  # per-head queries, keys and values of a vision-encoder layer
         "hidden",  # hidden states of the current tokens (vision or LLM space)
         "projected",  # the current tokens mapped by the projector (LLM space)
-        "projector",  # the projector itself, for perturbation methods
+        "projector",  # the projector as a row-wise map, for perturbation methods
+        "projector_input",  # what the projector maps to each current token (LLaVA: the tokens themselves)
         "text_attention",  # LLM attention rows (last / instruction tokens -> image tokens)
         "llm_qkv",  # per-head queries (post-RoPE), keys and values at an LLM layer
+        "relay_qkv",  # per image: q/k/v at an LLM layer of the prompt's last token, then the image's tokens
         "text_embedding",  # the LLM input embeddings of the prompt's text tokens
         "pixels",  # each current token's pixel patch, as fed to the vision tower
         "sublayer_io",  # inputs and outputs of an LLM layer's attention and MLP sub-layers (prefill)
