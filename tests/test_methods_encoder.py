@@ -259,6 +259,83 @@ def test_flowcut_refuses_a_schedule():
         m.select(ctx)
 
 
+QWEN = ModelInfo("qwen2_vl", None, None, False, 32, 31, 28, ("encoder", "projector", "llm"), patches_per_token=4)
+
+
+def test_flowcut_qwen_schedule_follows_the_qwen_port():
+    """Official FlowCut_Qwen: rpl = depth - t - 1, so the last pruning runs after the last block
+    (before the merger: encoder point 32 of 32); then the LLM stage before layer 2."""
+    m = vlmprune.get_method("flowcut")()
+    assert [str(p) for p in m.points(QWEN)] == [f"encoder:{layer}" for layer in range(2, 33, 2)] + ["llm:2"]
+    assert m.capture_layers(QWEN) == {"encoder": tuple(range(32)), "llm": (1,)}
+    m.check(QWEN)
+    assert m.needs == {"encoder_qkv", "relay_qkv"}
+    off = vlmprune.get_method("flowcut")(llm_stage="off")
+    assert [str(p) for p in off.points(QWEN)][-1] == "encoder:32" and off.capture_layers(QWEN)["llm"] == ()
+    assert [str(p) for p in vlmprune.get_method("flowcut")(llm_stage="on").points(CLIP_L)][-2:] == ["encoder:22", "llm:2"]
+    with pytest.raises(ValueError, match="llm_layer"):
+        vlmprune.get_method("flowcut")(llm_layer=28).check(QWEN)
+
+
+def flowcut_run_groups(method, q, k, v, target, info=QWEN):
+    """:func:`flowcut_run` for a merge-group tower: projections ``[L, B, H, 4 N, d]`` per patch,
+    each token's 4 patches on consecutive rows; the encoder points only."""
+    b, n = q.shape[1], q.shape[3] // 4
+    alive = torch.arange(n).expand(b, n)
+    state, history = {}, []
+    for point in [p for p in method.points(info) if p.stage == "encoder"]:
+
+        def qkv(layer=None, alive=alive):
+            rows = (alive[:, :, None] * 4 + torch.arange(4)).flatten(1)[:, None, :, None]
+            return tuple(t[layer].gather(2, rows.expand(-1, t.shape[2], -1, t.shape[-1])) for t in (q, k, v))
+
+        ctx = context(torch.zeros(b, alive.shape[1], 4), target, info, {"encoder_qkv": qkv}, "encoder", point.layer, state, alive)
+        sel = method.select(ctx)
+        alive = alive.gather(1, sel.keep)
+        history.append((point.layer, alive, sel))
+    return history
+
+
+def test_flowcut_qwen_groups_score_the_sum_of_their_patches():
+    n, layers = 64, 32
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(layers, 1, 2, 4 * n, 8, generator=gen) * 0.1 + 1.0
+    k = torch.randn(layers, 1, 2, 4 * n, 8, generator=gen) * 0.1
+    v = torch.randn(layers, 1, 2, 4 * n, 8, generator=gen) * 0.1
+    k[:, :, :, 4 * 37 + 2] = 20.0  # one patch of group 37 takes the mean query's attention
+    v[:, :, :, 4 * 37 + 2] = 5.0
+    m = vlmprune.get_method("flowcut")()
+    ctx = context(torch.zeros(1, n, 4), 4, QWEN, {"encoder_qkv": lambda layer=None: (q[0], k[0], v[0])}, "encoder", 2)
+    score, relation = m.layer_score(ctx, 0)
+    a = torch.softmax((q[0].mean(2, keepdim=True) @ k[0].transpose(-1, -2))[:, :, 0] * 8**-0.5, -1).mean(1)  # [1, 4N]
+    torch.testing.assert_close(relation, a)
+    torch.testing.assert_close(score, (a * v[0].mean(1).abs().sum(-1)).view(1, n, 4).sum(-1))
+    history = flowcut_run_groups(m, q, k, v, 4)
+    assert all((alive == 37).any() for _, alive, _ in history)
+    assert history[-1][0] == 32 and history[-1][1].shape == (1, 8)  # encoder_keep = 2: twice the budget
+    assert [alive.shape[1] for _, alive, _ in history] == sorted((alive.shape[1] for _, alive, _ in history), reverse=True)
+
+
+def test_flowcut_llm_stage_relays_through_the_last_prompt_token():
+    """``compute_score_llm``: softmax over the visual tokens only of the last token's q.k and v.v
+    (both / sqrt(d)), summed, times the head-mean value L1 norm; keeps the budget in order."""
+    n, heads, d = 30, 4, 16
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, heads, 1 + n, d, generator=gen) for _ in range(3))
+    k[1, :, 1 + 11] = q[1, :, 0] * 5.0  # image 1: the relay looks at token 11
+    v[1, :, 1 + 11] = v[1, :, 0] * 3.0
+    m = vlmprune.get_method("flowcut")()
+    ctx = context(torch.zeros(2, n, 4), 5, QWEN, {"relay_qkv": lambda layer=None: (q, k, v)}, "llm", 2)
+    sel = m.select(ctx)
+    rel = torch.softmax((q[:, :, :1] @ k[:, :, 1:].transpose(-1, -2))[:, :, 0] / d**0.5, -1).mean(1)
+    sem = torch.softmax((v[:, :, :1] @ v[:, :, 1:].transpose(-1, -2))[:, :, 0] / d**0.5, -1).mean(1)
+    want = (rel + sem) * v[:, :, 1:].mean(1).abs().sum(-1)
+    torch.testing.assert_close(sel.scores, want)
+    assert torch.equal(sel.keep, torch.sort(want.topk(5).indices).values) and (sel.keep[1] == 11).any()
+    few = m.select(context(torch.zeros(2, 4, 4), 4, QWEN, {}, "llm", 2))  # nothing above the budget: no signal read
+    assert torch.equal(few.keep, torch.arange(4).expand(2, 4))
+
+
 def test_flowcut_through_wrap_progressive_exact_and_deterministic():
     model = model_for("clip", DEEP)
     inputs = batch([[10, 11], [20, 21, 22]], seed=7)
@@ -610,4 +687,4 @@ def test_methods_listed_with_metadata():
     for name, arxiv in (("flowcut", "2505.19536"), ("hiprune", "2508.00553"), ("holov", "2510.02912"), ("fopru", "2411.14164")):
         assert listed[name]["paper"]["arxiv"] == arxiv and listed[name]["training_free"]
         assert all(o["doc"] for o in listed[name]["options"].values())
-    assert listed["flowcut"]["stages"] == ["encoder"] and listed["hiprune"]["stages"] == ["projector"]
+    assert listed["flowcut"]["stages"] == ["encoder", "llm"] and listed["hiprune"]["stages"] == ["projector"]

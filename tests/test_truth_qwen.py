@@ -15,6 +15,11 @@ METHODS = ["divprune", "uniform", "fastv", "random", "hiprune", "holov"]  # the 
 # methods with points inside the LLM (multi-point) that run on Qwen: batch equivalence only here
 # (their manual and cache checks run on LLaVA, which shares the decoder machinery)
 LLM_METHODS = ["todre", "feather", "transprune", "adatoken3d"]
+# the cards' methods that act in the vision encoder (FlowCut: mean-query relay, pruned before the
+# merger, then the last-token relay in the LLM) or carry a vision map into the LLM (VFlowOpt):
+# keep-all (FlowCut; VFlowOpt recycles cells even at full budget), batch and cache here; their
+# mechanics are checked by hand in test_qwen_encoder.py / test_qwen_signals.py
+MULTI_STAGE = ["flowcut", "vflowopt"]
 TEXTS = [[10, 11, 12, 13], [20, 21]]
 GRIDS = [(16, 16), (12, 16)]  # 64 and 48 merged tokens
 
@@ -59,7 +64,7 @@ methods = pytest.mark.parametrize("name", METHODS)
 
 
 @versions
-@methods
+@pytest.mark.parametrize("name", METHODS + ["flowcut"])
 def test_keep_all_equivalence(version, name):
     model = model_for(version)
     inputs = qwen_batch(TEXTS, GRIDS)
@@ -115,7 +120,7 @@ def test_manual_equivalence_with_3d_positions(version, name):
 
 
 @versions
-@pytest.mark.parametrize("name", METHODS + LLM_METHODS)
+@pytest.mark.parametrize("name", METHODS + LLM_METHODS + MULTI_STAGE)
 def test_batch_of_different_image_sizes_equals_single_runs(version, name):
     if name == "random":
         pytest.skip("random draws from one generator per forward: batch and single runs differ by design")
@@ -132,7 +137,7 @@ def test_batch_of_different_image_sizes_equals_single_runs(version, name):
 
 
 @versions
-@methods
+@pytest.mark.parametrize("name", METHODS + MULTI_STAGE)
 def test_cache_equivalence(version, name):
     if name == "fastv":
         pytest.skip("the last token changes every step; LLM-stage cache replay is covered on LLaVA")

@@ -25,15 +25,17 @@ def flow_score(relation: torch.Tensor, value_l1: torch.Tensor, semantic: torch.T
     return (rel + sem) * value_l1
 
 
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
 @register
 @dataclass
 class FlowCut(Method):
     """FlowCut (Tong et al., NeurIPS 2025, arXiv 2505.19536; code TungChintao/FlowCut).
 
     Progressive pruning inside the vision encoder, code-exact for LLaVA-1.5
-    (``modeling_clip_flowcut.py``). After every encoder layer ``t`` up to the feature layer
-    ``S`` (LLaVA-1.5: ``S = L - 2 = 22``, here ``ModelInfo.feature_layer``), each surviving
-    patch is scored from that layer's own attention projections:
+    (``modeling_clip_flowcut.py``). After every encoder layer ``t`` up to the last pruning
+    layer, each surviving patch is scored from that layer's own attention projections:
 
     - ``a``: CLS -> patch attention (head mean, softmax over all alive tokens, CLS column
       dropped);
@@ -45,29 +47,40 @@ class FlowCut(Method):
     The cumulative score is an EMA, ``C = ema * C + (1 - ema) * score`` (first layer:
     ``C = score``), carried between pruning points in ``ctx.state``. Tokens are removed only
     after layers with an even remaining-layer count ``rpl = S - t - 1`` (so the pruning
-    points are ``encoder:S, S-2, ...``): at ``rpl = 0`` down to exactly the budget ``K``;
-    otherwise ``r = round((N - K) / sqrt(rpl) * (1 - rho^2))`` patches, ``rho`` the
-    normalised entropy of ``a`` (``H(a) / log N``), never below ``K``. Kept patches are the
-    top ``C`` in original order; layers after ``S`` run on ``K`` patches and exactly ``K``
-    reach the projector.
+    points are ``encoder:S, S-2, ...``): at ``rpl = 0`` down to exactly the encoder's count
+    ``K``; otherwise ``r = round((N - K) / sqrt(rpl) * (1 - rho^2))`` tokens, ``rho`` the
+    normalised entropy of ``a`` (``H(a) / log(len a)``), never below ``K``. Kept tokens are the
+    top ``C`` in original order. LLaVA-1.5 / LLaVA-NeXT: ``S`` is the feature layer
+    (``L - 2 = 22`` in the code, here ``ModelInfo.feature_layer``), so layers from ``S`` on run
+    on ``K`` patches; there is no LLM stage and ``K`` is the budget.
 
-    The LLaVA-1.5 path has no LLM stage. The code's second stage for LLaVA-NeXT / Qwen2-VL
-    (before decoder layer 2, scoring each visual token with the last prompt token's q/k/v,
-    softmax over the visual tokens only, with :func:`flow_score`) is not implemented yet: it
-    needs an ``llm``-stage signal giving, per image, the q/k/v of its visual tokens and of its
-    last prompt token (``llm_qkv`` returns the whole batch's sequences without the image
-    positions). Adding it is an ``"llm"`` entry in ``stages``, a ``Point("llm", 2)`` in
-    :meth:`points` and a ``ctx.stage == "llm"`` branch in :meth:`select`.
+    **Qwen2-VL / 2.5-VL** (official ``FlowCut_Qwen``): the relay is the mean query (below),
+    ``S`` is the tower's depth (``rpl = depth - t - 1``: the last pruning runs after the last
+    block, on the merger's input) and the encoder keeps ``encoder_keep`` times the budget (the
+    code: ``8 * target`` patches, i.e. ``2 * target`` merged tokens); a second stage before
+    LLM layer ``llm_layer`` (after layer index 1) keeps exactly the budget, scoring each visual
+    token with the prompt's last token as the relay (``compute_score_llm``):
+    ``rel = mean_h softmax_j(q_last . k_j / sqrt(d))`` and ``sem = mean_h softmax_j(v_last . v_j
+    / sqrt(d))``, both over the image's visual tokens only, ``score = (rel + sem) * |mean_h
+    v_j|_1`` (the Qwen code adds them un-normalised, the NeXT code normalised: both sum to one,
+    so they agree); kept tokens keep their 3-D M-RoPE positions, as in the Qwen code.
+    Ours, where the official port differs: the encoder prunes whole 2x2 merge groups (the
+    official code prunes single patches before the merger, breaking its 2x2 windows and
+    ``cu_seqlens``; card pitfall 7): a group's score and relay attention are the sums over its
+    four patches, ``rho`` is the patch-level entropy (``log`` of the patch count), counts are in
+    merged tokens; the mean query and the softmax run per image (the code: over the whole
+    batch-1 sequence); batches of any size. The official NeXT path's LLM stage is not run on
+    LLaVA-NeXT (there the encoder reaches the budget, ``llm_stage="auto"``); ``llm_stage="on"``
+    adds it on any model.
 
     Parameters
     ----------
     relay : {"auto", "cls", "mean_query"}, default "auto"
-        Who relays the information flow. ``"cls"``: the CLS token (LLaVA path of the code).
-        ``"mean_query"``: the CLS-free relay of the official Qwen2-VL port
-        (``FlowCut_Qwen``): ``a = head-mean softmax(mean_q . k / sqrt(d))`` over the patches,
-        ``score = a * m`` (no semantic term); the card's documented fallback for towers
-        without CLS (SigLIP). ``"auto"``: ``"cls"`` when the tower has a CLS token, else
-        ``"mean_query"``.
+        Who relays the information flow in the encoder. ``"cls"``: the CLS token (LLaVA path
+        of the code). ``"mean_query"``: the CLS-free relay of the official Qwen2-VL port:
+        ``a = head-mean softmax(mean_q . k / sqrt(d))`` over the patches, ``score = a * m``
+        (no semantic term); the card's documented fallback for towers without CLS (SigLIP).
+        ``"auto"``: ``"cls"`` when the tower has a CLS token, else ``"mean_query"``.
     count : {"batch_max", "per_image"}, default "batch_max"
         ``"batch_max"``: the code takes the largest ``r`` over the batch (rows stay
         rectangular, but a batch prunes differently from its images one by one).
@@ -78,14 +91,21 @@ class FlowCut(Method):
     interval : int, default 2
         Prune after layers whose ``rpl`` is a multiple of this (hard-wired "every second
         layer", ``not rpl % 2``, in the code).
+    llm_stage : {"auto", "on", "off"}, default "auto"
+        The second stage inside the LLM: ``"auto"`` runs it on Qwen-VL (official Qwen port).
+    encoder_keep : float, default 2.0
+        With the LLM stage: tokens the encoder keeps, as a multiple of the budget (Qwen code:
+        ``8 * target`` patches = ``2 * target`` merged tokens).
+    llm_layer : int, default 2
+        The LLM stage runs before this decoder layer (the code: after layer index 1).
 
-    Budgets: an int or a fraction (the final count ``K``); FlowCut sets its own intermediate
+    Budgets: an int or a fraction (the final count); FlowCut sets its own intermediate
     counts, so a per-point schedule is refused.
     """
 
     name = "flowcut"
-    stages = ("encoder",)
-    needs = frozenset({"cls_attention", "encoder_qkv"})
+    stages = ("encoder", "llm")
+    needs = frozenset({"cls_attention", "encoder_qkv", "relay_qkv"})
     paper = {
         "title": "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models",
         "arxiv": "2505.19536",
@@ -103,6 +123,11 @@ class FlowCut(Method):
     )
     ema: float = option(0.5, "EMA weight of the previous cumulative score (code: 0.5)")
     interval: int = option(2, "prune when the remaining-layer count is a multiple of this (code: 2)")
+    llm_stage: str = option(
+        "auto", "second stage inside the LLM; 'auto': on for Qwen-VL (official Qwen port)", choices=("auto", "on", "off")
+    )
+    encoder_keep: float = option(2.0, "with the LLM stage, encoder count as a multiple of the budget (Qwen code: 8*target patches)")
+    llm_layer: int = option(2, "the LLM stage runs before this decoder layer (code: after layer index 1)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,9 +135,25 @@ class FlowCut(Method):
             raise ValueError(f"option 'ema' of method 'flowcut' must be in [0, 1), got {self.ema}")
         if self.interval < 1:
             raise ValueError(f"option 'interval' of method 'flowcut' must be >= 1, got {self.interval}")
+        if self.encoder_keep < 1.0:
+            raise ValueError(f"option 'encoder_keep' of method 'flowcut' must be >= 1, got {self.encoder_keep}")
 
     # -- plan ------------------------------------------------------------------------------------
+    def _qwen(self, info) -> bool:
+        return info.family in QWEN_FAMILIES
+
+    def _with_llm(self, info) -> bool:
+        return self.llm_stage == "on" or (self.llm_stage == "auto" and self._qwen(info))
+
+    def _last_layer(self, info) -> int:
+        """``S`` of ``rpl = S - t - 1``: the tower's depth on Qwen, else the feature layer."""
+        return info.encoder_layers if self._qwen(info) else info.feature_layer
+
     def check(self, info):
+        relay = self.relay if self.relay != "auto" else ("cls" if info.has_cls else "mean_query")
+        self.needs = frozenset(  # what this instance reads on this model
+            {"encoder_qkv"} | ({"cls_attention"} if relay == "cls" else set()) | ({"relay_qkv"} if self._with_llm(info) else set())
+        )
         super().check(info)
         if self.relay == "cls" and not info.has_cls:
             raise ValueError(
@@ -121,13 +162,18 @@ class FlowCut(Method):
             )
         if info.feature_layer < 1:
             raise ValueError("method 'flowcut' prunes between encoder layers and needs a feature layer >= 1")
+        if self._with_llm(info) and not 1 <= self.llm_layer < info.llm_layers:
+            raise ValueError(
+                f"option 'llm_layer' of method 'flowcut' must be in [1, {info.llm_layers - 1}] on this "
+                f"{info.llm_layers}-layer LLM, got {self.llm_layer}"
+            )
 
     def points(self, info):
-        s = info.feature_layer
-        return [Point("encoder", layer) for layer in sorted(range(s, 0, -self.interval))]
+        encoder = [Point("encoder", layer) for layer in sorted(range(self._last_layer(info), 0, -self.interval))]
+        return encoder + ([Point("llm", self.llm_layer)] if self._with_llm(info) else [])
 
     def capture_layers(self, info):
-        return {"encoder": tuple(range(info.feature_layer)), "llm": ()}
+        return {"encoder": tuple(range(self._last_layer(info))), "llm": (self.llm_layer - 1,) if self._with_llm(info) else ()}
 
     def encoder_per_image(self) -> bool:
         return self.count == "per_image"
@@ -139,7 +185,8 @@ class FlowCut(Method):
         return "cls" if ctx.info.has_cls else "mean_query"
 
     def layer_score(self, ctx: TokenContext, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(score, relation attention)``, both ``[B, N]``, of encoder ``layer`` for the current tokens."""
+        """``(score [B, N], relay attention)`` of encoder ``layer`` for the current tokens; the
+        relay attention is per patch (``[B, N * patches_per_token]``, its entropy sets the count)."""
         q, k, v = ctx.signals.encoder_qkv(layer=layer)
         if self._relay(ctx) == "cls":
             relation = ctx.signals.cls_attention(layer=layer, reduce="mean")
@@ -148,7 +195,8 @@ class FlowCut(Method):
         off = int(ctx.info.has_cls)  # the relay is the patches' mean query; a CLS token takes no part
         q, k, v = q[:, :, off:], k[:, :, off:], v[:, :, off:]
         relation = attention_rows(q.mean(2, keepdim=True), k)[:, :, 0].mean(1)
-        return flow_score(relation, value_norm(v, p=1)), relation
+        score = flow_score(relation, value_norm(v, p=1))
+        return score.view(score.shape[0], ctx.n, -1).sum(-1), relation  # a token's patches summed
 
     def select(self, ctx: TokenContext) -> Selection:
         if ctx.budget != ctx.target:
@@ -157,7 +205,9 @@ class FlowCut(Method):
                 "(the final count), not a per-point schedule"
             )
         b, n = ctx.tokens.shape[:2]
-        k = ctx.target
+        if ctx.stage == "llm":
+            return self._select_llm(ctx)
+        k = min(n, round(self.encoder_keep * ctx.target)) if self._with_llm(ctx.info) else ctx.target
         state = ctx.state
         if n <= k:  # pruning finished (or nothing to prune): the code skips scoring too
             return Selection(keep=torch.arange(n, device=ctx.tokens.device).expand(b, n).clone())
@@ -167,11 +217,11 @@ class FlowCut(Method):
             current, relation = self.layer_score(ctx, layer)
             score = current if score is None else self.ema * score + (1.0 - self.ema) * current
         state["next_layer"] = ctx.layer
-        rpl = ctx.info.feature_layer - ctx.layer
+        rpl = self._last_layer(ctx.info) - ctx.layer
         if rpl == 0:
             counts = torch.full((b,), k, dtype=torch.long)
         else:
-            rho = entropy(relation) / math.log(n)
+            rho = entropy(relation) / math.log(relation.shape[-1])
             r = (n - k) / math.sqrt(rpl) * (1.0 - rho**2)
             if self.count == "batch_max":
                 r = r.max().expand(b)
@@ -184,3 +234,14 @@ class FlowCut(Method):
         keep = topk_keep_order(score, int(counts[0]))
         state["score"] = score.gather(1, keep)
         return Selection(keep=keep, scores=score)
+
+    def _select_llm(self, ctx: TokenContext) -> Selection:
+        """The LLM stage: the prompt's last token relays (``compute_score_llm``); keep the budget."""
+        b, n = ctx.tokens.shape[:2]
+        if n <= ctx.target:
+            return Selection(keep=torch.arange(n, device=ctx.tokens.device).expand(b, n).clone())
+        q, k, v = ctx.signals.relay_qkv(layer=ctx.layer - 1)
+        relation = attention_rows(q[:, :, :1], k[:, :, 1:])[:, :, 0].mean(1)
+        semantic = attention_rows(v[:, :, :1], v[:, :, 1:])[:, :, 0].mean(1)
+        score = flow_score(relation, value_norm(v[:, :, 1:], p=1), semantic)
+        return Selection(keep=topk_keep_order(score, ctx.target), scores=score)
