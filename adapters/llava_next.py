@@ -48,7 +48,8 @@ same grid and budget share one call. Encoder signals (CLS attention, encoder att
 come from each crop's own pass through the tower, ``pixels`` from its own pixels;
 ``text_embedding`` is the prompt of the crop's image. ``ctx.images`` holds, per row, the crop's
 index among all crops of the forward plus the number of images (so per-row ``image_state`` of
-crops never mixes with the ``llm`` stage's per-image state). Each call gets a fresh random
+crops never mixes with the ``llm`` stage's per-image state; ``ctx.parts`` reaches the latter,
+see *Per-image state across stages*). Each call gets a fresh random
 generator seeded by the method's ``seed``, so a crop's result does not depend on how the crops of
 a batch were grouped. ``stats["points"]`` has one projector entry per call, one count per crop.
 
@@ -77,15 +78,26 @@ the position of the slot it came from).
 Multiple images per prompt, batches of images with different tile counts (``pixel_values`` 5-D
 padded as the processor returns it, or 4-D concatenated crops) and left padding are supported.
 
-Methods that carry a per-image state from the projector stage into the LLM (VFlowOpt's
-importance map) are refused: their projector calls here are per crop.
+*Per-image state across stages.* A projector-stage row is a crop, but ``ctx.parts`` (one
+:class:`~vlmprune.context.ImagePart` per row, read through ``ctx.whole_images()``) tells the
+method where the crop sits in its image: ``state`` is the image's own ``image_state`` dict (the
+object the ``llm`` stage hands the method for that image, shared by all crops of the image in
+this forward), ``index`` each token's id in the ``llm`` stage's numbering (``crop * side**2 +
+raster`` with the tower raster, the base image is crop 0), ``grid`` the ``llm``-stage grid
+``(crops * side, side)``, ``n`` / ``budget`` / ``target`` the whole image's counts, ``part`` the
+crop index, and ``layout_index`` / ``layout_grid`` the token's place in the model's 2-D layout
+of its region: the base image's ``side x side`` grid for crop 0, the joined, un-padded tile grid
+(``rows x cols`` as packed, newline column excluded) for tiles. So a method carries a per-image
+map from the crops into the LLM (VFlowOpt's importance map) without knowing the packing. The
+method still chooses per crop (the crop's row), so a choice ranked over the whole image (as
+VFlowOpt's official code does) becomes one per crop: see the method's docstring.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vlmprune.context import ModelInfo, Point, Signals
+from vlmprune.context import ImagePart, ModelInfo, Point, Signals
 
 from .base import Installed, Plan, check_selection, new_generator, register_adapter
 from .llava import LlavaAdapter, LlavaRuntime, _pixel_patches
@@ -94,10 +106,6 @@ from .vision import (
     encoder_signals,
 )
 from .vlm import VLMRuntime
-
-#: methods whose projector stage hands a per-image state to their llm stage (refused here)
-CROSS_STAGE_STATE = {"vflowopt": "its importance map is computed per image at the projector and read in the LLM"}
-
 
 def split_budget(budget: int, counts: list[int]) -> list[int]:
     """Share ``budget`` over parts of sizes ``counts`` in proportion (largest remainder, ties to
@@ -133,11 +141,6 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def install(self, plan: Plan) -> Installed:
         name = plan.method.name
-        if name in CROSS_STAGE_STATE and any(p.stage == "projector" for p in plan.points):
-            raise ValueError(
-                f"method {name!r} is not supported on LLaVA-NeXT: {CROSS_STAGE_STATE[name]}, and this adapter runs "
-                "the projector stage per crop (base image, tiles)"
-            )
         if any(p.stage == "encoder" for p in plan.points) and any(p.stage == "projector" for p in plan.points):
             raise ValueError(
                 f"method {name!r} acts at both the encoder and the projector stage, which the LLaVA-NeXT adapter "
@@ -190,6 +193,16 @@ class LlavaNextRuntime(VLMRuntime):
             if k > 1:  # the base image's tokens lead, without newlines
                 lead = (crop == 0) & ~is_nl
                 base_len = int(lead.long().cumprod(0).sum())
+            # joined-grid coordinates of the packed part (after the base prefix): a newline ends a row
+            tail_nl = is_nl[base_len:].long()
+            tail_row = tail_nl.cumsum(0) - tail_nl
+            tail_pos = torch.arange(tail_nl.numel())
+            row_start = torch.full((int(tail_row.max()) + 1 if tail_row.numel() else 1,), tail_nl.numel(), dtype=torch.long)
+            row_start = row_start.scatter_reduce(0, tail_row, tail_pos, reduce="amin")
+            tail_col = tail_pos - row_start[tail_row]
+            tile_tok = ~is_nl[base_len:] & (crop[base_len:] > 0)
+            tile_w = int(tail_col[tile_tok].max()) + 1 if bool(tile_tok.any()) else 0
+            tile_h = int(tail_row[tile_tok].max()) + 1 if bool(tile_tok.any()) else 0
             parts = []
             for c in range(k):
                 rasters = (slot_of[c] >= 0).nonzero().flatten()  # ascending = row-major
@@ -197,7 +210,12 @@ class LlavaNextRuntime(VLMRuntime):
                 h, w = int(rows.unique().numel()), int(cols.unique().numel())
                 if h * w != rasters.numel():
                     raise RuntimeError(f"vlmprune: crop {c} of an image keeps a non-rectangular token set after un-padding")
-                parts.append({"raster": rasters, "grid": (h, w)})
+                if c == 0:  # the base image: its own side x side grid
+                    where, region = rasters, (side, side)
+                else:  # a tile: its place in the joined, un-padded tile grid (newline column excluded)
+                    at = slot_of[c, rasters] - base_len
+                    where, region = tail_row[at] * tile_w + tail_col[at], (tile_h, tile_w)
+                parts.append({"raster": rasters, "grid": (h, w), "layout_index": where, "layout_grid": region})
             layouts.append(
                 {"crops": k, "slot_ids": slot_ids, "is_nl": is_nl, "crop": crop, "raster": raster,
                  "slot_of": slot_of, "base_len": base_len, "parts": parts,
@@ -359,9 +377,11 @@ class LlavaNextRuntime(VLMRuntime):
     def _projector_stage(self, point, feats, cls_tok, pixel_values, layouts, crops, crop_start, owner, chosen, n_img):
         patch = self.adapter.config.vision_config.patch_size
         groups: dict[tuple, list[int]] = {}
+        image_budgets = []
         for i, lay in enumerate(layouts):
             counts = [int(part["raster"].numel()) for part in lay["parts"]]
             budget, target = self._image_budget(point, lay["total"])
+            image_budgets.append((budget, target))
             for c, (b, t) in enumerate(zip(split_budget(budget, counts), split_budget(target, counts))):
                 g = crop_start[i] + c
                 if b == 0:
@@ -392,6 +412,8 @@ class LlavaNextRuntime(VLMRuntime):
                 )
                 cls_rows = cls_tok[idx] if cls_tok is not None else None
                 ctx = self.context(point, tokens, local, signals, images=[n_img + g for g in members], cls_token=cls_rows)
+                ctx.parts = [self._image_part(g, owner[g], crop_start, layouts, image_budgets, part_of, r)
+                             for g, r in zip(members, enc_raster)]
                 sel = self.run_method(ctx)
                 check_selection(sel, ctx, self.method.name, allow_extra=True)
                 if sel.keep_cls and cls_tok is None:
@@ -402,6 +424,20 @@ class LlavaNextRuntime(VLMRuntime):
                     chosen[g] = {"keep": keep, "values": values, "extra": extra, "cls": bool(sel.keep_cls)}
         finally:
             self._call_budget = None
+
+    def _image_part(self, g: int, image: int, crop_start, layouts, image_budgets, part_of, enc_raster) -> ImagePart:
+        """Crop ``g``'s place in its image ``image``: the image's llm-stage state and numbering
+        (``crop * side**2 + raster``), its budget, and the crop's layout coordinates."""
+        lay, part = layouts[image], part_of[g]
+        c = g - crop_start[image]
+        side = self.image_grids[image][1]
+        budget, target = image_budgets[image]
+        device = enc_raster.device
+        return ImagePart(
+            state=self.image_states.setdefault(image, {}), index=c * side * side + enc_raster,
+            grid=self.image_grids[image], n=lay["total"], budget=budget, target=target, part=c,
+            layout_index=part["layout_index"].to(device), layout_grid=part["layout_grid"],
+        )
 
     def _image_budget(self, point: Point, total: int) -> tuple[int, int]:
         budget = self.plan.budget

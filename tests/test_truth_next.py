@@ -370,8 +370,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match=r"budget must be in \[1, 160\]"):  # per image, at the encoder stage too
         with vlmprune.wrap(model, "flowcut", budget=200):
             forward(model, inputs)
-    with pytest.raises(ValueError, match="vflowopt"):
-        vlmprune.wrap(model, "vflowopt", budget=32)
+    vlmprune.wrap(model, "vflowopt", budget=32).unwrap()  # supported: importance map per image, across stages
     with pytest.raises(ValueError, match=r"budget must be in \[1, 160\]"):
         with vlmprune.wrap(model, "divprune", budget=200):
             forward(model, inputs)

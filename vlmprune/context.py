@@ -115,6 +115,35 @@ class Signals:
 
 
 @dataclass
+class ImagePart:
+    """Where one row of a call sits in its whole image, for adapters that call a stage on *parts*
+    of an image (LLaVA-NeXT's projector stage: one row per crop, i.e. the base image or a tile)
+    while a later stage sees the whole image at once.
+
+    ``state``: the whole image's per-image dict, the very object the later stages' ``image_state``
+    holds for that image (shared by all parts of the image in this forward). ``index`` ``[N]``:
+    each token of the row in the whole image's numbering (the later stages' ``token_index``).
+    ``grid``: the whole image's grid in that numbering. ``n``, ``budget``, ``target``: the whole
+    image's visual-token count and its budget/target at this point (``ctx.budget``/``ctx.target``
+    are the row's share). ``part``: the part's index in the image (0: the first, e.g. the base
+    image). ``layout_index`` ``[N]`` / ``layout_grid``: each token's raster index in the 2-D grid
+    of the region the part belongs to as the model lays it out (LLaVA-NeXT: the base image's own
+    grid for crop 0; the joined, un-padded tile grid for tiles), for methods that group tokens
+    spatially across parts.
+    """
+
+    state: dict
+    index: torch.Tensor
+    grid: tuple[int, int]
+    n: int
+    budget: int
+    target: int
+    part: int = 0
+    layout_index: torch.Tensor | None = None
+    layout_grid: tuple[int, int] | None = None
+
+
+@dataclass
 class TokenContext:
     """The visual tokens alive at one pruning point, for a batch of images.
 
@@ -127,6 +156,9 @@ class TokenContext:
     ``llm``-stage call may be a subset, grouped by token count). ``image_state``: one dict per
     row, the same object for that image at every point of the forward: carry per-image scores
     from one stage to the next here (VFlowOpt's importance map).
+    ``parts``: empty when every row is a whole image; else one :class:`ImagePart` per row, for
+    adapters that call this stage per part of an image (LLaVA-NeXT's projector stage, per crop).
+    Use :meth:`whole_images` to read both cases alike.
     """
 
     tokens: torch.Tensor
@@ -143,6 +175,20 @@ class TokenContext:
     generator: torch.Generator | None = None
     images: tuple[int, ...] = ()
     image_state: list[dict] = field(default_factory=list)
+    parts: list[ImagePart] = field(default_factory=list)
+
+    def whole_images(self) -> list[ImagePart]:
+        """Per row, the row's place in its whole image: ``parts`` when the adapter set them, else
+        the row itself as a whole image (``image_state``, ``token_index``, ``grid``, ``n``,
+        ``budget``, ``target``)."""
+        if self.parts:
+            return list(self.parts)
+        states = self.image_state or [{} for _ in range(self.tokens.shape[0])]
+        return [
+            ImagePart(state=states[j], index=self.token_index[j], grid=self.grid, n=self.n, budget=self.budget,
+                      target=self.target, part=0, layout_index=self.token_index[j], layout_grid=self.grid)
+            for j in range(self.tokens.shape[0])
+        ]
 
     @property
     def n(self) -> int:

@@ -115,6 +115,29 @@ class VFlowOpt(Method):
     images get recycling by default, whereas the official code recycles only on its anyres
     (multi-crop) image path; ``entropy_pixels="denormalize"`` reads de-normalised pixels where
     the official code casts normalised values to uint8 (negative values wrap; kept as default).
+
+    **LLaVA-NeXT (anyres)**: the adapter calls the projector stage per crop (base image, each
+    tile) and gives each row its place in the image (``ctx.whole_images()``). The importance map
+    is computed per crop, as in the official code, and written into the image's map, numbered as
+    the llm stage numbers the image's tokens (``crop * side**2 + raster``); the llm stages read it
+    per image and drop ``round(M (1 - r_s))`` of the image's ``M`` current visual tokens, as in
+    the official code. The ratios come from the *whole image's* budget (``r_v``, ``t``, ``m``
+    identical for all its crops). Deviations from the official anyres path: (a) the official code
+    ranks the image's whole sequence at once (``n_red = round(L (1 - r_v))``,
+    ``n_m = int(L / m^2)`` over ``L`` = base + tiles + newlines); here each crop drops its own
+    ``round(n_c (1 - r_v)) + int(n_c / cell^2)`` least important tokens, so the split over crops
+    is proportional to their token counts instead of following the importance across crops, and
+    the rounding is per crop; (b) recycling cells lie on the official grids (the base image's own
+    grid; the joined, un-padded tile grid, via ``layout_index``), but a cell straddling a tile
+    border is recycled as one group per tile (each tile is a separate call); (c) a tile's map is
+    computed from the attention among its un-padded tokens (CLS included), not over the whole
+    crop with its letterbox padding; (d) newline tokens: the official code gives them importance
+    1, so they are never dropped (at the projector and in the LLM) and count in ``L`` and ``M``;
+    here they are never candidates and never counted (``L``, ``M`` are visual tokens only), a
+    newline after the projector stage is kept iff its row keeps a visual token (official: always;
+    the two differ only for a tile row that loses every token), and inside the LLM newlines are
+    kept like text (as the official importance 1 keeps them); (e) a crop whose share of the
+    budget is 0 (budgets below the number of crops) is dropped whole by the adapter.
     """
 
     name = "vflowopt"
@@ -225,8 +248,9 @@ class VFlowOpt(Method):
             return self._prune_projector(ctx)
         return self._prune_llm(ctx)
 
-    def importance(self, ctx: TokenContext, t: float) -> torch.Tensor:
-        """Step 1: the importance ``[B, N]`` of the current tokens."""
+    def importance(self, ctx: TokenContext, t) -> torch.Tensor:
+        """Step 1: the importance ``[B, N]`` of the current tokens (``t``: a float, or a ``[B, 1]``
+        tensor with one threshold per row)."""
         probs = ctx.signals.encoder_attention(layer=self.vision_layer_of(ctx.info))
         imp = context_relevance(probs, t)
         if ctx.info.has_cls:
@@ -248,24 +272,40 @@ class VFlowOpt(Method):
         return histogram_entropy(grey.flatten(2)).float()
 
     def _prune_projector(self, ctx: TokenContext) -> Selection:
+        """Step 1 and 2 on the rows of this call. A row is a whole image or, where the adapter
+        calls this stage per part of an image (LLaVA-NeXT: per crop, ``ctx.parts``), one part:
+        the ratios then come from the whole image's budget, the row's importance is written into
+        the whole image's map (numbered as the llm stage numbers the image's tokens) and the
+        recycling cells lie on the model's layout of the part's region (``layout_index``)."""
         n = ctx.n
-        hp = self.hyper(ctx.target / n, ctx.info)
-        imp = self.importance(ctx, hp["t"])
-        side = ctx.grid[0] * ctx.grid[1]
-        for j, state in enumerate(ctx.image_state):
-            full = imp.new_zeros(side).scatter_(0, ctx.token_index[j], imp[j])
-            state[self.name] = {"importance": full, "ratios": (hp["r_1"], hp["r_2"]), "layers": self.layers(ctx.info)}
-        n_red = min(n - 1, round(n * (1 - hp["r_v"])))
+        whole = ctx.whole_images()
+        hps = [self.hyper(w.target / w.n, ctx.info) for w in whole]
+        ts = [hp["t"] for hp in hps]
+        imp = self.importance(ctx, ts[0] if len(set(ts)) == 1 else torch.tensor(ts, device=ctx.tokens.device).view(-1, 1))
+        for j, (w, hp) in enumerate(zip(whole, hps)):
+            entry = w.state.get(self.name)
+            if entry is None:  # the first part of this image in this forward (or the whole image)
+                entry = w.state[self.name] = {
+                    "importance": imp.new_zeros(w.grid[0] * w.grid[1]),
+                    "ratios": (hp["r_1"], hp["r_2"]),
+                    "layers": self.layers(ctx.info),
+                }
+            entry["importance"][w.index.to(imp.device)] = imp[j]
+        n_red = [min(n - 1, round(n * (1 - hp["r_v"]))) for hp in hps]
         if not self.recycle:
-            return Selection(keep=topk_keep_order(imp, n - n_red), scores=imp)
-        cell = hp["m"] * ctx.grid[1] / self.cell_reference if self.cell_reference else hp["m"]
-        n_low = min(n, n_red + int(n / cell**2))
+            if len(set(n_red)) == 1:
+                return Selection(keep=topk_keep_order(imp, n - n_red[0]), scores=imp)
+            return Selection(keep=[topk_keep_order(imp[j : j + 1], n - r)[0] for j, r in enumerate(n_red)], scores=imp)
         order = torch.sort(imp, dim=-1, stable=True).indices
         keeps, values, owners = [], [], []
-        for j in range(ctx.tokens.shape[0]):
+        for j, (w, hp) in enumerate(zip(whole, hps)):
+            width = w.grid[1]  # the model's grid width (a crop's side on LLaVA-NeXT)
+            cell = hp["m"] * width / self.cell_reference if self.cell_reference else hp["m"]
+            n_low = min(n, n_red[j] + int(n / cell**2))
             pruned = torch.zeros(n, dtype=torch.bool, device=imp.device)
             pruned[order[j, :n_low]] = True
-            keep, vals, owner = recycle_by_cell(ctx.tokens[j], imp[j], pruned, ctx.token_index[j], ctx.grid[1], cell)
+            raster, cols = (w.layout_index, w.layout_grid[1]) if w.layout_index is not None else (ctx.token_index[j], ctx.grid[1])
+            keep, vals, owner = recycle_by_cell(ctx.tokens[j], imp[j], pruned, raster.to(imp.device), cols, cell)
             keeps.append(keep)
             values.append(vals)
             owners.append(owner)
