@@ -157,6 +157,7 @@ class LlavaRuntime(VLMRuntime):
                     "hidden": lambda: feats,
                     "projected": lambda: core.multi_modal_projector(feats),
                     "projector": lambda: core.multi_modal_projector,
+                    "projector_input": lambda: feats,
                     "text_embedding": self._text_embedding,
                     "pixels": lambda: _pixel_patches(pixel_values, patch, raster),
                 }

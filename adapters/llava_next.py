@@ -406,6 +406,7 @@ class LlavaNextRuntime(VLMRuntime):
                         "hidden": lambda tokens=tokens: tokens,
                         "projected": lambda tokens=tokens: self.adapter.core.multi_modal_projector(tokens),
                         "projector": lambda: self.adapter.core.multi_modal_projector,
+                        "projector_input": lambda tokens=tokens: tokens,
                         "text_embedding": lambda members=members: self._text_embedding_of([owner[g] for g in members]),
                         "pixels": lambda idx=idx, r=enc_raster: _pixel_patches(pixel_values[idx], patch, r),
                     }

@@ -357,7 +357,7 @@ def test_zoo_linear_projector_is_divprune_from_token_zero():
     s = method.sensitivity(feats, proj, u)
     torch.testing.assert_close(s[0], (u @ proj.weight.T).norm(dim=-1).mean().expand(12), rtol=1e-9, atol=1e-9)
     assert torch.equal(minmax_normalise(s), torch.ones_like(s))
-    signals = {"projector": lambda: proj, "projected": lambda: proj(feats)}
+    signals = {"projector": lambda: proj, "projector_input": lambda: feats, "projected": lambda: proj(feats)}
     sel = method.select(context(feats, 5, signals, info=ModelInfo("test", 12, (3, 4), False, 4, 2, 4, ("projector",))))
     assert torch.equal(sel.keep, greedy_k_center(proj(feats), 5, first=torch.tensor([0])))
 

@@ -11,7 +11,7 @@ from tests.test_truth import record_selections
 from tests.tiny import QWEN_IMAGE, qwen_batch, tiny_qwen
 
 VERSIONS = ["2", "2.5"]
-METHODS = ["divprune", "uniform", "fastv", "random", "hiprune", "holov"]  # the last two read vision attention
+METHODS = ["divprune", "uniform", "fastv", "random", "hiprune", "holov", "zoo_prune"]  # hiprune, holov: vision attention
 # methods with points inside the LLM (multi-point) that run on Qwen: batch equivalence only here
 # (their manual and cache checks run on LLaVA, which shares the decoder machinery)
 LLM_METHODS = ["todre", "feather", "transprune", "adatoken3d"]

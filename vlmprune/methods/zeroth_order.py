@@ -31,7 +31,7 @@ class ZOOPrune(Method):
     """ZOO-Prune (Kim et al., arXiv 2509.24837; code AIM-SKKU/ZOO-Prune, ``llava_arch.py``).
 
     1. ``m`` Gaussian directions ``u_j`` in the vision-feature space, each normalised to unit
-       length, are drawn from the forward's seeded generator (``seed`` option) and applied to
+       length, are drawn from a generator seeded with ``seed`` at every call and applied to
        every token (:func:`~vlmprune.primitives.scoring.perturbation_sensitivity`).
     2. Sensitivity ``s_i = mean_j ||P(f_i + h u_j) - P(f_i - h u_j)|| / (2h)`` through the
        multimodal projector ``P`` (central differences), min-max normalised to ``[0, 1]``
@@ -41,17 +41,23 @@ class ZOOPrune(Method):
        most sensitive token, each later one maximises ``s_i * min_{a in S} D(a, i)``; kept in
        ascending order. Positions are renumbered (``compact``), as in the official code.
 
+    On Qwen2-VL / 2.5-VL (ours; the official code is LLaVA-only, the card notes that Qwen's
+    merger MLP gives a signal too) the projector is the 2x2 patch merger: each merged token's
+    vision features are its four patches' last-block outputs concatenated (signal
+    ``projector_input``, ``4 C_v`` wide), the directions live in that space, and the merger's own
+    per-patch norm and MLP map them.
+
     With a purely linear projector the sensitivity is constant and the method is DivPrune's
-    farthest-point rule started at token 0. One set of directions is drawn per forward and
-    shared by the images of a batch (the official code handles one image), so a batch gives
-    the per-image results. ``precision='fp32'`` (the card's advice) runs the perturbation
+    farthest-point rule started at token 0. Every call draws the same directions (the
+    official code handles one image and re-draws them unseeded), so a batch gives the per-image
+    results on every adapter, also where images of different sizes are separate calls (Qwen). ``precision='fp32'`` (the card's advice) runs the perturbation
     passes in float32 whatever the model's dtype; the default follows the official code, which
     runs the projector in the model's dtype (fp16 there).
     """
 
     name = "zoo_prune"
     stages = ("projector",)
-    needs = frozenset({"projector", "projected"})
+    needs = frozenset({"projector", "projector_input", "projected"})
     paper = {
         "title": "ZOO-Prune: Training-Free Token Pruning via Zeroth-Order Gradient Estimation in Vision-Language Models",
         "arxiv": "2509.24837",
@@ -96,8 +102,10 @@ class ZOOPrune(Method):
         return perturbation_sensitivity(fn, x, u.to(x.device), self.h, self.chunk)
 
     def select(self, ctx: TokenContext) -> Selection:
-        u = self.directions(ctx.tokens.shape[-1], ctx.generator)
-        s = self.sensitivity(ctx.tokens, ctx.signals.projector(), u)
+        feats = ctx.signals.projector_input()
+        generator = torch.Generator(device=ctx.generator.device).manual_seed(self.seed)
+        u = self.directions(feats.shape[-1], generator)
+        s = self.sensitivity(feats, ctx.signals.projector(), u)
         weights = minmax_normalise(s).float()
         keep = weighted_max_min(ctx.signals.projected(), ctx.budget, weights)
         return Selection(keep=keep, scores=weights)
