@@ -78,7 +78,7 @@ the position of the slot it came from).
 Multiple images per prompt, batches of images with different tile counts (``pixel_values`` 5-D
 padded as the processor returns it, or 4-D concatenated crops) and left padding are supported.
 
-*Per-image state across stages.* A projector-stage row is a crop, but ``ctx.parts`` (one
+*Per-image state across stages.* An encoder- or projector-stage row is a crop, but ``ctx.parts`` (one
 :class:`~vlmprune.context.ImagePart` per row, read through ``ctx.whole_images()``) tells the
 method where the crop sits in its image: ``state`` is the image's own ``image_state`` dict (the
 object the ``llm`` stage hands the method for that image, shared by all crops of the image in
@@ -87,7 +87,9 @@ raster`` with the tower raster, the base image is crop 0), ``grid`` the ``llm``-
 ``(crops * side, side)``, ``n`` / ``budget`` / ``target`` the whole image's counts, ``part`` the
 crop index, and ``layout_index`` / ``layout_grid`` the token's place in the model's 2-D layout
 of its region: the base image's ``side x side`` grid for crop 0, the joined, un-padded tile grid
-(``rows x cols`` as packed, newline column excluded) for tiles. So a method carries a per-image
+(``rows x cols`` as packed, newline column excluded) for tiles (projector stage only; at the
+encoder stage ``index`` covers the crop's whole grid, padding included, and the layout fields
+are None). So a method carries a per-image
 map from the crops into the LLM (VFlowOpt's importance map) without knowing the packing. The
 method still chooses per crop (the crop's row), so a choice ranked over the whole image (as
 VFlowOpt's official code does) becomes one per crop: see the method's docstring.
@@ -160,6 +162,7 @@ class LlavaNextRuntime(VLMRuntime):
         self.image_grids: list[tuple[int, int]] | None = None  # llm-stage grid per image
         self._call_budget: tuple[int, int] | None = None  # (budget, target) of the current crop call
         self._enc_budgets: dict | None = None  # encoder point -> (budget, target) of the current tower run
+        self._enc_rows: list[tuple[int, int, dict]] | None = None  # (image, crop, layout) per row of that run
         self.image_ids: list[int] | None = None  # ctx.images of the current tower run (crop keys)
 
     def budget_at(self, point: Point) -> tuple[int, int]:
@@ -168,6 +171,22 @@ class LlavaNextRuntime(VLMRuntime):
         if self._enc_budgets is not None and point.stage == "encoder":
             return self._enc_budgets[point]
         return super().budget_at(point)
+
+    def context(self, point, tokens, token_index, signals, images=None, cls_token=None):
+        """Encoder-stage contexts also get each crop's place in its image (``ctx.parts``)."""
+        ctx = super().context(point, tokens, token_index, signals, images=images, cls_token=cls_token)
+        if point.stage == "encoder" and self._enc_rows is not None:
+            ctx.parts = []
+            for j, (image, crop, lay) in enumerate(self._enc_rows):
+                budget, target = self._image_budget(point, lay["total"])
+                side = self.image_grids[image][1]
+                ctx.parts.append(
+                    ImagePart(
+                        state=self.image_states.setdefault(image, {}), index=crop * side * side + token_index[j],
+                        grid=self.image_grids[image], n=lay["total"], budget=budget, target=target, part=crop,
+                    )
+                )
+        return ctx
 
     # the tower's pre-hooks call this with the current run's crops as image rows
     encoder_prune = LlavaRuntime.encoder_prune
@@ -343,6 +362,7 @@ class LlavaNextRuntime(VLMRuntime):
                 self.alive = torch.arange(n, device=device).expand(len(members), -1)
                 self.image_ids = [n_img + g for g in members]
                 self._enc_budgets = shares[members[0]]
+                self._enc_rows = [(owner[g], g - crop_start[owner[g]], layouts[owner[g]]) for g in members]
                 self.generator = new_generator(self.method.seed, device)
                 out = core.vision_tower(pixel_values[idx], output_hidden_states=True, return_dict=True)
                 hidden = out.hidden_states[vfl]
@@ -364,7 +384,7 @@ class LlavaNextRuntime(VLMRuntime):
                     keep = local[self.alive[j]]
                     chosen[g]["keep"] = keep[keep >= 0]  # tokens kept in the padding are cut by un-padding
         finally:
-            self._enc_budgets, self.image_ids = None, None
+            self._enc_budgets, self._enc_rows, self.image_ids = None, None, None
             self.grid, self.n_visual = saved
         if first is None:
             raise RuntimeError("vlmprune: every crop's encoder budget share is 0 at some encoder point; raise the budget")

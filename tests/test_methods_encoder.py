@@ -316,6 +316,29 @@ def test_flowcut_qwen_groups_score_the_sum_of_their_patches():
     assert [alive.shape[1] for _, alive, _ in history] == sorted((alive.shape[1] for _, alive, _ in history), reverse=True)
 
 
+def test_flowcut_next_crops_keep_half_the_image_budget():
+    """LLaVA-NeXT code: every crop keeps target_num / 2 in the ViT, whatever its share."""
+    from vlmprune.context import ImagePart
+
+    next_info = ModelInfo("llava_next", 576, (24, 24), True, 24, 22, 32, ("encoder", "projector", "llm"))
+    q, k, v = planted_qkv(n=576, b=2, seed=9)
+    m = vlmprune.get_method("flowcut")()
+    assert [str(p) for p in m.points(next_info)][-2:] == ["encoder:22", "llm:2"]
+    alive, state = torch.arange(576).expand(2, 576), {}
+    for point in m.points(next_info)[:-1]:
+        def qkv(layer=None, alive=alive):
+            idx = torch.cat([torch.zeros(2, 1, dtype=torch.long), alive + 1], 1)[:, None, :, None]
+            return tuple(t[layer].gather(2, idx.expand(-1, t.shape[2], -1, t.shape[-1])) for t in (q, k, v))
+
+        signals = {"encoder_qkv": qkv, "cls_attention": lambda layer=None, reduce="mean", qkv=qkv: cls_attention(*qkv(layer)[:2])}
+        ctx = context(torch.zeros(2, alive.shape[1], 4), 9, next_info, signals, "encoder", point.layer, state, alive)
+        ctx.parts = [ImagePart({}, alive[j], (5 * 24, 24), 2000, 131, 131, part=j) for j in range(2)]  # the crop's share: 9
+        alive = alive.gather(1, m.select(ctx).keep)
+    assert alive.shape == (2, 65)
+    with pytest.raises(ValueError, match="crop_keep"):
+        vlmprune.get_method("flowcut")(crop_keep=0.0)
+
+
 def test_flowcut_llm_stage_relays_through_the_last_prompt_token():
     """``compute_score_llm``: softmax over the visual tokens only of the last token's q.k and v.v
     (both / sqrt(d)), summed, times the head-mean value L1 norm; keeps the budget in order."""

@@ -380,10 +380,13 @@ def test_clear_errors():
 
 
 # encoder stage: every crop is one image row of the CLIP tower ---------------------------------------
-# flowcut with interval=1 prunes before blocks 1 and 2 (an entropy-adaptive count, then the budget)
+# flowcut with interval=1 prunes before blocks 1 and 2 (an entropy-adaptive count, then half the
+# image's budget per crop) and keeps the budget before LLM layer 2 (the official NeXT path);
+# llm_stage="off": the encoder reaches each crop's share of the budget
 ENCODER = {
     "flowcut": ("flowcut", dict(interval=1)),
     "flowcut-per-image": ("flowcut", dict(interval=1, count="per_image")),
+    "flowcut-encoder-only": ("flowcut", dict(interval=1, llm_stage="off")),
     "fixed-encoder": ("fixed", dict(stage="encoder", layer=1, indices=tuple(range(0, N, 3)))),
 }
 encoder_methods = pytest.mark.parametrize("row", list(ENCODER))
@@ -490,13 +493,23 @@ def test_encoder_cache(row):
 
 def test_encoder_budgets_and_counts():
     """40 tokens per image split over the crops by their un-padded counts, one tower run per image
-    and share; FlowCut's first point keeps a batch-max count over those crops (one count per
-    call), its last exactly the share; per_image gives each crop its own count."""
+    and share; FlowCut (encoder only)'s first point keeps a batch-max count over those crops (one
+    count per call), its last exactly the share; per_image gives each crop its own count. With
+    its LLM stage (the default here, official NeXT path) every crop keeps half the image's budget
+    and the LLM stage keeps the budget."""
     model = model_for()
     inputs = next_batch(TEXTS, SIZES, seed=5)
     shares = [[12, 7, 7, 7, 7], [16, 12, 12], [20, 10, 10]]
+    with vlmprune.wrap(model, "flowcut", budget=40, interval=1) as handle:
+        forward(model, inputs)
+    points = handle.stats["points"]
+    assert [o for p in points if p["point"] == "encoder:2" for o in p["out"]] == [20] * sum(CROPS)
+    entering = handle.stats["llm_visual_tokens"]
+    assert all(40 < t <= 20 * k for t, k in zip(entering, CROPS))  # padding cut by un-padding
+    assert sorted(n for p in points if p["point"] == "llm:2" for n in p["in"]) == sorted(entering)
+    assert [o for p in points if p["point"] == "llm:2" for o in p["out"]] == [40] * len(CROPS)
     for count in ("batch_max", "per_image"):
-        with vlmprune.wrap(model, "flowcut", budget=40, interval=1, count=count) as handle:
+        with vlmprune.wrap(model, "flowcut", budget=40, interval=1, count=count, llm_stage="off") as handle:
             forward(model, inputs)
         points = handle.stats["points"]
         last = [p["out"] for p in points if p["point"] == "encoder:2"]

@@ -26,6 +26,8 @@ def flow_score(relation: torch.Tensor, value_l1: torch.Tensor, semantic: torch.T
 
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+#: where the official code adds the LLM stage (FlowCut_Qwen; the LLaVA-NeXT path)
+LLM_STAGE_FAMILIES = QWEN_FAMILIES + ("llava_next",)
 
 
 @register
@@ -69,9 +71,16 @@ class FlowCut(Method):
     ``cu_seqlens``; card pitfall 7): a group's score and relay attention are the sums over its
     four patches, ``rho`` is the patch-level entropy (``log`` of the patch count), counts are in
     merged tokens; the mean query and the softmax run per image (the code: over the whole
-    batch-1 sequence); batches of any size. The official NeXT path's LLM stage is not run on
-    LLaVA-NeXT (there the encoder reaches the budget, ``llm_stage="auto"``); ``llm_stage="on"``
-    adds it on any model.
+    batch-1 sequence); batches of any size.
+
+    **LLaVA-NeXT** (official anyres path): the encoder stage runs per crop (base image, each
+    tile) and keeps ``crop_keep`` of the *image's* budget in every crop (the code:
+    ``target_num / 2`` each, floored here, at least 1; tokens kept in the letterbox padding are
+    then cut by un-padding), the LLM stage before ``llm_layer`` keeps the image's budget with the
+    same last-token score (newline tokens are not candidates). Ours: kept tokens keep their
+    positions inside the LLM, where the code renumbers them (and shifts decode positions).
+    ``llm_stage="on"`` adds the LLM stage on LLaVA-1.5 too (encoder: ``encoder_keep`` times the
+    budget).
 
     Parameters
     ----------
@@ -92,10 +101,14 @@ class FlowCut(Method):
         Prune after layers whose ``rpl`` is a multiple of this (hard-wired "every second
         layer", ``not rpl % 2``, in the code).
     llm_stage : {"auto", "on", "off"}, default "auto"
-        The second stage inside the LLM: ``"auto"`` runs it on Qwen-VL (official Qwen port).
+        The second stage inside the LLM: ``"auto"`` runs it on Qwen-VL and LLaVA-NeXT (where
+        the official code has it), not on LLaVA-1.5.
     encoder_keep : float, default 2.0
         With the LLM stage: tokens the encoder keeps, as a multiple of the budget (Qwen code:
         ``8 * target`` patches = ``2 * target`` merged tokens).
+    crop_keep : float, default 0.5
+        With the LLM stage, where the encoder stage runs per crop (LLaVA-NeXT): tokens each crop
+        keeps, as a fraction of its image's budget (code: ``target_num / 2``).
     llm_layer : int, default 2
         The LLM stage runs before this decoder layer (the code: after layer index 1).
 
@@ -124,9 +137,10 @@ class FlowCut(Method):
     ema: float = option(0.5, "EMA weight of the previous cumulative score (code: 0.5)")
     interval: int = option(2, "prune when the remaining-layer count is a multiple of this (code: 2)")
     llm_stage: str = option(
-        "auto", "second stage inside the LLM; 'auto': on for Qwen-VL (official Qwen port)", choices=("auto", "on", "off")
+        "auto", "second stage inside the LLM; 'auto': on for Qwen-VL and LLaVA-NeXT (official code)", choices=("auto", "on", "off")
     )
     encoder_keep: float = option(2.0, "with the LLM stage, encoder count as a multiple of the budget (Qwen code: 8*target patches)")
+    crop_keep: float = option(0.5, "with the LLM stage on per-crop encoders (LLaVA-NeXT), each crop's count as a fraction of the image budget (code: target_num/2)")
     llm_layer: int = option(2, "the LLM stage runs before this decoder layer (code: after layer index 1)")
 
     def __post_init__(self):
@@ -137,13 +151,15 @@ class FlowCut(Method):
             raise ValueError(f"option 'interval' of method 'flowcut' must be >= 1, got {self.interval}")
         if self.encoder_keep < 1.0:
             raise ValueError(f"option 'encoder_keep' of method 'flowcut' must be >= 1, got {self.encoder_keep}")
+        if not self.crop_keep > 0.0:
+            raise ValueError(f"option 'crop_keep' of method 'flowcut' must be > 0, got {self.crop_keep}")
 
     # -- plan ------------------------------------------------------------------------------------
     def _qwen(self, info) -> bool:
         return info.family in QWEN_FAMILIES
 
     def _with_llm(self, info) -> bool:
-        return self.llm_stage == "on" or (self.llm_stage == "auto" and self._qwen(info))
+        return self.llm_stage == "on" or (self.llm_stage == "auto" and info.family in LLM_STAGE_FAMILIES)
 
     def _last_layer(self, info) -> int:
         """``S`` of ``rpl = S - t - 1``: the tower's depth on Qwen, else the feature layer."""
@@ -207,7 +223,7 @@ class FlowCut(Method):
         b, n = ctx.tokens.shape[:2]
         if ctx.stage == "llm":
             return self._select_llm(ctx)
-        k = min(n, round(self.encoder_keep * ctx.target)) if self._with_llm(ctx.info) else ctx.target
+        k = self._encoder_count(ctx)
         state = ctx.state
         if n <= k:  # pruning finished (or nothing to prune): the code skips scoring too
             return Selection(keep=torch.arange(n, device=ctx.tokens.device).expand(b, n).clone())
@@ -234,6 +250,17 @@ class FlowCut(Method):
         keep = topk_keep_order(score, int(counts[0]))
         state["score"] = score.gather(1, keep)
         return Selection(keep=keep, scores=score)
+
+    def _encoder_count(self, ctx: TokenContext) -> int:
+        """Tokens each row keeps when the encoder stage is done (see the class docstring)."""
+        if not self._with_llm(ctx.info):
+            return ctx.target
+        if not ctx.parts:
+            return min(ctx.n, round(self.encoder_keep * ctx.target))
+        targets = {part.target for part in ctx.parts}
+        if len(targets) != 1:
+            raise RuntimeError("flowcut: the crops of one encoder call belong to images with different budgets")
+        return min(ctx.n, max(1, int(self.crop_keep * targets.pop())))
 
     def _select_llm(self, ctx: TokenContext) -> Selection:
         """The LLM stage: the prompt's last token relays (``compute_score_llm``); keep the budget."""
