@@ -51,7 +51,7 @@ METHODS = {
     "fopru": dict(options={}, identity=True, batch=True),
     "vflowopt": dict(options={}, identity=False, batch=True),  # recycling merges int(N/m^2) cells even at full budget
     "todre": dict(options={}, identity=False, batch=True),  # stage 2 halves the tokens inside the LLM at any budget
-    "zoo_prune": dict(options={}, identity=True, batch=True),  # one set of directions per forward, shared by the batch
+    "zoo_prune": dict(options={}, identity=True, batch=True),  # the same directions at every call
     "feather": dict(options={}, identity=True, batch=True),
     "transprune": dict(options={}, identity=True, batch=True),  # TTV softmax per sample (official: over the batch)
     "adatoken3d": dict(options={}, identity=True, batch=True),

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import vlmprune
-from tests.test_truth import record_selections
+from tests.truth import Replay, record_selections
 from tests.tiny import QWEN_IMAGE, qwen_batch, tiny_qwen
 
 VERSIONS = ["2", "2.5"]
 METHODS = ["divprune", "uniform", "fastv", "random", "hiprune", "holov", "zoo_prune"]  # hiprune, holov: vision attention
-# methods with points inside the LLM (multi-point) that run on Qwen: batch equivalence only here
-# (their manual and cache checks run on LLaVA, which shares the decoder machinery)
+# methods with points inside the LLM (multi-point) that run on Qwen: keep-all (all but ToDRE, whose
+# stage 2 halves the tokens at any budget), batch and cache here; their manual checks run on
+# LLaVA, which shares the decoder machinery
 LLM_METHODS = ["todre", "feather", "transprune", "adatoken3d"]
 # the cards' methods that act in the vision encoder (FlowCut: mean-query relay, pruned before the
 # merger, then the last-token relay in the LLM) or carry a vision map into the LLM (VFlowOpt):
@@ -64,7 +65,7 @@ methods = pytest.mark.parametrize("name", METHODS)
 
 
 @versions
-@pytest.mark.parametrize("name", METHODS + ["flowcut"])
+@pytest.mark.parametrize("name", METHODS + ["flowcut", "feather", "transprune", "adatoken3d"])
 def test_keep_all_equivalence(version, name):
     model = model_for(version)
     inputs = qwen_batch(TEXTS, GRIDS)
@@ -137,14 +138,21 @@ def test_batch_of_different_image_sizes_equals_single_runs(version, name):
 
 
 @versions
-@pytest.mark.parametrize("name", METHODS + MULTI_STAGE)
+@pytest.mark.parametrize("name", METHODS + MULTI_STAGE + LLM_METHODS)
 def test_cache_equivalence(version, name):
-    if name == "fastv":
-        pytest.skip("the last token changes every step; LLM-stage cache replay is covered on LLaVA")
+    """Cached generate() equals the no-cache greedy loop; methods with points inside the LLM (or
+    several points) choose from the prompt's last token, which the loop changes every step, so
+    the loop replays the prefill's choices (encoder, projector and LLM points alike)."""
     model = model_for(version)
     inputs = qwen_batch(TEXTS, GRIDS, seed=3)
-    with vlmprune.wrap(model, name, budget=0.25):
-        assert torch.equal(generate(model, inputs, 5), no_cache_loop(model, inputs, 5))
+    with vlmprune.wrap(model, name, budget=0.25) as handle, record_selections(handle) as seen:
+        cached = generate(model, inputs, 5)
+    if any(rec[0].stage == "llm" for rec in seen):
+        handle = vlmprune.wrap(model, Replay(seen, "original"), budget=0.25)
+    else:
+        handle = vlmprune.wrap(model, name, budget=0.25)
+    with handle:
+        assert torch.equal(no_cache_loop(model, inputs, 5), cached)
 
 
 @versions

@@ -27,7 +27,7 @@ class Replay(vlmprune.Method):
     the no-cache reference of multi-point methods whose LLM-stage choice depends on the text."""
 
     name = "replay"
-    stages = ("projector", "llm")
+    stages = ("projector", "llm")  # and the encoder points it recorded
 
     def __init__(self, seen: list[Recorded], positions: str):
         self.seed = 0
@@ -51,7 +51,7 @@ class Replay(vlmprune.Method):
             extra.append(added)
         merged = None if all(m is None for m in merged) else merged
         extra = None if all(e is None for e in extra) else extra
-        if ctx.stage == "llm":
+        if ctx.stage in ("llm", "encoder"):
             if len({k.numel() for k in keeps}) > 1:  # per-image counts (FEATHER's grid overlap)
                 return vlmprune.Selection(keep=keeps, merged=merged)
             return vlmprune.Selection(keep=torch.stack(keeps), merged=None if merged is None else torch.stack(merged))
