@@ -71,14 +71,17 @@ class FlowCut(Method):
     ``cu_seqlens``; card pitfall 7): a group's score and relay attention are the sums over its
     four patches, ``rho`` is the patch-level entropy (``log`` of the patch count), counts are in
     merged tokens; the mean query and the softmax run per image (the code: over the whole
-    batch-1 sequence); batches of any size.
+    batch-1 sequence); batches of any size; Qwen2.5-VL follows the same rule (the port covers
+    Qwen2-VL).
 
     **LLaVA-NeXT** (official anyres path): the encoder stage runs per crop (base image, each
     tile) and keeps ``crop_keep`` of the *image's* budget in every crop (the code:
     ``target_num / 2`` each, floored here, at least 1; tokens kept in the letterbox padding are
     then cut by un-padding), the LLM stage before ``llm_layer`` keeps the image's budget with the
     same last-token score (newline tokens are not candidates). Ours: kept tokens keep their
-    positions inside the LLM, where the code renumbers them (and shifts decode positions).
+    positions inside the LLM, where the code renumbers them (and shifts decode positions), and
+    the adapter keeps a tile row's ``image_newline`` iff the row keeps a token, where this code
+    path inserts no newline tokens at all.
     ``llm_stage="on"`` adds the LLM stage on LLaVA-1.5 too (encoder: ``encoder_keep`` times the
     budget).
 
