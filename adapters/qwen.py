@@ -35,8 +35,9 @@ rows of a 2x2 group's patches are averaged and the columns summed over each key 
 stay distributions), in raster order of the merged grid: ``[n_img_in_call, H, N, N]`` (or
 head-``mean``/``sum`` ``[n_img_in_call, N, N]``) aligned with ``ctx.tokens``. The attention each
 token receives (mean over rows) is then the official Qwen2.5-VL HiPrune reduction (sum over
-queries, mean over a group's 4 patches) divided by N, the same ranking. Cost per image: one
-``[H, P, P]`` matrix for P patches. There is no CLS token, so ``cls_attention`` is not offered;
+queries, mean over a group's 4 patches) divided by N, the same ranking. Cost per image: ``H`` matrices
+``[P, P]`` for P patches, computed one head at a time (peak memory ``P^2`` floats plus the
+``[H, N, N]`` result, ``N = P / 4``). There is no CLS token, so ``cls_attention`` is not offered;
 methods that require it get a clear error at ``wrap()`` (HoloV uses received attention there).
 
 Projector-stage signals besides ``encoder_attention``: ``encoder_qkv`` (as at the encoder stage),

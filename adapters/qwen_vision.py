@@ -316,13 +316,14 @@ def group_attention(
     rows = packed.patch_rows(mine.to(q.device))  # packed order: segments stay contiguous
     cu = captured["cu"].to(q.device).long()
     segment = torch.searchsorted(cu[1:], rows, right=True)
-    qi, ki = q[rows].transpose(0, 1).float(), k[rows].transpose(0, 1).float()  # [H, P, D]
-    scores = (qi @ ki.transpose(1, 2)) * qi.shape[-1] ** -0.5
-    scores = scores.masked_fill(segment[:, None] != segment[None, :], float("-inf"))
-    probs = scores.softmax(-1)
-    h, p = probs.shape[:2]
-    g = p // unit
-    grouped = probs.view(h, g, unit, g, unit).mean(2).sum(-1)  # [H, G, G]
+    apart = segment[:, None] != segment[None, :]
+    g = rows.numel() // unit
+    grouped = []
+    for head in range(q.shape[1]):  # one [P, P] matrix at a time: memory P^2, not H P^2
+        qi, ki = q[rows, head].float(), k[rows, head].float()
+        probs = ((qi @ ki.T) * qi.shape[-1] ** -0.5).masked_fill_(apart, float("-inf")).softmax(-1)
+        grouped.append(probs.view(g, unit, g, unit).mean(1).sum(-1))
+    grouped = torch.stack(grouped)  # [H, G, G]
     order = torch.argsort(raster.to(q.device))
     return grouped[:, order][:, :, order], raster.to(q.device)[order]
 
