@@ -26,6 +26,16 @@ def test_run_without_embedded_model_uses_a_tiny_model_and_says_so(capsys, monkey
     assert report["llm_prefill_flops_ratio"] < 1 and len(report["answer_pruned"]) == 2
 
 
+def test_bench_qwen_prints_ratios(capsys):
+    cli.main(["bench", "--size", "qwen2-vl-tiny", "--methods", "flowcut", "--repeats", "1", "--device", "cpu", "--llm-layers", "3", "--vision-layers", "2"])
+    out = capsys.readouterr().out
+    assert "visual tokens/image=576" in out
+    lines = [line.split() for line in out.splitlines() if line.split()[:2] == ["1", "flowcut"]]
+    assert [row[3] for row in lines] == ["576", "192", "64"]
+    # FlowCut: 2 x 64 visual tokens enter the 3-layer LLM, 64 from layer 2 on; 42 text tokens
+    assert float(lines[0][-1]) == 1.0 and float(lines[-1][-1]) == round((2 * (128 + 42) + 64 + 42) / (3 * 618), 3)
+
+
 def test_bench_prints_ratios(capsys):
     cli.main(["bench", "--methods", "uniform", "--repeats", "1", "--device", "cpu"])
     lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:2] == ["1", "uniform"]]
