@@ -3,6 +3,7 @@ the result equals the unwrapped model on the prompt with the dropped tokens remo
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import vlmprune
@@ -56,7 +57,10 @@ def test_llava_two_images_in_one_prompt():
     assert cached.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
-def test_qwen_two_images_in_one_prompt_of_different_sizes():
+@pytest.mark.parametrize("name", ["divprune", "zoo_prune", "flowcut", "vflowopt"])
+def test_qwen_two_images_in_one_prompt_of_different_sizes(name):
+    """Each image of one prompt is pruned on its own: its own fraction (FlowCut: twice the budget
+    into the LLM, then the budget before layer 2; VFlowOpt: its average over the LLM layers)."""
     model = tiny_qwen("2")
     one = qwen_batch([[10]], [(16, 16)], seed=1)
     two = qwen_batch([[11]], [(12, 16)], seed=2)
@@ -71,8 +75,16 @@ def test_qwen_two_images_in_one_prompt_of_different_sizes():
     assert int((ids == QWEN_START).sum()) == 2 and int((ids == QWEN_END).sum()) == 2
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    with vlmprune.wrap(model, "divprune", budget=1.0):
-        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), ref)
-    with vlmprune.wrap(model, "divprune", budget=0.5) as handle:
+    if name != "vflowopt":  # VFlowOpt recycles cells even at full budget
+        with vlmprune.wrap(model, name, budget=1.0):
+            assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), ref)
+    with vlmprune.wrap(model, name, budget=0.5) as handle:
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert handle.stats["llm_visual_tokens"] == [32, 24]
+    if name == "flowcut":  # the two images' llm-stage calls are separate (different counts)
+        outs = sorted(o for p in handle.stats["points"] if p["point"] == "llm:2" for o in p["out"])
+        assert handle.stats["llm_visual_tokens"] == [64, 48] and outs == [24, 32]
+    elif name == "vflowopt":
+        entering = handle.stats["llm_visual_tokens"]
+        assert 32 < entering[0] < 64 and 24 < entering[1] < 48  # more than the average enters the LLM
+    else:
+        assert handle.stats["llm_visual_tokens"] == [32, 24]
