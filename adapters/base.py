@@ -45,6 +45,8 @@ class Plan:
     #: ``wrap(positions=...)``: how tokens removed before the LLM are numbered, overriding the
     #: method's own ``positions`` (None: the method's)
     positions: str | None = None
+    #: ``wrap(llm_positions=...)``: the same for tokens kept at ``llm`` points (None: the method's)
+    llm_positions: str | None = None
 
 
 class Installed:
@@ -85,6 +87,8 @@ class Adapter:
     stages: ClassVar[tuple[str, ...]] = ()
     #: the numberings of kept tokens the adapter can give (``wrap(positions=...)``)
     positions_modes: ClassVar[tuple[str, ...]] = ("compact", "original")
+    #: the same after ``llm``-stage points (``wrap(llm_positions=...)``)
+    llm_positions_modes: ClassVar[tuple[str, ...]] = ("compact", "original")
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -69,6 +69,9 @@ class DecoderState:
     input_transform: SeqTransform | None = None
     layer_transforms: dict[int, SeqTransform] = field(default_factory=dict)
     positions_mode: str = "compact"
+    llm_positions: str = "original"  # numbering after an llm-stage point (see DecoderPruner)
+    #: llm point -> (shift [B, L'] of each kept position, removed [B] per row), "compact" only
+    renumber: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     prefill: bool = False
     layout: VisualLayout | None = None
     mask2d: torch.Tensor | None = None  # current padding mask (1 = real token) during prefill
@@ -104,12 +107,24 @@ class Decoder:
         b, n, _ = x.shape
         return x.view(b, n, heads, self.head_dim).transpose(1, 2)
 
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own RoPE ``(cos, sin)`` for ``position_ids``."""
+        return self.model.rotary_emb(hidden, position_ids=position_ids)
+
 
 class DecoderPruner:
     """Installs the decoder hooks for one wrapped model and runs the ``llm``-stage points.
 
     ``prepare_prefill()`` is called by the model adapter (through ``on_input``) with the
     keep mask at the LM input and the visual layout; this class does the rest.
+
+    Positions after an ``llm`` point (``runtime.llm_positions_mode()``): ``"original"`` (kept
+    tokens keep their position ids; cos/sin are gathered) or ``"compact"`` (TransPrune's,
+    AdaToken-3D's and FlowCut's LLaVA-NeXT code): from the point on, every kept token's position
+    drops by the number of real tokens removed before it at that point, so the sequence is
+    numbered without gaps, and at decode steps the new tokens' positions drop by the tokens each
+    point removed, in the layers from that point on; earlier layers (whose cache holds the
+    unpruned prefix) keep the unshifted positions. cos/sin are recomputed with the model's RoPE.
     """
 
     def __init__(self, decoder: Decoder, runtime, points: list[Point], capture: tuple[int, ...]):
@@ -200,7 +215,7 @@ class DecoderPruner:
 
     def _prefill_input(self, kwargs, record):
         """``record``: keep [B, L] at the LM input, pos_source [B, L], the visual layout."""
-        st = DecoderState(positions_mode=record["positions"], prefill=True)
+        st = DecoderState(positions_mode=record["positions"], llm_positions=self.rt.llm_positions_mode(), prefill=True)
         self.state = st
         embeds = kwargs["inputs_embeds"]
         b, length = embeds.shape[:2]
@@ -282,16 +297,25 @@ class DecoderPruner:
                 extra = mask.shape[-1] - transforms[0].l_in
             elif not st.prefill:
                 extra = self._decode_extra(transforms[0], q_len)
-            for t in transforms:
+            compact = st.llm_positions == "compact"
+            if compact and pos is None:
+                raise RuntimeError("vlmprune: renumbering positions inside the LLM needs the decoder layers' position_ids")
+            for layer, t in sorted((at, t) for at, t in st.layer_transforms.items() if at <= idx):
                 if isinstance(mask, torch.Tensor):
                     mask = t.mask4d(mask, st.prefill, q_len, extra)
                 elif mask is None:
                     mask = t.mask4d(None, st.prefill, q_len, extra)
                 if st.prefill:
-                    if cos_sin is not None:
+                    if cos_sin is not None and not compact:
                         cos_sin = tuple(t.seq(c, dim=-2) for c in cos_sin)
                     if pos is not None:
                         pos = t.seq(pos, dim=-1)
+                        if compact:
+                            pos = (pos - st.renumber[layer][0]).masked_fill(~t.valid, 0)
+                elif compact:
+                    pos = pos - st.renumber[layer][1][:, None]
+            if compact:
+                cos_sin = self.decoder.rotary(hidden, pos)
             st.memo[key] = (mask, cos_sin, pos)
         mask, cos_sin, pos = st.memo[key]
         args, kwargs = write_arg(args, kwargs, "attention_mask", mask, 1)
@@ -349,6 +373,9 @@ class DecoderPruner:
                 hidden[row, positions] = values.to(hidden.dtype)
         t = SeqTransform.from_keep(keep_rows)
         st.layer_transforms[idx] = t
+        if st.llm_positions == "compact":
+            removed = ~keep_rows & (valid if valid is not None else torch.ones_like(keep_rows))
+            st.renumber[idx] = (removed.long().cumsum(1).gather(1, t.index), removed.sum(1))
         for row, count in enumerate(keep_rows.sum(1).tolist()):
             lengths = self.rt.stats.layer_lengths[row]
             lengths[idx:] = [int(count)] * (len(lengths) - idx)

@@ -89,6 +89,7 @@ class QwenVLAdapter(Adapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     stages = ("encoder", "projector", "llm")
     positions_modes = ("original",)  # 3-D M-RoPE positions are gathered, never renumbered
+    llm_positions_modes = ("original",)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -34,6 +34,12 @@ class VLMRuntime(Runtime):
     def positions_mode(self) -> str:
         return self.plan.positions or self.method.positions
 
+    def llm_positions_mode(self) -> str:
+        """Numbering after ``llm`` points: ``wrap(llm_positions=...)``, else the method's choice
+        where the adapter offers it, else original positions."""
+        mode = self.plan.llm_positions or self.method.llm_positions
+        return mode if mode in self.adapter.llm_positions_modes else "original"
+
     def install_common(self, installed: Installed, decoder: Decoder, core: nn.Module, top: nn.Module) -> None:
         """What every VLM adapter installs: the decoder hooks for ``llm`` points, the model-level
         input hook, the adapter's own ``get_image_features`` and (on the top model) labels."""

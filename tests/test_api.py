@@ -11,8 +11,8 @@ from torch import nn
 
 import vlmprune
 from vlmprune import Method, Point, Selection
-from tests.tiny import IMAGE_TOKEN, batch, n_patches, tiny_llava
-from tests.truth import positions_from_mask, pruned_prompt
+from tests.tiny import IMAGE_TOKEN, batch, n_patches, tiny_llava, tiny_qwen
+from tests.truth import Replay, full_embeddings, greedy_no_cache, positions_from_mask, pruned_prompt, record_selections, run_layers
 
 BASELINES = {"random", "uniform", "fastv", "visionzip", "divprune", "prumerge_plus"}
 
@@ -52,6 +52,8 @@ def test_methods_lists_baselines_with_metadata():
         (dict(method="fixed", budget=8, indices=(1,), stage="vision"), ValueError, "must be one of"),
         (dict(method="uniform", budget=8, positions="kept"), ValueError, "parameter 'positions' must be one of"),
         (dict(method="fastv", budget=8, positions="compact"), ValueError, "'positions'.*prunes only inside the LLM"),
+        (dict(method="fastv", budget=8, llm_positions="kept"), ValueError, "parameter 'llm_positions' must be one of"),
+        (dict(method="divprune", budget=8, llm_positions="compact"), ValueError, "'llm_positions'.*no point inside the LLM"),
     ],
 )
 def test_bad_input_is_refused_before_touching_the_model(clip, kwargs, error, match):
@@ -257,3 +259,34 @@ def test_positions_override_numbers_kept_tokens_as_asked(clip):
             compact = clip(**inputs).logits[:, -1]
     torch.testing.assert_close(original, ref, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(compact, ref, atol=1e-3)
+
+
+def test_llm_positions_compact_renumbers_from_the_point_on(clip):
+    """``wrap(llm_positions="compact")`` on FastV (official: original positions): from layer K on
+    the kept sequence is numbered without gaps (the by-hand run renumbers and recomputes RoPE),
+    layers before K keep the unpruned numbering, and cached decoding equals the no-cache loop
+    replaying the prefill's choice."""
+    inputs = batch([[10, 11, 12, 13], [20, 21]], seed=6)
+    with vlmprune.wrap(clip, "fastv", budget=32, llm_positions="compact") as handle, record_selections(handle) as seen:
+        with torch.no_grad():
+            pruned = clip(**inputs, position_ids=positions_from_mask(inputs["attention_mask"])).logits
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    (point, token_index, sel), = seen
+    for i in range(2):
+        real = mask[i].bool()
+        img = (ids[i][real] == IMAGE_TOKEN).nonzero().flatten()
+        keep = torch.sort(torch.cat([(ids[i][real] != IMAGE_TOKEN).nonzero().flatten(), img[sel.keep[i]]])).values
+        n = int(real.sum())
+        row = {k: v[i : i + 1, -n:] if v.dim() == 2 else v[i : i + 1] for k, v in inputs.items()}
+        with torch.no_grad():
+            emb = full_embeddings(clip, row)
+            renumbered = run_layers(clip, emb, torch.ones(1, n, dtype=torch.long), torch.arange(n)[None], {point.layer: keep[None]}, renumber=True)
+            original = run_layers(clip, emb, torch.ones(1, n, dtype=torch.long), torch.arange(n)[None], {point.layer: keep[None]})
+        torch.testing.assert_close(pruned[i, -keep.numel() :], renumbered[0], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(renumbered, original, atol=1e-3)
+    with vlmprune.wrap(clip, "fastv", budget=32, llm_positions="compact") as handle, record_selections(handle) as seen:
+        cached = clip.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+    with vlmprune.wrap(clip, Replay(seen, "compact", "compact"), budget=32):
+        assert torch.equal(greedy_no_cache(clip, inputs, 4), cached[:, ids.shape[1] :])
+    with pytest.raises(ValueError, match=r"'llm_positions': the qwen2_vl adapter offers \['original'\]"):
+        vlmprune.wrap(tiny_qwen("2"), "fastv", budget=8, llm_positions="compact")

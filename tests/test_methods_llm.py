@@ -348,10 +348,13 @@ def test_adatoken3d_next_layer_attention_against_hand_computation_and_lengths():
         real = inputs["attention_mask"][i].bool()
         img = image[i].nonzero().flatten()
         torch.testing.assert_close(seen[0][2].scores[i], last_token_attention(1, hidden0[i : i + 1], pos[i : i + 1], real, img), atol=1e-5, rtol=1e-5)
-        # point 2: layer 2 on layer 1's output (after point 1), kept tokens at their original positions
+        # point 2: layer 2 on layer 1's output (after point 1), kept tokens renumbered without gaps
+        # (the official code's compact positions): minus the tokens removed before each
         keep_pos = torch.sort(torch.cat([(~image[i]).nonzero().flatten(), img[seen[0][2].keep[i]]])).values
         now = torch.searchsorted(keep_pos, img[seen[0][2].keep[i]])
-        expect = last_token_attention(2, out1["h"][i : i + 1], pos[i : i + 1, keep_pos], real[keep_pos], now)
+        compact = pos[i : i + 1, keep_pos] - (keep_pos - torch.arange(keep_pos.numel()))
+        assert int(compact[0, -1]) == int(pos[i, -1]) - 128
+        expect = last_token_attention(2, out1["h"][i : i + 1], compact, real[keep_pos], now)
         torch.testing.assert_close(seen[1][2].scores[i], expect, atol=1e-5, rtol=1e-5)
 
 

@@ -175,7 +175,10 @@ def test_manual_equivalence(tower, attn, name):
         return
     if len(seen) > 1:  # a multi-point method: rebuild every row by hand through all its points
         with torch.no_grad():
-            refs = manual_multistage(model, inputs, seen, lambda s: _by_hand_image_tokens(model, inputs, None, None, s))
+            refs = manual_multistage(
+                model, inputs, seen, lambda s: _by_hand_image_tokens(model, inputs, None, None, s),
+                renumber=handle.method.llm_positions == "compact",
+            )
         for i, ref in enumerate(refs):
             torch.testing.assert_close(pruned[i, -ref.shape[0] :], ref, atol=1e-5, rtol=1e-5)
         return
@@ -256,7 +259,7 @@ def test_cache_equivalence(tower, attn, name):
     # several points, or a choice conditioned on the prompt text (CoViPAL: the no-cache loop's
     # prompt grows every step): replay every choice of the prefill
     if len({rec[0] for rec in seen}) > 1 or "text_embedding" in handle.method.needs:
-        handle = vlmprune.wrap(model, Replay(seen, handle.method.positions), budget=BUDGET)
+        handle = vlmprune.wrap(model, Replay(seen, handle.method.positions, handle.method.llm_positions), budget=BUDGET)
     elif point.stage == "llm":  # the last token changes every step: replay the prefill's choice
         rows = tuple(tuple(int(token_index[i, k]) for k in sel.keep[i]) for i in range(len(sel.keep)))
         handle = vlmprune.wrap(model, "fixed", budget=BUDGET, indices=rows, stage="llm", layer=point.layer)

@@ -286,7 +286,7 @@ def test_cache_equivalence(name):
             cached = generate(model, inputs, steps=3)
     method = handle.method
     if any(rec[0].stage == "llm" for rec in seen):  # the prompt grows every step: replay the prefill's choices
-        handle = vlmprune.wrap(model, Replay(seen, method.positions), budget=BUDGET)
+        handle = vlmprune.wrap(model, Replay(seen, method.positions, method.llm_positions), budget=BUDGET)
     else:
         handle = vlmprune.wrap(model, name, budget=BUDGET)
     with handle:

@@ -29,10 +29,11 @@ class Replay(vlmprune.Method):
     name = "replay"
     stages = ("projector", "llm")  # and the encoder points it recorded
 
-    def __init__(self, seen: list[Recorded], positions: str):
+    def __init__(self, seen: list[Recorded], positions: str, llm_positions: str = "original"):
         self.seed = 0
         self.seen = seen
         self.positions = positions
+        self.llm_positions = llm_positions
 
     def points(self, info):
         return list(dict.fromkeys(rec[0] for rec in self.seen))
@@ -130,10 +131,11 @@ def manual_llm_prune(model, inputs, k_layer: int, keep_positions: torch.Tensor):
     return run_layers(model, full_embeddings(model, inputs), mask2d, positions_from_mask(mask2d), {k_layer: keep_positions})
 
 
-def run_layers(model, embeds, mask2d, pos, prunes: dict[int, torch.Tensor]):
+def run_layers(model, embeds, mask2d, pos, prunes: dict[int, torch.Tensor], renumber: bool = False):
     """Run the unwrapped LLM layer by layer from ``embeds``; before each layer ``K`` in ``prunes``
     keep only the sequence positions ``prunes[K]`` ([B, L'], into the current sequence), with
-    their position ids. Returns logits."""
+    their position ids (``renumber``: minus the number of positions removed before each, RoPE
+    recomputed). Returns logits."""
     lm = model.model.language_model
     params = inspect.signature(create_causal_mask).parameters  # spelled differently in 5.17 and 5.24
     kwargs = {"config": lm.config, "attention_mask": mask2d, "position_ids": pos}
@@ -151,6 +153,9 @@ def run_layers(model, embeds, mask2d, pos, prunes: dict[int, torch.Tensor]):
             cos = cos.expand(idx.shape[0], -1, -1).gather(1, idx[..., None].expand(-1, -1, cos.shape[-1]))
             sin = sin.expand(idx.shape[0], -1, -1).gather(1, idx[..., None].expand(-1, -1, sin.shape[-1]))
             pos = pos.gather(1, idx)
+            if renumber:
+                pos = pos - (idx - torch.arange(idx.shape[1]))
+                cos, sin = lm.rotary_emb(hidden, position_ids=pos)
             if mask is not None:
                 mask = mask.expand(idx.shape[0], -1, -1, -1)
                 mask = mask.gather(2, idx[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
@@ -159,12 +164,13 @@ def run_layers(model, embeds, mask2d, pos, prunes: dict[int, torch.Tensor]):
     return model.lm_head(lm.norm(hidden))
 
 
-def manual_multistage(model, inputs, seen: list[Recorded], projector_tokens) -> list[torch.Tensor]:
+def manual_multistage(model, inputs, seen: list[Recorded], projector_tokens, renumber: bool = False) -> list[torch.Tensor]:
     """Reference logits ``[L_i, V]`` per row for a projector point (if any) followed by ``llm``
     points: each prompt is rebuilt by hand with ``projector_tokens(selection)[i]`` (or, with no
     projector point, every projected image token) as its image span (compact positions), then
     the LLM runs layer by layer, dropping at each ``llm`` point the image tokens the recorded
-    selection did not keep (kept tokens keep their positions)."""
+    selection did not keep (kept tokens keep their positions, or with ``renumber`` are numbered
+    without gaps from there on)."""
     if seen[0][0].stage == "projector":
         first, rest = seen[0], seen[1:]
         tokens = projector_tokens(first[2])
@@ -192,7 +198,7 @@ def manual_multistage(model, inputs, seen: list[Recorded], projector_tokens) -> 
             prunes[rec[0].layer] = kept[None]
             visual = torch.searchsorted(kept, visual[keep])
             length = kept.numel()
-        refs.append(run_layers(model, embeds, mask, pos, prunes)[0])
+        refs.append(run_layers(model, embeds, mask, pos, prunes, renumber)[0])
     return refs
 
 

@@ -79,6 +79,11 @@ class Method:
     #: how positions of kept tokens are numbered when tokens leave before the LLM:
     #: ``"compact"`` (renumbered, what LLaVA implementations do) or ``"original"``.
     positions: ClassVar[str] = "compact"
+    #: how tokens kept at an ``llm``-stage point are numbered from that point on: ``"original"``
+    #: (FastV and most methods) or ``"compact"`` (renumbered without gaps, decode positions
+    #: shifted to match: TransPrune's and AdaToken-3D's code); adapters with multi-axis positions
+    #: (Qwen's M-RoPE) keep original positions whatever the method prefers.
+    llm_positions: ClassVar[str] = "original"
     #: whether ``wrap(..., weights=...)`` may hand this method trained module weights
     #: (see :meth:`load_weights`); training-free methods leave it False.
     accepts_weights: ClassVar[bool] = False

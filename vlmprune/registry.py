@@ -48,6 +48,7 @@ def methods(filter: str = "*", stage: str | None = None) -> list[dict[str, Any]]
                 "requires_cls": cls.requires_cls,
                 "accepts_weights": cls.accepts_weights,
                 "positions": cls.positions if isinstance(cls.positions, str) else "per instance",
+                "llm_positions": cls.llm_positions,
                 "paper": dict(cls.paper),
                 "options": cls.options(),
             }

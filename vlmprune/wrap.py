@@ -54,7 +54,7 @@ class Handle:
 
 
 def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=None, positions: str | None = None,
-         **options) -> Handle:
+         llm_positions: str | None = None, **options) -> Handle:
     """Make ``model`` prune its visual tokens with ``method`` at ``budget``.
 
     ``budget``: an int (visual tokens kept per image), a float in (0, 1] (fraction kept)
@@ -65,8 +65,11 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     model. ``positions``: how the tokens a method removes *before* the LLM leave the others
     numbered: ``"compact"`` (renumbered, as LLaVA implementations of VisionZip and the like do)
     or ``"original"`` (each kept token keeps its unpruned position id); ``None``: the method's
-    own choice (``vlmprune.methods()`` lists it). Inside the LLM original positions are always
-    kept. ``options`` are the method's options (``vlmprune.methods()`` lists them with
+    own choice (``vlmprune.methods()`` lists it). ``llm_positions``: the same for the tokens
+    kept at points inside the LLM, from each point on (``"compact"``: renumbered, with the new
+    tokens' positions shifted at decode as TransPrune's and AdaToken-3D's code do;
+    ``"original"``, FastV's); ``None``: the method's choice (Qwen-VL: always original, its 3-D
+    positions are never renumbered). ``options`` are the method's options (``vlmprune.methods()`` lists them with
     defaults). The model is patched in place; ``handle.unwrap()`` (or leaving a ``with``
     block) restores it.
     """
@@ -109,6 +112,19 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
                 f"parameter 'positions': the {info.family} adapter offers {list(adapter.positions_modes)}, "
                 f"not {positions!r}"
             )
+    if llm_positions is not None:
+        if llm_positions not in POSITIONS:
+            raise ValueError(f"parameter 'llm_positions' must be one of {list(POSITIONS)} or None, got {llm_positions!r}")
+        if not any(p.stage == "llm" for p in points):
+            raise ValueError(
+                f"parameter 'llm_positions' numbers tokens kept inside the LLM; method {instance.name!r} has no "
+                "point inside the LLM (see parameter 'positions')"
+            )
+        if llm_positions not in adapter.llm_positions_modes:
+            raise ValueError(
+                f"parameter 'llm_positions': the {info.family} adapter offers {list(adapter.llm_positions_modes)}, "
+                f"not {llm_positions!r}"
+            )
     if any(p.stage == "llm" for p in points):
         impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
         text_impl = getattr(getattr(model.config, "text_config", None), "_attn_implementation", None) or impl
@@ -119,7 +135,7 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
             )
     stats = Stats(llm=adapter.llm_shape())
     plan = Plan(method=instance, budget=parsed, points=points, capture=instance.capture_layers(info), stats=stats,
-                positions=positions)
+                positions=positions, llm_positions=llm_positions)
     installed = adapter.install(plan)
     handle = Handle(model, instance, parsed, adapter, installed, stats)
     installed.set_attribute(model, _HANDLE_ATTR, handle)

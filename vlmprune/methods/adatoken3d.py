@@ -43,9 +43,11 @@ class AdaToken3D(Method):
     ``budget=0.125`` is the built-in schedule, a budget of every token keeps everything. A
     schedule dict ``{"llm:K": count, ...}`` sets counts per point.
 
-    **Deviations**: kept tokens keep their original positions (the adapter's llm-stage
-    convention); the official code renumbers positions contiguously after each point. Batches of
-    any padding side (official: right padding). Generic image spans (official: LLaVA-3D's
+    Positions follow the official code: renumbered contiguously after each point, a new token's
+    position shifted down by the removed count in the layers after each point
+    (``llm_positions = "compact"``; Qwen-VL keeps its 3-D positions).
+
+    **Deviations**: batches of any padding side (official: right padding). Generic image spans (official: LLaVA-3D's
     spatial tokens; its 3-D family comes with that adapter).
     """
 
@@ -53,6 +55,7 @@ class AdaToken3D(Method):
     stages = ("llm",)
     needs = frozenset({"text_attention"})
     positions = "original"
+    llm_positions = "compact"
     paper = {
         "title": "AdaToken-3D: Dynamic Spatial Gating for Efficient 3D Large Multimodal-Models Reasoning",
         "arxiv": "2505.12782",

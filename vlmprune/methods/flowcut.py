@@ -78,10 +78,13 @@ class FlowCut(Method):
     tile) and keeps ``crop_keep`` of the *image's* budget in every crop (the code:
     ``target_num / 2`` each, floored here, at least 1; tokens kept in the letterbox padding are
     then cut by un-padding), the LLM stage before ``llm_layer`` keeps the image's budget with the
-    same last-token score (newline tokens are not candidates). Ours: kept tokens keep their
-    positions inside the LLM, where the code renumbers them (and shifts decode positions), and
-    the adapter keeps a tile row's ``image_newline`` iff the row keeps a token, where this code
-    path inserts no newline tokens at all.
+    same last-token score (newline tokens are not candidates); from that point on positions are
+    renumbered without gaps, as the code does (``llm_positions = "compact"`` there). Ours: at
+    decode steps the new token's position is shifted down in the layers from the point on, where
+    the code shifts it in every layer (the two before the point hold the unpruned prefix in
+    their cache, so the code's first layers see the new token closer than it is), and the
+    adapter keeps a tile row's ``image_newline`` iff the row keeps a token, where this code path
+    inserts no newline tokens at all.
     ``llm_stage="on"`` adds the LLM stage on LLaVA-1.5 too (encoder: ``encoder_keep`` times the
     budget).
 
@@ -121,6 +124,7 @@ class FlowCut(Method):
 
     name = "flowcut"
     stages = ("encoder", "llm")
+    llm_positions = "compact"  # the NeXT code renumbers; Qwen's adapter keeps M-RoPE positions, as its port
     needs = frozenset({"cls_attention", "encoder_qkv", "relay_qkv"})
     paper = {
         "title": "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models",

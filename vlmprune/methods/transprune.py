@@ -56,8 +56,11 @@ class TransPrune(Method):
     budget of every token keeps everything. A schedule dict ``{"llm:K": count, ...}`` sets
     counts per point.
 
-    **Deviations**: kept tokens keep their original positions (the adapter's llm-stage
-    convention); the official code renumbers positions contiguously after each point. The TTV
+    Positions follow the official code: renumbered contiguously after each point, and a new
+    token's position shifted down by the tokens each point removed in the layers after it
+    (``llm_positions = "compact"``; Qwen-VL keeps its 3-D positions).
+
+    **Deviations**: the TTV
     softmax runs per sample over its real tokens (official: one softmax over every token of the
     batch, meant for batch 1). Batches with padding of any side (official: right padding only).
     """
@@ -66,6 +69,7 @@ class TransPrune(Method):
     stages = ("llm",)
     needs = frozenset({"sublayer_io", "text_attention"})
     positions = "original"
+    llm_positions = "compact"
     paper = {"title": "TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model", "arxiv": "2507.20630"}
 
     layers: tuple = option((7, 9, 12), "pruning points, before these 0-based decoder layers (official pruning_layer_list=[7,9,12], 1-based 'after')")
