@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vlmprune.context import Point, Selection, Signals, TokenContext
+from vlmprune.context import Point, Selection, Signals
 from vlmprune.primitives.scoring import attention_rows
 
 from .base import Installed, check_selection, read_arg, write_arg

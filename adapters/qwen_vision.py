@@ -335,7 +335,6 @@ def group_qkv(
     embedding) and values ``[H, G * m^2, D]`` for one image's groups alive there, the groups in
     raster order with each group's ``m^2`` patches on consecutive rows (in the merger's order),
     and the groups' raster ids ``[G]``."""
-    unit = tower.unit
     alive = captured["alive"].to(packed.image.device)
     mine = (packed.image[alive] == image).nonzero().flatten()
     raster = packed.raster[alive[mine]]

@@ -11,7 +11,7 @@ import torch
 
 import vlmprune
 from tests.contexts import make_context
-from tests.tiny import batch, n_patches, tiny_llava
+from tests.tiny import batch, tiny_llava
 from vlmprune.context import ModelInfo
 from vlmprune.methods.atp import (
     ATP,

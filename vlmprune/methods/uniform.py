@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from ..context import Selection, TokenContext
 from ..method import Method
