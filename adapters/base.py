@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -47,6 +47,8 @@ class Plan:
     positions: str | None = None
     #: ``wrap(llm_positions=...)``: the same for tokens kept at ``llm`` points (None: the method's)
     llm_positions: str | None = None
+    #: lists that ``Handle.record()`` is filling: every ``select`` call is appended to each
+    recorders: list = field(default_factory=list)
 
 
 class Installed:

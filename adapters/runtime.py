@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from vlmprune.context import ModelInfo, Point, Selection, Signals, TokenContext
+from vlmprune.context import ModelInfo, Point, Selection, SelectionRecord, Signals, TokenContext
 
 from .base import Plan, new_generator
 
@@ -75,4 +75,9 @@ class Runtime:
             sel = self.method.select(ctx)
         self.stats.select_seconds += time.perf_counter() - start
         self.stats.record_point(str(ctx.point), [ctx.n] * ctx.tokens.shape[0], sel.counts())
+        if self.plan.recorders:
+            grid = tuple(ctx.grid) if ctx.grid else None
+            record = SelectionRecord(ctx.point, ctx.token_index.detach().clone(), sel, grid, tuple(ctx.images))
+            for recorder in self.plan.recorders:
+                recorder.append(record)
         return sel

@@ -4,7 +4,7 @@
 (:mod:`.view`) and model-running (:mod:`.engine`) parts import without Gradio.
 """
 
-from .engine import DEFAULT_MODEL, DemoError, DemoModel, ModelStore, RunResult, load_image, load_model, parse_budget, recording
+from .engine import DEFAULT_MODEL, DemoError, DemoModel, ModelStore, RunResult, load_image, load_model, parse_budget
 from .view import TokenView, draw_heatmap, draw_overlay, token_view
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "load_model",
     "main",
     "parse_budget",
-    "recording",
     "token_view",
 ]
 

@@ -9,7 +9,6 @@ different methods are served one after the other, each on a model patched only b
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import threading
@@ -26,7 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 import vlmprune
 
-from .view import Record, TokenView, full_view, model_view, token_view
+from .view import TokenView, full_view, model_view, token_view
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -37,7 +36,6 @@ __all__ = [
     "load_image",
     "load_model",
     "parse_budget",
-    "recording",
 ]
 
 log = logging.getLogger("vlmprune.demo")
@@ -158,33 +156,6 @@ def parse_budget(unit: str, value, n_visual: int | None = None) -> int | float:
     if n_visual is not None and v > n_visual:
         raise DemoError(f"The budget ({int(v)} tokens) is above the {n_visual} visual tokens this model gives an image; choose at most {n_visual}.")
     return int(v)
-
-
-# ----------------------------------------------------------------------------------- recording
-
-
-@contextlib.contextmanager
-def recording(handle):
-    """Record every Selection the wrapped method returns, as :class:`Record` objects
-    (point, raster indices of the tokens alive there, selection, grid, images of the rows).
-
-    Done by shadowing ``select`` on the method instance of this one wrap (the same way the
-    truth tests do); the instance is private to ``handle``, so recording cannot leak into
-    another wrap."""
-    method = handle.method
-    seen: list[Record] = []
-    original = method.select
-
-    def select(ctx):
-        sel = original(ctx)
-        seen.append(Record(ctx.point, ctx.token_index.detach().clone(), sel, tuple(ctx.grid) if ctx.grid else None, tuple(ctx.images)))
-        return sel
-
-    object.__setattr__(method, "select", select)
-    try:
-        yield seen
-    finally:
-        object.__delattr__(method, "select")
 
 
 # ----------------------------------------------------------------------------------- running
@@ -332,7 +303,7 @@ class DemoModel:
             except Exception as exc:  # noqa: BLE001 - an unknown method, bad budget or option, unmet needs
                 return RunResult(method, budget, image=seen, error=describe_error(exc))
             try:
-                with recording(handle) as records:
+                with handle.record() as records:
                     answer, seconds, confidence = self._generate(inputs, max_new_tokens)
                 stats = handle.stats
             except Exception as exc:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import colorsys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from vlmprune.context import SelectionRecord
+
 __all__ = [
-    "Record",
     "TokenView",
     "draw_heatmap",
     "draw_overlay",
@@ -42,18 +42,6 @@ __all__ = [
 KEPT_COLOUR = (255, 210, 0)
 #: how much of a dropped patch's brightness is left
 DIM = 0.28
-
-
-@dataclass
-class Record:
-    """One ``select`` call: the point, the raster indices of the tokens alive there
-    (``[B, N]``, -1 for a token with no single origin), the Selection and the patch grid."""
-
-    point: Any
-    token_index: Any
-    selection: Any
-    grid: tuple[int, int] | None = None
-    images: tuple[int, ...] = ()
 
 
 @dataclass
@@ -111,7 +99,7 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _row_of(record: Record, image: int) -> int | None:
+def _row_of(record: SelectionRecord, image: int) -> int | None:
     """The batch row of ``image`` in a record (rows of an llm-stage call may be a subset)."""
     if not record.images:
         return image
@@ -122,13 +110,14 @@ def token_view(records: Sequence, grid: tuple[int, int] | None = None, image: in
     """Combine the selections a method made at its points (in the order they ran) into one
     :class:`TokenView` for image ``image`` of the forward.
 
-    ``records``: :class:`Record` objects or ``(point, token_index, selection)`` tuples.
+    ``records``: :class:`~vlmprune.SelectionRecord` objects (``handle.record()``) or
+    ``(point, token_index, selection)`` tuples.
     The kept set is what survives the last point (what reaches the LLM, or the LLM's later
     layers for LLM-stage methods); a token merged into another follows it, so a token merged into
     a token that a later point drops is dropped too. Tokens whose raster index is -1 (no single
     origin) are counted in ``extra`` when they survive.
     """
-    recs = [r if isinstance(r, Record) else Record(*r) for r in records]
+    recs = [r if isinstance(r, SelectionRecord) else SelectionRecord(*r) for r in records]
     if grid is None:
         grid = next((r.grid for r in recs if r.grid is not None), None)
     if grid is None:

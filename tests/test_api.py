@@ -290,3 +290,25 @@ def test_llm_positions_compact_renumbers_from_the_point_on(clip):
         assert torch.equal(greedy_no_cache(clip, inputs, 4), cached[:, ids.shape[1] :])
     with pytest.raises(ValueError, match=r"'llm_positions': the qwen2_vl adapter offers \['original'\]"):
         vlmprune.wrap(tiny_qwen("2"), "fastv", budget=8, llm_positions="compact")
+
+
+def test_handle_record_lists_every_select_call(clip):
+    """``handle.record()``: one SelectionRecord per ``select`` call while the block runs (nested
+    recorders each get every call), nothing after it; the model's output is unchanged."""
+    inputs = batch([[10, 11], [20]], seed=7)
+    with vlmprune.wrap(clip, "todre", budget=24) as handle:
+        with torch.no_grad():
+            plain = clip(**inputs).logits
+            with handle.record() as outer:
+                with handle.record() as inner:
+                    recorded = clip(**inputs).logits
+                clip(**inputs)
+            clip(**inputs)
+    torch.testing.assert_close(recorded, plain, atol=0, rtol=0)
+    assert [str(r.point) for r in inner] == ["projector", "llm:2"] and len(outer) == 4
+    first = inner[0]
+    assert isinstance(first, vlmprune.SelectionRecord) and first.grid == (16, 16) and first.images == (0, 1)
+    kept = first.selection.keep.shape[1]
+    assert first.token_index.shape == (2, n_patches()) and kept < n_patches()
+    assert torch.equal(inner[1].token_index, first.token_index.gather(1, first.selection.keep))  # raster ids follow
+    assert not handle._plan.recorders

@@ -22,11 +22,9 @@ from vlmprune.demo.engine import (
     load_image,
     load_model,
     parse_budget,
-    recording,
 )
 from vlmprune.demo.view import (
     KEPT_COLOUR,
-    Record,
     draw_heatmap,
     draw_overlay,
     full_view,
@@ -37,7 +35,7 @@ from vlmprune.demo.view import (
 )
 
 import vlmprune
-from vlmprune.context import Point, Selection
+from vlmprune.context import Point, Selection, SelectionRecord
 
 pytest.importorskip("easy_vqa", reason="the tiny demo model uses the embedded model's tokenizer (easy-vqa vocabulary)")
 
@@ -121,7 +119,7 @@ QUESTION = "what color is the shape in the top left?"
 
 
 def _rec(point, token_index, sel, grid=(4, 4), images=(0,)):
-    return Record(point, torch.as_tensor(token_index)[None], sel, grid, images)
+    return SelectionRecord(point, torch.as_tensor(token_index)[None], sel, grid, images)
 
 
 def test_token_view_single_point_kept_and_scores():
@@ -165,13 +163,13 @@ def test_token_view_merge_map_follows_targets():
 def test_token_view_extra_tokens_and_per_image_lists():
     # row 1 of a two-image projector call with per-image keep lists, a summary token and CLS
     sel = Selection(keep=[torch.tensor([0]), torch.tensor([1, 2])], extra=[torch.zeros(1, 8), torch.zeros(1, 8)], keep_cls=True)
-    rec = Record("projector", torch.stack([torch.arange(16), torch.arange(16)]), sel, (4, 4), (0, 1))
+    rec = SelectionRecord("projector", torch.stack([torch.arange(16), torch.arange(16)]), sel, (4, 4), (0, 1))
     view = token_view([rec], image=1)
     assert np.flatnonzero(view.kept).tolist() == [1, 2]
     assert view.extra == 2 and view.n_tokens == 4
     # an llm point where one alive token has no single origin (raster -1)
     sel2 = Selection(keep=torch.tensor([[0, 2]]))
-    view = token_view([Record("llm:1", torch.tensor([[-1, 3, 8]]), sel2, (4, 4), (0,))])
+    view = token_view([SelectionRecord("llm:1", torch.tensor([[-1, 3, 8]]), sel2, (4, 4), (0,))])
     assert np.flatnonzero(view.kept).tolist() == [8] and view.extra == 1
 
 
@@ -339,9 +337,9 @@ def test_recording_does_not_change_the_answer(tiny):
     _, inputs = tiny.prepare(img, QUESTION)
     with vlmprune.wrap(tiny.model, "divprune", budget=24) as handle:
         plain = tiny._generate(inputs, 4)
-        with recording(handle) as seen:
+        with handle.record() as seen:
             recorded = tiny._generate(inputs, 4)
-    assert (plain[0], plain[2]) == (recorded[0], recorded[2]) and len(seen) == 1 and "select" not in vars(handle.method)
+    assert (plain[0], plain[2]) == (recorded[0], recorded[2]) and len(seen) == 1
 
 
 def test_load_model_errors(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Sequence
 
 import torch
 from transformers.masking_utils import create_causal_mask
@@ -59,23 +60,28 @@ class Replay(vlmprune.Method):
         return vlmprune.Selection(keep=keeps, merged=merged, extra=extra, keep_cls=sel.keep_cls)
 
 
+class _RecordedView(Sequence):
+    """``handle.record()``'s live list, read as :class:`Recorded` tuples."""
+
+    def __init__(self, records):
+        self._records = records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        r = self._records[i]
+        return Recorded(r.point, r.token_index, r.selection, r.images)
+
+
 @contextlib.contextmanager
 def record_selections(handle):
-    """Record every Selection the wrapped method returns (a recording subclass, as kvpress does)."""
-    method = handle.method
-    seen = []
-    original = method.select
-
-    def select(ctx):
-        sel = original(ctx)
-        seen.append(Recorded(ctx.point, ctx.token_index.clone(), sel, ctx.images))
-        return sel
-
-    object.__setattr__(method, "select", select)
-    try:
-        yield seen
-    finally:
-        object.__delattr__(method, "select")
+    """Every Selection the wrapped method returns (``handle.record()``), as ``(point,
+    token_index, selection)`` tuples with ``.images``."""
+    with handle.record() as records:
+        yield _RecordedView(records)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

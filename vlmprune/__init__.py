@@ -6,7 +6,7 @@
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .budget import Budget
-from .context import ModelInfo, Point, Selection, Signals, TokenContext
+from .context import ModelInfo, Point, Selection, SelectionRecord, Signals, TokenContext
 from .method import Method, option
 from .registry import get_method, methods, register
 from .wrap import Handle, wrap
@@ -20,6 +20,7 @@ __all__ = [
     "ModelInfo",
     "Point",
     "Selection",
+    "SelectionRecord",
     "Signals",
     "TokenContext",
     "get_method",

@@ -83,6 +83,20 @@ class Selection:
         return [k.shape[0] + e + int(self.keep_cls) for k, e in zip(self.keep, extra)]
 
 
+@dataclass
+class SelectionRecord:
+    """One call of a method's ``select`` (``Handle.record()``): the point, the raster indices of
+    the tokens alive there (``[B, N]``, -1 for a token with no single origin), the
+    :class:`Selection` returned, the patch grid of the call and the image of each row
+    (``ctx.images``)."""
+
+    point: Point
+    token_index: torch.Tensor
+    selection: Selection
+    grid: tuple[int, int] | None = None
+    images: tuple[int, ...] = ()
+
+
 class Signals:
     """Lazy accessors for what a method may read; each value is computed once per call.
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
 from .budget import Budget
+from .context import SelectionRecord
 from .method import Method
 from .registry import get_method
 from .stats import Stats
@@ -18,16 +20,34 @@ POSITIONS = ("compact", "original")
 
 
 class Handle:
-    """What :func:`wrap` returns: ``stats``, ``unwrap()``, and a context manager."""
+    """What :func:`wrap` returns: ``stats``, ``record()``, ``unwrap()``, and a context manager."""
 
-    def __init__(self, model: nn.Module, method: Method, budget: Budget, adapter, installed, stats: Stats):
+    def __init__(self, model: nn.Module, method: Method, budget: Budget, adapter, installed, stats: Stats, plan=None):
         self.model = model
         self.method = method
         self.budget = budget
         self.adapter = adapter
         self._installed = installed
         self._stats = stats
+        self._plan = plan
         self.active = True
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[list[SelectionRecord]]:
+        """Record what the method chooses while the block runs: yields a list that receives a
+        :class:`~vlmprune.context.SelectionRecord` (point, raster indices of the tokens alive,
+        Selection, grid, images) for every ``select`` call, in call order::
+
+            with handle.record() as records:
+                model.generate(**inputs)
+            kept = records[-1].token_index[0, records[-1].selection.keep[0]]
+        """
+        records: list[SelectionRecord] = []
+        self._plan.recorders.append(records)
+        try:
+            yield records
+        finally:
+            self._plan.recorders[:] = [r for r in self._plan.recorders if r is not records]
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -137,7 +157,7 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     plan = Plan(method=instance, budget=parsed, points=points, capture=instance.capture_layers(info), stats=stats,
                 positions=positions, llm_positions=llm_positions)
     installed = adapter.install(plan)
-    handle = Handle(model, instance, parsed, adapter, installed, stats)
+    handle = Handle(model, instance, parsed, adapter, installed, stats, plan)
     installed.set_attribute(model, _HANDLE_ATTR, handle)
     return handle
 
