@@ -144,6 +144,11 @@ def check_selection(sel, ctx, method: str, allow_extra: bool) -> None:
         raise RuntimeError(f"method {method!r} returned per-image keep lists at stage {ctx.stage!r}; use a [B, k] tensor")
     if len(sel.keep) != b:
         raise RuntimeError(f"method {method!r} returned keep for {len(sel.keep)} images, expected {b}")
+    if sel.merged_space not in ("tokens", "projected") or (sel.merged_space == "projected" and ctx.stage != "projector"):
+        raise RuntimeError(
+            f"method {method!r} returned merged_space={sel.merged_space!r} at stage {ctx.stage!r}; 'tokens' anywhere, "
+            "'projected' at the projector stage only"
+        )
     for i, (keep, merged, extra) in enumerate(sel.per_image()):
         if keep.dtype != torch.long or keep.dim() != 1:
             raise RuntimeError(f"method {method!r} returned keep of dtype {keep.dtype} / shape {tuple(keep.shape)}")

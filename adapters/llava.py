@@ -149,7 +149,7 @@ class LlavaRuntime(VLMRuntime):
         cls_slot = bool(off and strategy == "full")  # the model itself feeds CLS to the LLM
         self.slots = [n + int(cls_slot)] * n_img
         raster = self.alive
-        per_image = [(feats[i], raster[i], cls_slot) for i in range(n_img)]
+        per_image = [(feats[i], raster[i], cls_slot, None) for i in range(n_img)]
         if any(p.stage == "projector" for p in self.plan.points):
             signals = Signals(
                 {
@@ -169,20 +169,26 @@ class LlavaRuntime(VLMRuntime):
                 raise RuntimeError(f"method {self.method.name!r} asked to keep CLS, but the tower has none")
             per_image = []
             for i, (keep, merged, extra) in enumerate(sel.per_image()):
-                f = feats[i, keep] if merged is None else merged.to(feats.dtype)
+                in_llm = merged is not None and sel.merged_space == "projected"
+                f = feats[i, keep] if merged is None or in_llm else merged.to(feats.dtype)
                 r = raster[i, keep]
                 if extra is not None:
                     f = torch.cat([f, extra.to(feats.dtype)])
                     r = torch.cat([r, r.new_full((extra.shape[0],), -1)])
-                per_image.append((f, r, cls_slot or sel.keep_cls))
-        feats_list, rasters = [], []
-        for i, (f, r, with_cls) in enumerate(per_image):
+                per_image.append((f, r, cls_slot or sel.keep_cls, merged if in_llm else None))
+        feats_list, rasters, overrides = [], [], []
+        for i, (f, r, with_cls, in_llm) in enumerate(per_image):
             if with_cls:
                 f = torch.cat([cls_tok[i : i + 1], f])
                 r = torch.cat([r.new_full((1,), -1), r])
             feats_list.append(f)
             rasters.append(r)
+            overrides.append((int(with_cls), in_llm))
         projected = core.multi_modal_projector(torch.cat(feats_list)).split([f.shape[0] for f in feats_list])
+        projected = [  # merged values given in LLM space replace the kept tokens' projections
+            p if values is None else torch.cat([p[:at], values.to(p.dtype), p[at + values.shape[0] :]])
+            for p, (at, values) in zip(projected, overrides)
+        ]
         slots = n + int(cls_slot)
         padded = []
         for p in projected:

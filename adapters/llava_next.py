@@ -275,7 +275,7 @@ class LlavaNextRuntime(VLMRuntime):
         crop_start = [sum(crops[:i]) for i in range(n_img)]
         owner = [i for i, k in enumerate(crops) for _ in range(k)]  # image of each crop
         # per crop: kept local indices (None: all, in order), their values, extra tokens, keep CLS
-        chosen: list[dict] = [{"keep": None, "values": None, "extra": None, "cls": False} for _ in owner]
+        chosen: list[dict] = [{"keep": None, "values": None, "projected": None, "extra": None, "cls": False} for _ in owner]
         enc_points = [p for p in self.plan.points if p.stage == "encoder"]
         if enc_points:
             if int(strategy == "default") != int(tower.has_cls):
@@ -311,6 +311,8 @@ class LlavaNextRuntime(VLMRuntime):
             vision.append(entries["vision"])
             assembled.append(entries)
         projected = core.multi_modal_projector(torch.cat(vision)).split([v.shape[0] for v in vision])
+        projected = [self._llm_space_values(p, lay, entries, chosen[crop_start[i] : crop_start[i] + crops[i]], n)
+                     for i, (p, lay, entries) in enumerate(zip(projected, layouts, assembled))]
         newline = core.image_newline
         padded = []
         for i, (lay, entries, proj) in enumerate(zip(layouts, assembled, projected)):
@@ -441,8 +443,10 @@ class LlavaNextRuntime(VLMRuntime):
                     raise RuntimeError(f"method {self.method.name!r} asked to keep CLS, but the tower has none")
                 for j, (keep, merged, extra) in enumerate(sel.per_image()):
                     g = members[j]
-                    values = tokens[j, keep] if merged is None else merged.to(feats.dtype)
-                    chosen[g] = {"keep": keep, "values": values, "extra": extra, "cls": bool(sel.keep_cls)}
+                    in_llm = merged is not None and sel.merged_space == "projected"
+                    values = tokens[j, keep] if merged is None or in_llm else merged.to(feats.dtype)
+                    chosen[g] = {"keep": keep, "values": values, "projected": merged if in_llm else None,
+                                 "extra": extra, "cls": bool(sel.keep_cls)}
         finally:
             self._call_budget = None
 
@@ -545,6 +549,22 @@ class LlavaNextRuntime(VLMRuntime):
             "vision": torch.cat(rows), "vision_pos": vision_pos, "newline_pos": newline_pos, "count": count,
             "source": source, "visual": visual, "raster": torch.cat(ids),
         }
+
+    @staticmethod
+    def _llm_space_values(proj: torch.Tensor, lay: dict, entries: dict, chosen: list[dict], n: int) -> torch.Tensor:
+        """Merged values a method gave in LLM space (``merged_space="projected"``) replace the
+        projections of their kept tokens (matched by llm-stage raster id ``crop * n + raster``;
+        tokens cut by un-padding have no row)."""
+        ids = entries["raster"].to(proj.device)
+        for c, (part, ch) in enumerate(zip(lay["parts"], chosen)):
+            if ch["projected"] is None:
+                continue
+            keys = c * n + part["raster"].to(proj.device)[ch["keep"].to(proj.device)]
+            hit = ids[None, :] == keys[:, None]  # [kept, rows]
+            found = hit.any(1)
+            proj = proj.clone()
+            proj[hit[found].float().argmax(1)] = ch["projected"][found].to(proj.dtype)
+        return proj
 
     # -- handed to the decoder's input hook ----------------------------------------------------------
     def _place_image(self, img: dict, row: int, start: int, pos_source: torch.Tensor):

@@ -119,16 +119,22 @@ def test_vflowopt_select_counts_follow_the_card():
     info = ModelInfo("test", 64, (8, 8), False, 4, 2, 4, ("encoder", "projector", "llm"))
     probs = torch.rand(2, 2, 64, 64).softmax(-1)
     method = vlmprune.get_method("vflowopt")(r_v=0.3, m=9.0)  # cell side 9 * 8 / 27 tokens
-    ctx = context(torch.randn(2, 64, 8), 12, {"encoder_attention": lambda layer=None: probs}, info=info)
+    projected = torch.randn(2, 64, 16)  # LLM space: the code recycles projected features
+    ctx = context(torch.randn(2, 64, 8), 12, {"encoder_attention": lambda layer=None: probs, "projected": lambda: projected}, info=info)
     sel = method.select(ctx)
     imp = sel.scores
     n_red, cell = round(64 * 0.7), 9.0 * 8 / 27
     n_low = n_red + int(64 / cell**2)
+    assert sel.merged_space == "projected"
     for j in range(2):
         low = torch.sort(imp[j], stable=True).indices[:n_low]
         cells = {(math.floor(int(i) // 8 / cell), math.floor(int(i) % 8 / cell)) for i in low}
         assert sel.keep[j].numel() == 64 - n_low + len(cells)
         assert torch.all(sel.keep[j][1:] > sel.keep[j][:-1])
+        for p in range(sel.keep[j].numel()):  # every kept row: the importance-weighted mean of what merged into it
+            members = (sel.merge_map[j] == p).nonzero().flatten()
+            w = imp[j, members] / imp[j, members].sum()
+            torch.testing.assert_close(sel.merged[j][p], (w[:, None] * projected[j, members]).sum(0))
     # LLM stage: the same importance map, round(M (1 - r)) lowest dropped
     hp = method.hyper(12 / 64, info)
     layer = method.layers(info)[1]

@@ -142,9 +142,14 @@ def _by_hand_image_tokens(model, inputs, point, token_index, sel):
     proj = model.model.multi_modal_projector
     out = []
     for i, (keep, merged, extra) in enumerate(sel.per_image()):
-        rows = feats[i, keep] if merged is None else merged
+        in_llm = merged is not None and sel.merged_space == "projected"  # given in LLM space (VFlowOpt)
+        rows = feats[i, keep] if merged is None or in_llm else merged
         parts = ([cls[i : i + 1]] if sel.keep_cls else []) + [rows] + ([extra] if extra is not None else [])
-        out.append(proj(torch.cat(parts)))
+        mapped = proj(torch.cat(parts))
+        if in_llm:
+            at = int(sel.keep_cls)
+            mapped = torch.cat([mapped[:at], merged, mapped[at + merged.shape[0] :]])
+        out.append(mapped)
     return out
 
 

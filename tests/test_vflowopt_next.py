@@ -27,7 +27,8 @@ from tests.test_truth_next import (
     next_batch,
     single,
 )
-from tests.truth import record_selections
+from tests.truth import positions_from_mask, record_selections
+from tests.tiny import IMAGE_TOKEN
 from vlmprune.methods.vflowopt import VFlowOpt
 
 BUDGET = 0.25  # average over the LLM layers; r_1, r_2 from the released 25 % config
@@ -263,3 +264,39 @@ def test_counts_follow_the_ratios(recycle):
         assert b["in"] == [k] and b["out"] == [k - round(k * (1 - hp["r_2"]))]
     per_image = [p["in"][0] for p in llm1]
     assert sorted(per_image) == sorted(handle.stats["llm_visual_tokens"])
+
+
+class ShiftProjected(vlmprune.Method):
+    """Test method: keeps every token of a crop and hands back, in LLM space
+    (``merged_space="projected"``), each kept token's projection plus 1."""
+
+    name = "test_shift_projected"
+    stages = ("projector",)
+    needs = frozenset({"projected"})
+
+    def __init__(self):
+        self.seed = 0
+
+    def select(self, ctx):
+        b, n = ctx.tokens.shape[:2]
+        return vlmprune.Selection(
+            keep=torch.arange(n).expand(b, n).clone(), merged=ctx.signals.projected() + 1.0, merged_space="projected"
+        )
+
+
+def test_llm_space_merged_values_replace_the_projections():
+    """``merged_space="projected"`` (VFlowOpt's recycled values): the LLM receives the given
+    values at every visual slot, the newlines unchanged (by hand: the unwrapped model's packed
+    features plus 1 at visual slots)."""
+    model = model_for()
+    inputs = next_batch(TEXTS[:2], SIZES[:2], seed=8)
+    lay = layout(model, SIZES[:2])
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        full = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        emb = model.model.get_input_embeddings()(ids)
+        shifted = torch.cat([f + (lay_i >= 0)[:, None].to(f.dtype) for f, lay_i in zip(full, lay)])
+        emb = emb.masked_scatter((ids == IMAGE_TOKEN)[..., None], shifted)
+        ref = model(inputs_embeds=emb, attention_mask=inputs["attention_mask"], position_ids=positions_from_mask(inputs["attention_mask"])).logits
+    with vlmprune.wrap(model, ShiftProjected(), budget=1.0):
+        torch.testing.assert_close(forward(model, inputs), ref, atol=1e-5, rtol=1e-5)

@@ -57,7 +57,7 @@ class Replay(vlmprune.Method):
             if len({k.numel() for k in keeps}) > 1:  # per-image counts (FEATHER's grid overlap)
                 return vlmprune.Selection(keep=keeps, merged=merged)
             return vlmprune.Selection(keep=torch.stack(keeps), merged=None if merged is None else torch.stack(merged))
-        return vlmprune.Selection(keep=keeps, merged=merged, extra=extra, keep_cls=sel.keep_cls)
+        return vlmprune.Selection(keep=keeps, merged=merged, extra=extra, keep_cls=sel.keep_cls, merged_space=sel.merged_space)
 
 
 class _RecordedView(Sequence):

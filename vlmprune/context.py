@@ -62,6 +62,10 @@ class Selection:
     ``keep_cls``: also pass the tower's CLS token to the LLM, first (VisionZip).
     ``scores``: optional ``[B, N]`` for heatmaps and tests. ``merge_map``: optional
     ``[B, N]``, the position in ``keep`` each token was merged into (-1: dropped).
+    ``merged_space``: ``"tokens"`` (``merged`` lives where ``ctx.tokens`` do) or, at the
+    projector stage, ``"projected"``: ``merged`` holds LLM-space values (like signal
+    ``projected``) that replace the kept tokens' projections (VFlowOpt recycles projected
+    features).
     """
 
     keep: torch.Tensor | list[torch.Tensor]
@@ -70,6 +74,7 @@ class Selection:
     keep_cls: bool = False
     scores: torch.Tensor | None = None
     merge_map: torch.Tensor | None = None
+    merged_space: str = "tokens"
 
     def per_image(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
         """``(keep_i, merged_i, extra_i)`` for each image, whatever the batch layout."""

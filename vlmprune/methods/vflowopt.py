@@ -85,8 +85,9 @@ class VFlowOpt(Method):
        token); only patches are scored.
     2. **Post-projector pruning with recycling** (official anyres-image path): remove the
        ``round(N (1 - r_v)) + int(N / m^2)`` least important tokens; group them by coarse cells of
-       side ``m``; each group's importance-weighted mean overwrites its most important member,
-       which is restored (:func:`~vlmprune.primitives.merging.recycle_by_cell`). Raster order is
+       side ``m``; each group's importance-weighted mean of the *projected* features (LLM space,
+       as the code) overwrites its most important member, which is restored
+       (:func:`~vlmprune.primitives.merging.recycle_by_cell`; ``merged_space="projected"``). Raster order is
        kept; ``N - n_red - n_m + #groups`` tokens remain, so counts differ per image.
        ``recycle=False``: the official non-anyres path, plain top ``N - n_red``.
     3. **LLM-stage pruning** before each of the two ``llm_layers``: drop the
@@ -109,9 +110,7 @@ class VFlowOpt(Method):
 
     **Deviations**: the importance map is carried in per-image state, not a JSON environment
     variable; batches of any size; an empty global set falls back to the most attended token
-    (official: NaN); the recycled value is formed from the *vision features* before the
-    projector (the adapter projects the kept tokens afterwards) where the official code
-    averages *projected* features (equal for a linear projector); LLaVA-1.5-style single-grid
+    (official: NaN); LLaVA-1.5-style single-grid
     images get recycling by default, whereas the official code recycles only on its anyres
     (multi-crop) image path; ``entropy_pixels="denormalize"`` reads de-normalised pixels where
     the official code casts normalised values to uint8 (negative values wrap; kept as default).
@@ -142,7 +141,7 @@ class VFlowOpt(Method):
 
     name = "vflowopt"
     stages = ("projector", "llm")
-    needs = frozenset({"encoder_attention", "pixels"})
+    needs = frozenset({"encoder_attention", "pixels", "projected"})
     paper = {
         "title": "VFlowOpt: A Token Pruning Framework for LMMs with Visual Information Flow-Guided Optimization",
         "arxiv": "2508.05211",
@@ -297,6 +296,7 @@ class VFlowOpt(Method):
                 return Selection(keep=topk_keep_order(imp, n - n_red[0]), scores=imp)
             return Selection(keep=[topk_keep_order(imp[j : j + 1], n - r)[0] for j, r in enumerate(n_red)], scores=imp)
         order = torch.sort(imp, dim=-1, stable=True).indices
+        projected = ctx.signals.projected()  # the code recycles projected features (LLM space)
         keeps, values, owners = [], [], []
         for j, (w, hp) in enumerate(zip(whole, hps)):
             width = w.grid[1]  # the model's grid width (a crop's side on LLaVA-NeXT)
@@ -305,11 +305,11 @@ class VFlowOpt(Method):
             pruned = torch.zeros(n, dtype=torch.bool, device=imp.device)
             pruned[order[j, :n_low]] = True
             raster, cols = (w.layout_index, w.layout_grid[1]) if w.layout_index is not None else (ctx.token_index[j], ctx.grid[1])
-            keep, vals, owner = recycle_by_cell(ctx.tokens[j], imp[j], pruned, raster.to(imp.device), cols, cell)
+            keep, vals, owner = recycle_by_cell(projected[j], imp[j], pruned, raster.to(imp.device), cols, cell)
             keeps.append(keep)
             values.append(vals)
             owners.append(owner)
-        return Selection(keep=keeps, merged=values, scores=imp, merge_map=torch.stack(owners))
+        return Selection(keep=keeps, merged=values, scores=imp, merge_map=torch.stack(owners), merged_space="projected")
 
     def _prune_llm(self, ctx: TokenContext) -> Selection:
         states = [s[self.name] for s in ctx.image_state]
