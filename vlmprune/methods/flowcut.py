@@ -84,7 +84,9 @@ class FlowCut(Method):
     the code shifts it in every layer (the two before the point hold the unpruned prefix in
     their cache, so the code's first layers see the new token closer than it is), and the
     adapter keeps a tile row's ``image_newline`` iff the row keeps a token, where this code path
-    inserts no newline tokens at all.
+    inserts no newline tokens at all; ``count="batch_max"`` takes the maximum over the crops the
+    adapter runs together (an image's crops with the same budget share: the tiles, and the base
+    image alone), where the code takes it over all crops of the batch.
     ``llm_stage="on"`` adds the LLM stage on LLaVA-1.5 too (encoder: ``encoder_keep`` times the
     budget).
 
