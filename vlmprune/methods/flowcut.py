@@ -52,9 +52,9 @@ class FlowCut(Method):
     points are ``encoder:S, S-2, ...``): at ``rpl = 0`` down to exactly the encoder's count
     ``K``; otherwise ``r = round((N - K) / sqrt(rpl) * (1 - rho^2))`` tokens, ``rho`` the
     normalised entropy of ``a`` (``H(a) / log(len a)``), never below ``K``. Kept tokens are the
-    top ``C`` in original order. LLaVA-1.5 / LLaVA-NeXT: ``S`` is the feature layer
+    top ``C`` in original order. LLaVA-1.5 and LLaVA-NeXT: ``S`` is the feature layer
     (``L - 2 = 22`` in the code, here ``ModelInfo.feature_layer``), so layers from ``S`` on run
-    on ``K`` patches; there is no LLM stage and ``K`` is the budget.
+    on ``K`` patches. LLaVA-1.5 has no LLM stage and ``K`` is the budget (NeXT: below).
 
     **Qwen2-VL / 2.5-VL** (official ``FlowCut_Qwen``): the relay is the mean query (below),
     ``S`` is the tower's depth (``rpl = depth - t - 1``: the last pruning runs after the last
