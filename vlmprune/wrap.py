@@ -125,7 +125,7 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
         if not any(p.stage in ("encoder", "projector") for p in points):
             raise ValueError(
                 f"parameter 'positions' numbers tokens removed before the LLM; method {instance.name!r} prunes "
-                "only inside the LLM, where original positions are always kept"
+                "only inside the LLM; number the tokens it keeps there with parameter 'llm_positions'"
             )
         if positions not in adapter.positions_modes:
             raise ValueError(
