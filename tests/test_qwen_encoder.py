@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vlmprune
-from tests.test_truth_qwen import forward, generate, no_cache_loop
+from tests.test_truth_qwen import forward, generate, no_cache_loop, run_qwen_layers
 from tests.tiny import QWEN_IMAGE, qwen_batch, tiny_qwen
 from tests.truth import record_selections
 from vlmprune.context import Point, Selection
@@ -298,6 +298,52 @@ def test_cache_equivalence(version, layers):
     inputs = qwen_batch(TEXTS, GRIDS, seed=3)
     with vlmprune.wrap(model, TopNorm(layers=layers), budget=budget_for(layers, 0.25)):
         assert torch.equal(generate(model, inputs, 5), no_cache_loop(model, inputs, 5))
+
+
+@pytest.mark.parametrize("version", ["2", "2.5-deep"])
+def test_flowcut_manual_equivalence(version):
+    """FlowCut end to end on Qwen, rebuilt by hand from its recorded choices: the tower block by
+    block keeping the recorded merge groups before each encoder point (the last one before the
+    merger), the prompt with the kept image tokens at their own 3-D positions, then the LLM layer
+    by layer dropping the image tokens the llm:2 choice did not keep."""
+    model = model_for(version)
+    inputs = qwen_batch(TEXTS, GRIDS, seed=9)
+    with vlmprune.wrap(model, "flowcut", budget=0.25, interval=1) as handle, record_selections(handle) as seen:
+        pruned = forward(model, inputs)
+    depth = model.config.vision_config.depth
+    assert [str(p) for p in handle.method.points(handle.adapter.info())] == [f"encoder:{l}" for l in range(1, depth + 1)] + ["llm:2"]
+    core = model.model
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        pos, _ = core.get_rope_index(ids, image_grid_thw=inputs["image_grid_thw"], attention_mask=mask, mm_token_type_ids=inputs["mm_token_type_ids"])
+        for i, grid in enumerate(GRIDS):
+            mine = [rec for rec in seen if i in rec.images]
+            keep_at = {}
+            for rec in mine:
+                if rec[0].stage == "encoder":
+                    j = rec.images.index(i)
+                    keep_at[rec[0].layer] = lambda means, raster, kept=rec[1][j, rec[2].keep[j]]: kept
+            kept, feats = visual_by_hand(model, pixels_of(inputs, i), grid, keep_at)
+            assert kept.numel() == 2 * round(0.25 * COUNTS[i])  # encoder_keep: twice the budget
+            real = mask[i].bool()
+            row_ids = ids[i][real]
+            img = (row_ids == QWEN_IMAGE).nonzero().flatten()
+            emb = core.get_input_embeddings()(row_ids)
+            emb[img[kept]] = feats.to(emb.dtype)
+            take = torch.ones(row_ids.numel(), dtype=torch.bool)
+            take[img] = False
+            take[img[kept]] = True
+            seq = take.nonzero().flatten()
+            (llm,) = [rec for rec in mine if rec[0].stage == "llm"]
+            j = llm.images.index(i)
+            assert torch.equal(llm[1][j], kept)  # the llm point sees the encoder's survivors, in raster order
+            visual = torch.searchsorted(seq, img[kept])  # their places in the shortened row
+            others = torch.ones(seq.numel(), dtype=torch.bool)
+            others[visual] = False
+            stay = torch.sort(torch.cat([others.nonzero().flatten(), visual[llm[2].keep[j]]])).values
+            ref = run_qwen_layers(model, emb[seq][None], pos[:, i : i + 1, real][:, :, seq], {2: stay})
+            assert llm[2].keep[j].numel() == round(0.25 * COUNTS[i])
+            torch.testing.assert_close(pruned[i, -ref.shape[0] :], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_encoder_then_projector():

@@ -60,6 +60,20 @@ def no_cache_loop(model, inputs, steps):
     return torch.cat(new, 1)
 
 
+def run_qwen_layers(model, embeds, pos3, prunes: dict[int, torch.Tensor]):
+    """One unpadded row through the unwrapped Qwen LLM, layer by layer; before layer ``K`` in
+    ``prunes`` only the sequence positions ``prunes[K]`` stay, each with its own 3-D M-RoPE
+    position (RoPE from the gathered positions). Returns logits ``[L', V]``."""
+    lm = model.model.language_model
+    hidden = embeds
+    for i, layer in enumerate(lm.layers):
+        if i in prunes:
+            hidden, pos3 = hidden[:, prunes[i]], pos3[:, :, prunes[i]]
+        cos_sin = lm.rotary_emb(hidden, pos3)
+        hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin)  # causal (no padding)
+    return model.lm_head(lm.norm(hidden))[0]
+
+
 versions = pytest.mark.parametrize("version", VERSIONS)
 methods = pytest.mark.parametrize("name", METHODS)
 
@@ -82,7 +96,7 @@ def test_manual_equivalence_with_3d_positions(version, name):
     """Pruned logits equal the unwrapped model run on the prompt with the dropped image tokens
     removed by hand and every kept token at its original (t, h, w) M-RoPE position."""
     if name == "fastv":
-        pytest.skip("LLM-stage manual equivalence is covered on LLaVA (same decoder machinery)")
+        pytest.skip("inside the LLM: test_manual_llm_points_with_3d_positions")
     model = model_for(version)
     inputs = qwen_batch(TEXTS, GRIDS, seed=1)
     with vlmprune.wrap(model, name, budget=0.25) as handle:
@@ -118,6 +132,42 @@ def test_manual_equivalence_with_3d_positions(version, name):
         n = int(mask[i, r].sum())
         torch.testing.assert_close(pruned[i, -n:], ref[i, -n:], atol=1e-5, rtol=1e-5)
     assert handle.stats["llm_visual_tokens"] == [16, 12]
+
+
+@versions
+@pytest.mark.parametrize("name", ["fastv", "feather", "transprune", "adatoken3d"])
+def test_manual_llm_points_with_3d_positions(version, name):
+    """Methods pruning inside the LLM: each row rebuilt by hand, the unwrapped LLM run layer by
+    layer, dropping before each recorded point the image tokens it did not keep; every token
+    keeps its own 3-D M-RoPE position (Qwen: original positions, whatever the method's
+    ``llm_positions``)."""
+    model = model_for(version)
+    inputs = qwen_batch(TEXTS, GRIDS, seed=1)
+    with vlmprune.wrap(model, name, budget=0.25) as handle, record_selections(handle) as seen:
+        pruned = forward(model, inputs)
+    assert {rec[0].stage for rec in seen} == {"llm"}
+    core = model.model
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        pos, _ = core.get_rope_index(ids, image_grid_thw=inputs["image_grid_thw"], attention_mask=mask, mm_token_type_ids=inputs["mm_token_type_ids"])
+        feats = torch.cat(list(core.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output))
+        emb = core.get_input_embeddings()(ids).masked_scatter((ids == QWEN_IMAGE)[..., None], feats)
+        for i in range(2):
+            real = mask[i].bool()
+            visual = (ids[i][real] == QWEN_IMAGE).nonzero().flatten()
+            length, prunes = int(real.sum()), {}
+            for rec in seen:
+                if i not in rec.images:
+                    continue
+                keep = torch.sort(rec[2].per_image()[rec.images.index(i)][0]).values
+                others = torch.ones(length, dtype=torch.bool)
+                others[visual] = False
+                kept = torch.sort(torch.cat([others.nonzero().flatten(), visual[keep]])).values
+                prunes[rec[0].layer] = kept
+                visual, length = torch.searchsorted(kept, visual[keep]), kept.numel()
+            assert len(prunes) == len(handle.method.points(handle.adapter.info()))
+            ref = run_qwen_layers(model, emb[i][real][None], pos[:, i : i + 1, real], prunes)
+            torch.testing.assert_close(pruned[i, -ref.shape[0] :], ref, atol=1e-5, rtol=1e-5)
 
 
 @versions
