@@ -135,17 +135,18 @@ def test_manual_equivalence_with_3d_positions(version, name):
 
 
 @versions
-@pytest.mark.parametrize("name", ["fastv", "feather", "transprune", "adatoken3d"])
+@pytest.mark.parametrize("name", ["fastv", "feather", "transprune", "adatoken3d", "todre", "vflowopt"])
 def test_manual_llm_points_with_3d_positions(version, name):
-    """Methods pruning inside the LLM: each row rebuilt by hand, the unwrapped LLM run layer by
-    layer, dropping before each recorded point the image tokens it did not keep; every token
-    keeps its own 3-D M-RoPE position (Qwen: original positions, whatever the method's
-    ``llm_positions``)."""
+    """Methods pruning inside the LLM (after a projector point for ToDRE and VFlowOpt, whose
+    recycled values replace the kept tokens' features): each row rebuilt by hand, the unwrapped
+    LLM run layer by layer, dropping before each recorded point the image tokens it did not
+    keep; every token keeps its own 3-D M-RoPE position (Qwen: original positions, whatever the
+    method's ``llm_positions``)."""
     model = model_for(version)
     inputs = qwen_batch(TEXTS, GRIDS, seed=1)
     with vlmprune.wrap(model, name, budget=0.25) as handle, record_selections(handle) as seen:
         pruned = forward(model, inputs)
-    assert {rec[0].stage for rec in seen} == {"llm"}
+    assert {rec[0].stage for rec in seen} <= {"projector", "llm"}
     core = model.model
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
@@ -154,19 +155,23 @@ def test_manual_llm_points_with_3d_positions(version, name):
         emb = core.get_input_embeddings()(ids).masked_scatter((ids == QWEN_IMAGE)[..., None], feats)
         for i in range(2):
             real = mask[i].bool()
+            row = emb[i][real].clone()
             visual = (ids[i][real] == QWEN_IMAGE).nonzero().flatten()
             length, prunes = int(real.sum()), {}
             for rec in seen:
                 if i not in rec.images:
                     continue
-                keep = torch.sort(rec[2].per_image()[rec.images.index(i)][0]).values
+                keep, merged, _ = rec[2].per_image()[rec.images.index(i)]
+                if merged is not None:  # projector point: LLM-space values of the kept tokens
+                    row[visual[keep]] = merged.to(row.dtype)
+                keep = torch.sort(keep).values
                 others = torch.ones(length, dtype=torch.bool)
                 others[visual] = False
                 kept = torch.sort(torch.cat([others.nonzero().flatten(), visual[keep]])).values
-                prunes[rec[0].layer] = kept
+                prunes[0 if rec[0].stage == "projector" else rec[0].layer] = kept
                 visual, length = torch.searchsorted(kept, visual[keep]), kept.numel()
             assert len(prunes) == len(handle.method.points(handle.adapter.info()))
-            ref = run_qwen_layers(model, emb[i][real][None], pos[:, i : i + 1, real], prunes)
+            ref = run_qwen_layers(model, row[None], pos[:, i : i + 1, real], prunes)
             torch.testing.assert_close(pruned[i, -ref.shape[0] :], ref, atol=1e-5, rtol=1e-5)
 
 
