@@ -184,6 +184,7 @@ class LlavaNextRuntime(VLMRuntime):
                     ImagePart(
                         state=self.image_states.setdefault(image, {}), index=crop * side * side + token_index[j],
                         grid=self.image_grids[image], n=lay["total"], budget=budget, target=target, part=crop,
+                        sizes=(self.n_visual,) * lay["crops"],  # every crop's whole grid is a candidate here
                     )
                 )
         return ctx
@@ -462,6 +463,7 @@ class LlavaNextRuntime(VLMRuntime):
             state=self.image_states.setdefault(image, {}), index=c * side * side + enc_raster,
             grid=self.image_grids[image], n=lay["total"], budget=budget, target=target, part=c,
             layout_index=part["layout_index"].to(device), layout_grid=part["layout_grid"],
+            sizes=tuple(int(p["raster"].numel()) for p in lay["parts"]),
         )
 
     def _image_budget(self, point: Point, total: int) -> tuple[int, int]:

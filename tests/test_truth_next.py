@@ -14,6 +14,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 from vlmprune.adapters.llava_next import split_budget
+from vlmprune.budget import equal_split
 
 import vlmprune
 from tests.tiny import IMAGE_TOKEN, PAD, VOCAB
@@ -226,7 +227,11 @@ def test_manual_equivalence(name):
                     if c == 0:
                         base_order[img].append(valid[int(token_index[j, k])])
         tokens = [full[i][_kept_slots(lay[i], kept[i], base_order[i])] for i in range(2)]
-        assert handle.stats["llm_visual_tokens"] == [len(k) for k in kept] == [round(BUDGET * t) for t in TOTALS[:2]]
+        budgets = [round(BUDGET * t) for t in TOTALS[:2]]
+        if name == "hiprune":  # equal shares per crop (its NeXT code), the remainder dropped
+            sizes = [[int(((lay_i >= 0) & (lay_i // N == c)).sum()) for c in range(k)] for lay_i, k in zip(lay, CROPS[:2])]
+            budgets = [sum(equal_split(b, s)) for b, s in zip(budgets, sizes)]
+        assert handle.stats["llm_visual_tokens"] == [len(k) for k in kept] == budgets
         with torch.no_grad():
             embeds, mask, pos = pruned_prompt(model, inputs, tokens)
             ref = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
@@ -324,6 +329,21 @@ def test_split_rule_base_first_and_proportional():
     assert split_budget(160, [64, 48, 48]) == [64, 48, 48]
     with pytest.raises(ValueError, match="budget"):
         split_budget(161, [64, 48, 48])
+
+
+def test_hiprune_gives_every_crop_an_equal_share():
+    """HiPrune's NeXT code keeps ``int(budget / crops)`` in every crop (not the proportional
+    split); a crop with fewer tokens than its share keeps them all and the others share the
+    rest, so a full budget keeps everything (the keep-all row)."""
+    assert equal_split(56, [64, 40, 40, 40, 40]) == [11] * 5  # the remainder is dropped, as in the code
+    assert equal_split(160, [576] * 5) == [32] * 5  # README: 160 = 5 crops x 32
+    assert equal_split(224, [64, 40, 40, 40, 40]) == [64, 40, 40, 40, 40]
+    assert equal_split(150, [64, 40, 40]) == [64, 40, 40] and equal_split(120, [64, 40, 40]) == [40, 40, 40]
+    model = model_for()
+    with vlmprune.wrap(model, "hiprune", budget=56) as handle:
+        forward(model, next_batch(TEXTS, SIZES, seed=5))
+    assert [o for p in handle.stats["points"] for o in p["out"]] == [11] * 5 + [18] * 3 + [18] * 3
+    assert handle.stats["llm_visual_tokens"] == [55, 54, 54]
 
 
 def test_stats_and_crop_budgets():

@@ -93,6 +93,21 @@ def _parse_point(key) -> Point:
     raise TypeError(f"budget schedule key must be a stage name, 'stage:layer' or an int LLM layer, got {key!r}")
 
 
+def equal_split(budget: int, sizes) -> list[int]:
+    """Share ``budget`` equally over parts of ``sizes`` tokens: ``int(budget / parts)`` each (the
+    rule of HiPrune's LLaVA-NeXT code; the remainder is dropped), except that a part with fewer
+    tokens than its share keeps all of them and the others share what is left the same way; so
+    a budget of every token keeps every token."""
+    capped: set[int] = set()
+    while True:
+        rest = [i for i in range(len(sizes)) if i not in capped]
+        level = (budget - sum(sizes[i] for i in capped)) // len(rest) if rest else 0
+        short = [i for i in rest if sizes[i] < level]
+        if not short:
+            return [sizes[i] if i in capped else level for i in range(len(sizes))]
+        capped.update(short)
+
+
 def progressive_count(ratios, stage: int, target: int, current: int) -> int:
     """Tokens a progressive method keeps at its pruning point ``stage`` when its official
     schedule keeps ``int(N0 * ratios[t])`` of the original ``N0`` after point ``t``

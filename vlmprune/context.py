@@ -145,7 +145,8 @@ class ImagePart:
     ``grid``: the whole image's grid in that numbering. ``n``, ``budget``, ``target``: the whole
     image's visual-token count and its budget/target at this point (``ctx.budget``/``ctx.target``
     are the row's share). ``part``: the part's index in the image (0: the first, e.g. the base
-    image). ``layout_index`` ``[N]`` / ``layout_grid``: each token's raster index in the 2-D grid
+    image); ``sizes``: the tokens each part of the image offers at this stage (``len(sizes)``
+    parts). ``layout_index`` ``[N]`` / ``layout_grid``: each token's raster index in the 2-D grid
     of the region the part belongs to as the model lays it out (LLaVA-NeXT: the base image's own
     grid for crop 0; the joined, un-padded tile grid for tiles), for methods that group tokens
     spatially across parts.
@@ -160,6 +161,7 @@ class ImagePart:
     part: int = 0
     layout_index: torch.Tensor | None = None
     layout_grid: tuple[int, int] | None = None
+    sizes: tuple[int, ...] = ()
 
 
 @dataclass
@@ -205,7 +207,7 @@ class TokenContext:
         states = self.image_state or [{} for _ in range(self.tokens.shape[0])]
         return [
             ImagePart(state=states[j], index=self.token_index[j], grid=self.grid, n=self.n, budget=self.budget,
-                      target=self.target, part=0, layout_index=self.token_index[j], layout_grid=self.grid)
+                      target=self.target, part=0, layout_index=self.token_index[j], layout_grid=self.grid, sizes=(self.n,))
             for j in range(self.tokens.shape[0])
         ]
 

@@ -61,6 +61,9 @@ class FoPru(Method):
     layer : int, default 0
         1-indexed vision layer of the attention; 0: the feature layer (LLaVA's
         ``hidden_states[-2]``, i.e. layer 23 of CLIP-L) [R].
+
+    LLaVA-NeXT: per crop, each crop's own significance and the adapter's proportional share of
+    the image's budget (the card's default reading; the abstract does not say).
     """
 
     name = "fopru"

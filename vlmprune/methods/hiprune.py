@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..budget import equal_split
 from ..context import Selection, TokenContext
 from ..method import Method, option
 from ..primitives.scoring import received_attention
@@ -60,6 +61,14 @@ class HiPrune(Method):
        attention of the deep layer outside that set.
 
     Kept tokens are returned in raster order; exactly ``budget`` per image.
+
+    LLaVA-NeXT (the code's anyres path, README budgets 640/320/160 = 5 crops x 128/64/32): every
+    crop (base image, each tile) keeps ``int(image budget / crops)`` with steps 1-3 run on it
+    alone, whatever the adapter's proportional share. Ours: the candidates are the crop's tokens
+    that survive un-padding (the code selects on the whole crop grid and un-padding then cuts the
+    letterbox ones, so it may end below that count), and what a crop cannot take (fewer tokens
+    than its share) goes equally to the others (:func:`~vlmprune.budget.equal_split`), so a budget
+    of every token keeps every token.
 
     Parameters
     ----------
@@ -140,8 +149,21 @@ class HiPrune(Method):
         skip = ctx.info.has_cls
         g_obj = received_attention(ctx.signals.encoder_attention(layer=obj_layer), skip_first=skip)
         g_deep = received_attention(ctx.signals.encoder_attention(layer=deep_layer), skip_first=skip)
-        n_anchor = round(ctx.budget * self.alpha / 5)
-        anchors = torch.sort(g_obj, dim=-1, descending=True, stable=True).indices[:, :n_anchor]
-        chosen = neighbours(anchors, rows, cols, self.neighbours)
-        priority = g_deep + 2.0 * chosen  # attention <= 1: anchors and buffers first, then registers
-        return Selection(keep=topk_keep_order(priority, ctx.budget), scores=priority)
+        counts = self.counts(ctx)
+        order = torch.sort(g_obj, dim=-1, descending=True, stable=True).indices
+        priority = torch.empty_like(g_deep)
+        for k in sorted(set(counts)):  # rows sharing a count go together (all of them, but on LLaVA-NeXT)
+            rows_k = [j for j, c in enumerate(counts) if c == k]
+            chosen = neighbours(order[rows_k, : round(k * self.alpha / 5)], rows, cols, self.neighbours)
+            priority[rows_k] = g_deep[rows_k] + 2.0 * chosen  # attention <= 1: anchors and buffers first, then registers
+        keep = [topk_keep_order(priority[j : j + 1], k)[0] for j, k in enumerate(counts)]
+        if len(set(counts)) == 1:
+            keep = torch.stack(keep)
+        return Selection(keep=keep, scores=priority)
+
+    def counts(self, ctx: TokenContext) -> list[int]:
+        """Tokens each row keeps: the budget, or on LLaVA-NeXT (rows are crops, ``ctx.parts``) the
+        code's equal share of the image's budget (:func:`~vlmprune.budget.equal_split`), at least one."""
+        if not ctx.parts:
+            return [ctx.budget] * ctx.tokens.shape[0]
+        return [max(1, equal_split(part.budget, part.sizes)[part.part]) for part in ctx.parts]

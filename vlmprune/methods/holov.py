@@ -77,6 +77,11 @@ class HoloV(Method):
     denominator is ``1e-12`` in the shared allocator (only exact-integer shares can differ,
     and the remainder rule gives them back).
 
+    LLaVA-NeXT: the card's reading of the code is one HoloV call over the image's base and
+    un-padded tile tokens concatenated (newlines dropped, ``P`` chunks over the whole
+    sequence); here the adapter calls it per crop with the crop's proportional share of the
+    budget, and ``P`` chunks per crop (a deviation: budgets do not move between crops).
+
     Parameters
     ----------
     mode : {"code", "paper"}, default "code"

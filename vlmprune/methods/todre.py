@@ -52,6 +52,10 @@ class ToDRE(Method):
     **Layers**: K2 is ``stage2_layer`` of a ``stage2_layer_of``-layer LLM (16 of 32 for
     LLaVA-1.5-7B, the card's suggestion [unverified]) scaled to the model's depth,
     ``K -> floor(K L / 32 + 0.5)`` (2 of 4).
+
+    LLaVA-NeXT (the card asks to say which): stage 1 runs per crop on the adapter's
+    proportional share of the image's budget (each crop's own k-center), stage 2 over the
+    image's surviving tokens together.
     """
 
     name = "todre"
