@@ -176,17 +176,11 @@ class LlavaNextRuntime(VLMRuntime):
         """Encoder-stage contexts also get each crop's place in its image (``ctx.parts``)."""
         ctx = super().context(point, tokens, token_index, signals, images=images, cls_token=cls_token)
         if point.stage == "encoder" and self._enc_rows is not None:
-            ctx.parts = []
-            for j, (image, crop, lay) in enumerate(self._enc_rows):
-                budget, target = self._image_budget(point, lay["total"])
-                side = self.image_grids[image][1]
-                ctx.parts.append(
-                    ImagePart(
-                        state=self.image_states.setdefault(image, {}), index=crop * side * side + token_index[j],
-                        grid=self.image_grids[image], n=lay["total"], budget=budget, target=target, part=crop,
-                        sizes=(self.n_visual,) * lay["crops"],  # every crop's whole grid is a candidate here
-                    )
-                )
+            # every crop's whole grid is a candidate in the tower
+            ctx.parts = [
+                self._image_part(point, image, crop, lay, token_index[j], (self.n_visual,) * lay["crops"])
+                for j, (image, crop, lay) in enumerate(self._enc_rows)
+            ]
         return ctx
 
     # the tower's pre-hooks call this with the current run's crops as image rows
@@ -239,6 +233,7 @@ class LlavaNextRuntime(VLMRuntime):
             layouts.append(
                 {"crops": k, "slot_ids": slot_ids, "is_nl": is_nl, "crop": crop, "raster": raster,
                  "slot_of": slot_of, "base_len": base_len, "parts": parts,
+                 "counts": [int(part["raster"].numel()) for part in parts],  # un-padded tokens per crop
                  "total": int((~is_nl).sum()), "slots": int(slot_ids.numel())}
             )
         return layouts
@@ -341,7 +336,7 @@ class LlavaNextRuntime(VLMRuntime):
         off = int(tower.has_cls)
         shares: list[dict] = [{} for _ in owner]  # per crop: point -> (budget, target) in the tower
         for i, lay in enumerate(layouts):
-            counts = [int(part["raster"].numel()) for part in lay["parts"]]
+            counts = lay["counts"]
             for p in points:
                 budget, target = self._image_budget(p, lay["total"])
                 for c, (b, t) in enumerate(zip(split_budget(budget, counts), split_budget(target, counts))):
@@ -400,11 +395,9 @@ class LlavaNextRuntime(VLMRuntime):
     def _projector_stage(self, point, feats, cls_tok, pixel_values, layouts, crops, crop_start, owner, chosen, n_img):
         patch = self.adapter.config.vision_config.patch_size
         groups: dict[tuple, list[int]] = {}
-        image_budgets = []
         for i, lay in enumerate(layouts):
-            counts = [int(part["raster"].numel()) for part in lay["parts"]]
+            counts = lay["counts"]
             budget, target = self._image_budget(point, lay["total"])
-            image_budgets.append((budget, target))
             for c, (b, t) in enumerate(zip(split_budget(budget, counts), split_budget(target, counts))):
                 g = crop_start[i] + c
                 if b == 0:
@@ -436,8 +429,11 @@ class LlavaNextRuntime(VLMRuntime):
                 )
                 cls_rows = cls_tok[idx] if cls_tok is not None else None
                 ctx = self.context(point, tokens, local, signals, images=[n_img + g for g in members], cls_token=cls_rows)
-                ctx.parts = [self._image_part(g, owner[g], crop_start, layouts, image_budgets, part_of, r)
-                             for g, r in zip(members, enc_raster)]
+                ctx.parts = [
+                    self._image_part(point, owner[g], g - crop_start[owner[g]], layouts[owner[g]], r,
+                                     tuple(layouts[owner[g]]["counts"]), part_of[g])
+                    for g, r in zip(members, enc_raster)
+                ]
                 sel = self.run_method(ctx)
                 check_selection(sel, ctx, self.method.name, allow_extra=True)
                 if sel.keep_cls and cls_tok is None:
@@ -451,19 +447,19 @@ class LlavaNextRuntime(VLMRuntime):
         finally:
             self._call_budget = None
 
-    def _image_part(self, g: int, image: int, crop_start, layouts, image_budgets, part_of, enc_raster) -> ImagePart:
-        """Crop ``g``'s place in its image ``image``: the image's llm-stage state and numbering
-        (``crop * side**2 + raster``), its budget, and the crop's layout coordinates."""
-        lay, part = layouts[image], part_of[g]
-        c = g - crop_start[image]
+    def _image_part(self, point: Point, image: int, crop: int, lay: dict, raster: torch.Tensor, sizes: tuple,
+                    part: dict | None = None) -> ImagePart:
+        """Crop ``crop``'s place in image ``image`` (``ctx.parts``): the image's llm-stage state and
+        numbering (``crop * side**2 + raster`` for the row's tower rasters), its budget at
+        ``point``, the tokens each crop offers (``sizes``) and, given the crop's un-padded ``part``
+        (projector stage), its layout coordinates."""
+        budget, target = self._image_budget(point, lay["total"])
         side = self.image_grids[image][1]
-        budget, target = image_budgets[image]
-        device = enc_raster.device
+        layout = {} if part is None else {
+            "layout_index": part["layout_index"].to(raster.device), "layout_grid": part["layout_grid"]}
         return ImagePart(
-            state=self.image_states.setdefault(image, {}), index=c * side * side + enc_raster,
-            grid=self.image_grids[image], n=lay["total"], budget=budget, target=target, part=c,
-            layout_index=part["layout_index"].to(device), layout_grid=part["layout_grid"],
-            sizes=tuple(int(p["raster"].numel()) for p in lay["parts"]),
+            state=self.image_states.setdefault(image, {}), index=crop * side * side + raster,
+            grid=self.image_grids[image], n=lay["total"], budget=budget, target=target, part=crop, sizes=sizes, **layout,
         )
 
     def _image_budget(self, point: Point, total: int) -> tuple[int, int]:
