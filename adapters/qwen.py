@@ -137,7 +137,8 @@ class QwenVLAdapter(Adapter):
         capture = tuple(sorted({int(layer) % self.tower.depth for layer in plan.capture.get("encoder", ())}))
         if capture:
             install_qwen_capture(installed, self.tower, capture, lambda: rt.packed, lambda: rt.attention)
-        if any(p.stage == "projector" for p in plan.points):
+        rt.merger_input = any(p.stage == "projector" for p in plan.points) and "projector_input" in plan.method.needs
+        if rt.merger_input:  # only for methods that read it (ZOO-Prune): nothing kept otherwise
             install_merger_input(installed, self.tower, lambda: rt.packed, lambda: rt.attention)
         rt.captured_blocks = capture
         rt.install_common(installed, self.decoder, self.core, self.model)
@@ -152,6 +153,7 @@ class QwenRuntime(VLMRuntime):
         self.image_grids: list[tuple[int, int]] = []
         self.attention = AttentionCapture()  # q/k of the captured vision blocks, this forward
         self.captured_blocks: tuple[int, ...] = ()
+        self.merger_input = False  # whether the merger's input is captured (signal projector_input)
 
     def positions_mode(self) -> str:
         return "original"
@@ -180,7 +182,7 @@ class QwenRuntime(VLMRuntime):
         self.image_grids = grids  # llm-stage calls get each image's own grid
         self.slots = counts
         self.attention = AttentionCapture()
-        if any(p.stage in ("encoder", "projector") for p in self.plan.points) or self.captured_blocks:
+        if any(p.stage == "encoder" for p in self.plan.points) or self.captured_blocks or self.merger_input:
             self.packed = PackedGroups(self.adapter.tower, image_grid_thw.to(device))
         try:
             out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw, return_dict=True)
@@ -337,7 +339,10 @@ class QwenRuntime(VLMRuntime):
         (the input of signal ``projector``)."""
         x = self.attention.merger_input
         if packed is None or x is None:
-            raise RuntimeError("vlmprune: the merger's input was not captured in this forward")
+            raise RuntimeError(
+                f"vlmprune: the merger's input was not captured; method {self.method.name!r} must list "
+                "'projector_input' in its needs"
+            )
         groups = x.reshape(-1, self.adapter.tower.unit * x.shape[-1])  # alive groups, packed order
         return torch.stack([groups[packed.members(i)[0].to(groups.device)] for i in members])
 
