@@ -277,11 +277,13 @@ class DecoderPruner:
 
         return hook
 
-    def _transforms_upto(self, idx: int) -> list[SeqTransform]:
-        return [t for layer, t in sorted(self.state.layer_transforms.items()) if layer <= idx]
+    def _transforms_upto(self, idx: int) -> list[tuple[int, SeqTransform]]:
+        """``(point layer, transform)`` of the points at or before layer ``idx``, in order."""
+        return sorted((layer, t) for layer, t in self.state.layer_transforms.items() if layer <= idx)
 
     def _apply_layer_transforms(self, idx: int, args, kwargs):
-        transforms = self._transforms_upto(idx)
+        points = self._transforms_upto(idx)
+        transforms = [t for _, t in points]
         if not transforms:
             return args, kwargs
         st = self.state
@@ -300,7 +302,7 @@ class DecoderPruner:
             compact = st.llm_positions == "compact"
             if compact and pos is None:
                 raise RuntimeError("vlmprune: renumbering positions inside the LLM needs the decoder layers' position_ids")
-            for layer, t in sorted((at, t) for at, t in st.layer_transforms.items() if at <= idx):
+            for layer, t in points:
                 if isinstance(mask, torch.Tensor):
                     mask = t.mask4d(mask, st.prefill, q_len, extra)
                 elif mask is None:
