@@ -337,6 +337,10 @@ def test_flowcut_next_crops_keep_half_the_image_budget():
     assert alive.shape == (2, 65)
     with pytest.raises(ValueError, match="crop_keep"):
         vlmprune.get_method("flowcut")(crop_keep=0.0)
+    with pytest.raises(ValueError, match="'encoder_keep' of method 'flowcut' must be >= 1"):
+        vlmprune.get_method("flowcut")(encoder_keep=0.5)
+    with pytest.raises(ValueError, match="'llm_stage' of method 'flowcut' must be one of"):
+        vlmprune.get_method("flowcut")(llm_stage="yes")
 
 
 def test_flowcut_llm_stage_relays_through_the_last_prompt_token():
