@@ -40,6 +40,10 @@ entry per tower run and point, one count per crop. With encoder points, the outp
 ``get_image_features`` carries no ``hidden_states`` / ``last_hidden_state`` (the crops' token
 counts differ between runs), only the packed features.
 
+*Projector stage, whole images* (methods with ``projector_whole_image``, HoloV): one call per
+image on its base and un-padded tile tokens in packed order, newlines left out (``token_index``
+in the llm-stage numbering below, the image's budget); ``cls_attention`` is each crop's own.
+
 *Projector stage: one token set per crop.* Each crop (the base image, each tile) is one row of
 ``ctx.tokens``; a tile holds only its tokens that survive un-padding, which always form a
 rectangle, so ``ctx.grid`` is that rectangle (``side x side`` for the base image and for tiles
@@ -393,6 +397,8 @@ class LlavaNextRuntime(VLMRuntime):
         return first, feats, cls_tok
 
     def _projector_stage(self, point, feats, cls_tok, pixel_values, layouts, crops, crop_start, owner, chosen, n_img):
+        if self.method.projector_whole_image:
+            return self._projector_whole_images(point, feats, layouts, crop_start, chosen)
         patch = self.adapter.config.vision_config.patch_size
         groups: dict[tuple, list[int]] = {}
         for i, lay in enumerate(layouts):
@@ -444,6 +450,57 @@ class LlavaNextRuntime(VLMRuntime):
                     values = tokens[j, keep] if merged is None or in_llm else merged.to(feats.dtype)
                     chosen[g] = {"keep": keep, "values": values, "projected": merged if in_llm else None,
                                  "extra": extra, "cls": bool(sel.keep_cls)}
+        finally:
+            self._call_budget = None
+
+    def _projector_whole_images(self, point, feats, layouts, crop_start, chosen) -> None:
+        """The projector stage for methods with ``projector_whole_image``: one call per image, on
+        its base and un-padded tile tokens in packed order (newlines left out), ``token_index`` the
+        llm-stage numbering ``crop * side**2 + raster``. ``cls_attention`` is each crop's own
+        (its CLS over its tokens); ``encoder_attention`` / ``encoder_qkv`` span one crop and are
+        not offered; a method may not keep CLS or add tokens here."""
+        device, n = feats.device, feats.shape[1]
+        tower = self.adapter.tower
+        try:
+            for i, lay in enumerate(layouts):
+                slots = (~lay["is_nl"]).nonzero().flatten()
+                crop, raster = lay["crop"][slots].to(device), lay["raster"][slots].to(device)
+                tokens = feats[crop_start[i] + crop, raster][None]
+                self._call_budget = self._image_budget(point, lay["total"])
+                self.generator = new_generator(self.method.seed, device)
+                self.grid, self.n_visual = self.image_grids[i], lay["total"]
+
+                def per_crop(name, crop=crop, raster=raster, i=i, lay=lay, **kwargs):
+                    out = None
+                    for c in range(lay["crops"]):
+                        at = (crop == c).nonzero().flatten()
+                        store = self._sub_capture([crop_start[i] + c])
+                        sig = encoder_signals(tower, store, raster[at][None], self.info.feature_layer)[name](**kwargs)
+                        out = sig.new_zeros(*sig.shape[:-1], crop.numel()) if out is None else out
+                        out[..., at] = sig
+                    return out
+
+                signals = Signals(
+                    {
+                        "cls_attention": lambda per_crop=per_crop, **kw: per_crop("cls_attention", **kw),
+                        "hidden": lambda tokens=tokens: tokens,
+                        "projected": lambda tokens=tokens: self.adapter.core.multi_modal_projector(tokens),
+                        "projector": lambda: self.adapter.core.multi_modal_projector,
+                        "projector_input": lambda tokens=tokens: tokens,
+                        "text_embedding": lambda i=i: self._text_embedding_of([i]),
+                    }
+                )
+                ctx = self.context(point, tokens, (crop * n + raster)[None], signals, images=[i])
+                sel = self.run_method(ctx)
+                check_selection(sel, ctx, self.method.name, allow_extra=False)
+                ((keep, merged, _),) = sel.per_image()
+                in_llm = merged is not None and sel.merged_space == "projected"
+                for c, part in enumerate(lay["parts"]):
+                    mine = (crop[keep] == c).nonzero().flatten()  # in the method's order
+                    local = torch.searchsorted(part["raster"].to(device), raster[keep[mine]])
+                    values = tokens[0, keep[mine]] if merged is None or in_llm else merged[mine].to(feats.dtype)
+                    chosen[crop_start[i] + c] = {"keep": local, "values": values, "extra": None, "cls": False,
+                                                 "projected": merged[mine] if in_llm else None}
         finally:
             self._call_budget = None
 

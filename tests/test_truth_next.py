@@ -217,8 +217,16 @@ def test_manual_equivalence(name):
         kept, base_order = [set(), set()], [[], []]
         for rec in seen:
             _, token_index, sel = rec
-            for j, crop_key in enumerate(rec.images):
-                g = crop_key - 2  # keys are the crop index plus the number of images
+            for j, key in enumerate(rec.images):
+                if key < 2:  # a whole image (HoloV): token ids crop * N + raster, in packed order
+                    assert torch.equal(token_index[j], lay[key][lay[key] >= 0])
+                    for k in sel.keep[j].tolist():
+                        c, r = divmod(int(token_index[j, k]), N)
+                        kept[key].add((c, r))
+                        if c == 0:
+                            base_order[key].append(r)
+                    continue
+                g = key - 2  # crop keys are the crop index plus the number of images
                 img = 0 if g < first_crop[1] else 1
                 c = g - first_crop[img]
                 valid = sorted({int(x) % N for x in lay[img].tolist() if x >= 0 and x // N == c})
@@ -344,6 +352,46 @@ def test_hiprune_gives_every_crop_an_equal_share():
         forward(model, next_batch(TEXTS, SIZES, seed=5))
     assert [o for p in handle.stats["points"] for o in p["out"]] == [11] * 5 + [18] * 3 + [18] * 3
     assert handle.stats["llm_visual_tokens"] == [55, 54, 54]
+
+
+class CropProbe(vlmprune.Method):
+    """Test method: keeps everything at the projector, recording each token's CLS attention by
+    its llm-stage id (``whole``: the whole-image mode)."""
+
+    name = "test_crop_probe"
+    stages = ("projector",)
+    needs = frozenset({"cls_attention"})
+
+    def __init__(self, whole: bool):
+        self.seed, self.seen = 0, {}
+        self.projector_whole_image = whole
+
+    def select(self, ctx):
+        att = ctx.signals.cls_attention()
+        for j, part in enumerate(ctx.whole_images()):
+            index = part.index if ctx.parts else ctx.token_index[j]
+            self.seen.update({int(t): float(a) for t, a in zip(index, att[j])})
+        b, n = ctx.tokens.shape[:2]
+        return vlmprune.Selection(keep=torch.arange(n).expand(b, n).clone())
+
+
+def test_holov_sees_each_whole_image_once():
+    """HoloV's NeXT code runs once per image over base + un-padded tiles: one projector call per
+    image with the image's budget; each token's CLS attention is its own crop's (the same values
+    as in per-crop calls, where a tile holds only its un-padded tokens)."""
+    model = model_for()
+    inputs = next_batch(TEXTS, SIZES, seed=5)
+    with vlmprune.wrap(model, "holov", budget=56) as handle:
+        forward(model, inputs)
+    assert [(p["in"], p["out"]) for p in handle.stats["points"]] == [([t], [56]) for t in TOTALS]
+    for i in range(len(TEXTS)):  # one image at a time: token ids are per image
+        whole, crops = CropProbe(True), CropProbe(False)
+        for probe in (whole, crops):
+            with vlmprune.wrap(model, probe, budget=1.0):
+                forward(model, single(inputs, i, TEXTS, SIZES, seed=5))
+        assert len(whole.seen) == TOTALS[i] and whole.seen.keys() == crops.seen.keys()
+        for key, value in whole.seen.items():
+            assert abs(value - crops.seen[key]) < 1e-6
 
 
 def test_stats_and_crop_budgets():

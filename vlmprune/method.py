@@ -84,6 +84,10 @@ class Method:
     #: shifted to match: TransPrune's and AdaToken-3D's code); adapters with multi-axis positions
     #: (Qwen's M-RoPE) keep original positions whatever the method prefers.
     llm_positions: ClassVar[str] = "original"
+    #: on adapters whose projector stage works per part of an image (LLaVA-NeXT's crops): see the
+    #: whole image in one call instead, its parts' tokens in the model's sequence order (HoloV's
+    #: NeXT code runs once over base + un-padded tile tokens).
+    projector_whole_image: ClassVar[bool] = False
     #: whether ``wrap(..., weights=...)`` may hand this method trained module weights
     #: (see :meth:`load_weights`); training-free methods leave it False.
     accepts_weights: ClassVar[bool] = False

@@ -77,10 +77,10 @@ class HoloV(Method):
     denominator is ``1e-12`` in the shared allocator (only exact-integer shares can differ,
     and the remainder rule gives them back).
 
-    LLaVA-NeXT: the card's reading of the code is one HoloV call over the image's base and
-    un-padded tile tokens concatenated (newlines dropped, ``P`` chunks over the whole
-    sequence); here the adapter calls it per crop with the crop's proportional share of the
-    budget, and ``P`` chunks per crop (a deviation: budgets do not move between crops).
+    LLaVA-NeXT (the card's reading of the code): one call over the image's base and un-padded
+    tile tokens in packed order, newlines dropped, ``P`` chunks over the whole sequence and the
+    image's whole budget (``projector_whole_image``); each token's saliency is its own crop's
+    CLS attention; ``layout="2d"`` is refused there (the sequence is no grid).
 
     Parameters
     ----------
@@ -105,6 +105,7 @@ class HoloV(Method):
 
     name = "holov"
     stages = ("projector",)
+    projector_whole_image = True
     needs = frozenset({"cls_attention", "encoder_attention", "projected"})
     paper = {
         "title": 'Don\'t Just Chase "Highlighted Tokens" in MLLMs: Revisiting Visual Holistic Context Retention',
