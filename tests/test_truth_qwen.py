@@ -11,11 +11,11 @@ from tests.truth import Replay, record_selections
 from tests.tiny import QWEN_IMAGE, qwen_batch, tiny_qwen
 
 VERSIONS = ["2", "2.5"]
-METHODS = ["divprune", "uniform", "fastv", "random", "hiprune", "holov", "zoo_prune"]  # hiprune, holov: vision attention
+METHODS = ["divprune", "uniform", "fastv", "random", "hiprune", "holov", "fopru", "zoo_prune"]  # hiprune, holov, fopru: vision attention
 # methods with points inside the LLM (multi-point) that run on Qwen: keep-all (all but ToDRE, whose
 # stage 2 halves the tokens at any budget), batch and cache here; their manual checks run on
 # LLaVA, which shares the decoder machinery
-LLM_METHODS = ["todre", "feather", "transprune", "adatoken3d"]
+LLM_METHODS = ["todre", "feather", "transprune", "adatoken3d", "atp"]
 # the cards' methods that act in the vision encoder (FlowCut: mean-query relay, pruned before the
 # merger, then the last-token relay in the LLM) or carry a vision map into the LLM (VFlowOpt):
 # keep-all (FlowCut; VFlowOpt recycles cells even at full budget), batch and cache here; their
@@ -79,7 +79,7 @@ methods = pytest.mark.parametrize("name", METHODS)
 
 
 @versions
-@pytest.mark.parametrize("name", METHODS + ["flowcut", "feather", "transprune", "adatoken3d"])
+@pytest.mark.parametrize("name", METHODS + ["flowcut", "feather", "transprune", "adatoken3d", "atp"])
 def test_keep_all_equivalence(version, name):
     model = model_for(version)
     inputs = qwen_batch(TEXTS, GRIDS)
@@ -135,7 +135,7 @@ def test_manual_equivalence_with_3d_positions(version, name):
 
 
 @versions
-@pytest.mark.parametrize("name", ["fastv", "feather", "transprune", "adatoken3d", "todre", "vflowopt"])
+@pytest.mark.parametrize("name", ["fastv", "feather", "transprune", "adatoken3d", "atp", "todre", "vflowopt"])
 def test_manual_llm_points_with_3d_positions(version, name):
     """Methods pruning inside the LLM (after a projector point for ToDRE and VFlowOpt, whose
     recycled values replace the kept tokens' features): each row rebuilt by hand, the unwrapped

@@ -94,13 +94,14 @@ class FoPru(Method):
         return self.layer - 1
 
     def check(self, info):
-        super().check(info)
-        self.vision_layer(info)
         if self.significance == "cls" and not info.has_cls:
             raise ValueError(
                 f"method 'fopru' with significance='cls' needs a CLS token, and this model's ({info.family}) vision "
                 "tower has none; use significance='received'"
             )
+        self.needs = frozenset({"cls_attention" if self.significance == "cls" else "encoder_attention"})  # this instance
+        super().check(info)
+        self.vision_layer(info)
 
     def capture_layers(self, info):
         return {"encoder": (self.vision_layer(info),), "llm": ()}
