@@ -8,7 +8,7 @@ import torch
 
 import vlmprune
 from tests.test_truth import record_selections
-from tests.tiny import IMAGE_TOKEN, PAD, QWEN_END, QWEN_IMAGE, QWEN_START, n_patches, qwen_batch, tiny_llava, tiny_qwen
+from tests.tiny import IMAGE_TOKEN, PAD, QWEN_END, QWEN_START, n_patches, qwen_prompt_with_images, tiny_llava, tiny_qwen
 from tests.truth import positions_from_mask, pruned_prompt, vision_features
 
 
@@ -62,16 +62,8 @@ def test_qwen_two_images_in_one_prompt_of_different_sizes(name):
     """Each image of one prompt is pruned on its own: its own fraction (FlowCut: twice the budget
     into the LLM, then the budget before layer 2; VFlowOpt: its average over the LLM layers)."""
     model = tiny_qwen("2")
-    one = qwen_batch([[10]], [(16, 16)], seed=1)
-    two = qwen_batch([[11]], [(12, 16)], seed=2)
-    ids = torch.cat([one["input_ids"], two["input_ids"][:, 1:]], 1)  # <s> img1 10 img2 11
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": torch.cat([one["pixel_values"], two["pixel_values"]]),
-        "image_grid_thw": torch.cat([one["image_grid_thw"], two["image_grid_thw"]]),
-        "mm_token_type_ids": (ids == QWEN_IMAGE).int(),
-    }
+    inputs = qwen_prompt_with_images([(16, 16), (12, 16)], [10, 11], [1, 2])  # <s> img1 10 img2 11
+    ids = inputs["input_ids"]
     assert int((ids == QWEN_START).sum()) == 2 and int((ids == QWEN_END).sum()) == 2
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=3, do_sample=False)

@@ -15,7 +15,7 @@ import torch
 
 import vlmprune
 from tests.test_truth_qwen import forward, generate, no_cache_loop, run_qwen_layers
-from tests.tiny import QWEN_IMAGE, qwen_batch, tiny_qwen
+from tests.tiny import QWEN_IMAGE, qwen_batch, qwen_prompt_with_images, tiny_qwen
 from tests.truth import record_selections
 from vlmprune.context import Point, Selection
 from vlmprune.method import Method, option
@@ -370,16 +370,7 @@ def test_two_images_of_different_sizes_in_one_prompt():
     """Two images in one prompt (packed in one tower call): keep-all equals the unwrapped model,
     and each image keeps its own fraction of its own merge groups."""
     model = model_for("2.5-deep")
-    one = qwen_batch([[10]], [GRIDS[0]], seed=1)
-    two = qwen_batch([[11]], [GRIDS[1]], seed=2)
-    ids = torch.cat([one["input_ids"], two["input_ids"][:, 1:]], 1)
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": torch.cat([one["pixel_values"], two["pixel_values"]]),
-        "image_grid_thw": torch.cat([one["image_grid_thw"], two["image_grid_thw"]]),
-        "mm_token_type_ids": (ids == QWEN_IMAGE).int(),
-    }
+    inputs = qwen_prompt_with_images(GRIDS, [10, 11], [1, 2])
     ref = generate(model, inputs, 3)
     with vlmprune.wrap(model, TopNorm(layers=(2,)), budget=1.0):
         assert torch.equal(generate(model, inputs, 3), ref)

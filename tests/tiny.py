@@ -134,3 +134,17 @@ def qwen_batch(texts: list[list[int]], grids: list[tuple[int, int]], seed: int =
         "image_grid_thw": torch.tensor(thw),
         "mm_token_type_ids": (ids == QWEN_IMAGE).int(),
     }
+
+
+def qwen_prompt_with_images(grids: list[tuple[int, int]], texts: list[int], seeds: list[int]):
+    """One prompt holding several images: ``<s> [image 1] text 1 [image 2] text 2 ...`` (no
+    padding); image ``i`` is :func:`qwen_batch`'s with ``grids[i]`` and ``seeds[i]``."""
+    parts = [qwen_batch([[t]], [g], seed=s) for g, t, s in zip(grids, texts, seeds)]
+    ids = torch.cat([parts[0]["input_ids"]] + [p["input_ids"][:, 1:] for p in parts[1:]], 1)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.cat([p["pixel_values"] for p in parts]),
+        "image_grid_thw": torch.cat([p["image_grid_thw"] for p in parts]),
+        "mm_token_type_ids": (ids == QWEN_IMAGE).int(),
+    }
