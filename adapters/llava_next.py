@@ -610,14 +610,14 @@ class LlavaNextRuntime(VLMRuntime):
         """Merged values a method gave in LLM space (``merged_space="projected"``) replace the
         projections of their kept tokens (matched by llm-stage raster id ``crop * n + raster``;
         tokens cut by un-padding have no row)."""
-        ids = entries["raster"].to(proj.device)
-        for c, (part, ch) in enumerate(zip(lay["parts"], chosen)):
-            if ch["projected"] is None:
-                continue
+        given = [(c, part, ch) for c, (part, ch) in enumerate(zip(lay["parts"], chosen)) if ch["projected"] is not None]
+        if not given:
+            return proj
+        ids, proj = entries["raster"].to(proj.device), proj.clone()
+        for c, part, ch in given:
             keys = c * n + part["raster"].to(proj.device)[ch["keep"].to(proj.device)]
             hit = ids[None, :] == keys[:, None]  # [kept, rows]
             found = hit.any(1)
-            proj = proj.clone()
             proj[hit[found].float().argmax(1)] = ch["projected"][found].to(proj.dtype)
         return proj
 
