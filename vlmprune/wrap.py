@@ -22,13 +22,13 @@ POSITIONS = ("compact", "original")
 class Handle:
     """What :func:`wrap` returns: ``stats``, ``record()``, ``unwrap()``, and a context manager."""
 
-    def __init__(self, model: nn.Module, method: Method, budget: Budget, adapter, installed, stats: Stats, plan=None):
+    def __init__(self, model: nn.Module, adapter, installed, plan):
         self.model = model
-        self.method = method
-        self.budget = budget
+        self.method: Method = plan.method
+        self.budget: Budget = plan.budget
         self.adapter = adapter
         self._installed = installed
-        self._stats = stats
+        self._stats: Stats = plan.stats
         self._plan = plan
         self.active = True
 
@@ -157,7 +157,7 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     plan = Plan(method=instance, budget=parsed, points=points, capture=instance.capture_layers(info), stats=stats,
                 positions=positions, llm_positions=llm_positions)
     installed = adapter.install(plan)
-    handle = Handle(model, instance, parsed, adapter, installed, stats, plan)
+    handle = Handle(model, adapter, installed, plan)
     installed.set_attribute(model, _HANDLE_ATTR, handle)
     return handle
 
