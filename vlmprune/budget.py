@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Union
 
 from .context import STAGES, Point
 
 BudgetValue = Union[int, float]
+#: how a fraction ``f`` of ``n`` tokens becomes a count (``Method.fraction_rounding``)
+ROUNDINGS = ("round", "floor")
 
 
-def _resolve_value(value: BudgetValue, n: int, where: str) -> int:
+def _resolve_value(value: BudgetValue, n: int, where: str, rounding: str = "round") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
             f"budget{where} must be an int (tokens per image) or a float in (0, 1] (fraction kept), "
@@ -19,7 +22,7 @@ def _resolve_value(value: BudgetValue, n: int, where: str) -> int:
     if isinstance(value, float):
         if not 0.0 < value <= 1.0:
             raise ValueError(f"budget{where} as a fraction must be in (0, 1], got {value}")
-        return max(1, round(value * n))
+        return max(1, round(value * n) if rounding == "round" else int(value * n))
     if not 0 < value <= n:
         raise ValueError(f"budget{where} must be in [1, {n}] tokens per image (the model has {n}), got {value}")
     return value
@@ -32,16 +35,25 @@ class Budget:
     ``Budget.parse(64)``, ``Budget.parse(0.25)``, or a schedule
     ``Budget.parse({"encoder": 192, "llm:8": 0.5, 16: 0.25})`` whose keys are a stage,
     ``"stage:layer"`` or an int (an LLM layer); the last entry in pruning order
-    is the final target unless ``"target"`` is given.
+    is the final target unless ``"target"`` is given. ``rounding``: how a fraction ``f`` of ``n``
+    tokens becomes a count, ``"round"`` (``max(1, round(n * f))``) or ``"floor"``
+    (``max(1, int(n * f))``); ``wrap()`` sets it from the method's ``fraction_rounding``.
     """
 
     target: BudgetValue | None
     schedule: tuple[tuple[Point, BudgetValue], ...] = ()
+    rounding: str = "round"
+
+    def __post_init__(self):
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"budget rounding must be one of {list(ROUNDINGS)}, got {self.rounding!r}")
 
     @staticmethod
-    def parse(budget) -> "Budget":
+    def parse(budget, rounding: str = "round") -> "Budget":
+        """A :class:`Budget` from an int, a float, a schedule dict or a Budget (whose
+        ``rounding`` is replaced by ``rounding``)."""
         if isinstance(budget, Budget):
-            return budget
+            return dataclasses.replace(budget, rounding=rounding)
         if isinstance(budget, Mapping):
             if not budget:
                 raise ValueError("budget schedule must not be empty")
@@ -51,29 +63,29 @@ class Budget:
                 if key == "target":
                     continue
                 points.append((_parse_point(key), value))
-            return Budget(target, tuple(points))
+            return Budget(target, tuple(points), rounding)
         if budget is None:
             raise ValueError("budget is required: an int (tokens per image), a float in (0, 1] or a schedule dict")
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise TypeError(
                 f"budget must be an int (tokens per image), a float in (0, 1] or a dict schedule, got {budget!r}"
             )
-        return Budget(budget)
+        return Budget(budget, rounding=rounding)
 
     def resolve_target(self, n: int) -> int:
         if self.target is not None:
-            return _resolve_value(self.target, n, "")
+            return _resolve_value(self.target, n, "", self.rounding)
         value = self.schedule[-1][1] if self.schedule else None
-        return _resolve_value(value, n, f"[{self.schedule[-1][0]}]")
+        return _resolve_value(value, n, f"[{self.schedule[-1][0]}]", self.rounding)
 
     def at(self, point: Point, n: int) -> int | None:
         """The scheduled budget at ``point`` (matching ``stage:layer`` first, then the stage)."""
         for p, value in self.schedule:
             if p == point:
-                return _resolve_value(value, n, f"[{p}]")
+                return _resolve_value(value, n, f"[{p}]", self.rounding)
         for p, value in self.schedule:
             if p.layer is None and p.stage == point.stage:
-                return _resolve_value(value, n, f"[{p}]")
+                return _resolve_value(value, n, f"[{p}]", self.rounding)
         return None
 
     def points(self) -> tuple[Point, ...]:

@@ -91,6 +91,10 @@ class Method:
     #: whether ``wrap(..., weights=...)`` may hand this method trained module weights
     #: (see :meth:`load_weights`); training-free methods leave it False.
     accepts_weights: ClassVar[bool] = False
+    #: how a fraction budget ``f`` of ``n`` tokens becomes a count: ``"round"``,
+    #: ``max(1, round(n * f))`` (the default), or ``"floor"``, ``max(1, int(n * f))``, as the
+    #: method's official code does it (``wrap()`` hands it to the :class:`~vlmprune.budget.Budget`)
+    fraction_rounding: ClassVar[str] = "round"
 
     seed: int = option(0, "seed of the random generator handed to select() (determinism under a seed)")
 

@@ -113,7 +113,7 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     adapter = find_adapter(model)
     info = adapter.info()
     instance.check(info)
-    parsed = Budget.parse(budget)
+    parsed = Budget.parse(budget, rounding=instance.fraction_rounding)
     if info.n_visual is not None:
         parsed.resolve_target(info.n_visual)
         for point in parsed.points():
