@@ -3,6 +3,8 @@ hand-made contexts, plus determinism and exact counts through wrap()."""
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -75,21 +77,24 @@ def test_visionzip_dominant_contextual_split_and_planted_winner():
     torch.testing.assert_close(sel.merged[0, j], tokens[0, sel.keep[0, j]] + tokens[0, joined].mean(0))
 
 
-def test_prumerge_plus_adaptive_count_spatial_samples_and_summary():
+@pytest.mark.parametrize("offset", ["0", "step/6"])
+def test_prumerge_plus_adaptive_count_spatial_samples_and_summary(offset):
     n = 64
     row = torch.zeros(1, n + 1)
     row[0, 1 + torch.tensor([3, 40])] = 6.0  # two planted outliers in CLS attention
     q, k, v = _qkv_with_cls_attention(row, heads=1, d=8)
     tokens = torch.randn(1, n, 8)
-    method = vlmprune.get_method("prumerge_plus")()
+    method = vlmprune.get_method("prumerge_plus")(sample_offset=offset)
     sel = method.select(context(tokens, n, encoder_qkv=(q, k, v)))
     cls_attn = sel.scores[0]
     ratio = iqr_outlier_ratio(cls_attn)
-    assert ratio == pytest.approx(2 / 64)
-    step = int(1 / ratio)  # 32 -> samples int(32/6)=5, then every int(32/3)=10: 5, 15, ..., 55
-    samples = [i for i in range(5, n - 1, 10) if i not in (3, 40)]
+    assert ratio == Fraction(2, 64)
+    # step int(1/ratio) = 32: samples every int(32/3) = 10 from 0 (current code) or from
+    # int(32/6) = 5 (April 2024 code)
+    start = 0 if offset == "0" else 5
+    samples = [i for i in range(start, n - 1, 10) if i not in (3, 40)]
     assert sorted(sel.keep[0].tolist()[:2]) == [3, 40]  # the outliers first, in rank order
-    assert sel.keep[0].tolist()[2:] == samples and step == 32
+    assert sel.keep[0].tolist()[2:] == samples
     dropped = torch.ones(n, dtype=torch.bool)
     dropped[sel.keep[0]] = False
     torch.testing.assert_close(sel.extra[0][0], (tokens[0][dropped] * cls_attn[dropped, None]).sum(0))
@@ -97,6 +102,25 @@ def test_prumerge_plus_adaptive_count_spatial_samples_and_summary():
     assert mm[sel.keep[0]].tolist() == list(range(len(sel.keep[0])))
     absorbed = dropped & (mm >= 0)
     assert 0 < int(absorbed.sum()) < int(dropped.sum()) + 1 and bool((mm[~dropped] >= 0).all())
+
+
+@pytest.mark.parametrize("outliers, spacing", [(11, 17), (32, 6)])
+def test_prumerge_plus_counts_are_those_of_exact_arithmetic(outliers, spacing):
+    # 576 CLS scores (LLaVA-1.5) with planted outliers over a uniform floor (no outliers of its
+    # own): the official float64 counts are int(576 * m/576) = m top tokens and samples every
+    # int(int(576/m) / 3): 11 outliers -> 11 and 17, 32 -> 32 and 6 (a float32 ratio gave 10 and 5)
+    n = 576
+    gen = torch.Generator().manual_seed(outliers)
+    row = torch.cat([torch.zeros(1, 1), torch.rand(1, n, generator=gen) * 0.1], 1)
+    planted = torch.randperm(n, generator=gen)[:outliers]
+    row[0, 1 + planted] = 8.0
+    q, k, v = _qkv_with_cls_attention(row, heads=1, d=8)
+    sel = vlmprune.get_method("prumerge_plus")().select(context(torch.randn(1, n, 8), n, encoder_qkv=(q, k, v)))
+    keep = sel.keep[0].tolist()
+    top = set(planted.tolist())
+    assert int(n * (outliers / n)) == outliers and int(int(1 / (outliers / n)) / 3) == spacing  # float64 reference
+    assert set(keep[:outliers]) == top
+    assert keep[outliers:] == [i for i in range(0, n - 1, spacing) if i not in top]
 
 
 @pytest.mark.parametrize("name", ["random", "uniform", "divprune", "visionzip", "fastv"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -12,10 +13,12 @@ from ..primitives.merging import similarity_merge
 from ..registry import register
 
 
-def iqr_outlier_ratio(scores: torch.Tensor) -> float:
-    """Fraction of ``scores`` above ``Q3 + 1.5 * IQR`` (PruMerge's adaptive ratio)."""
+def iqr_outlier_ratio(scores: torch.Tensor) -> Fraction:
+    """Share of ``scores`` above ``Q3 + 1.5 * IQR`` (PruMerge's adaptive ratio), as an exact
+    fraction ``outliers / N``: the counts derived from it (``int(N r)``, ``int(1 / r)``) are then
+    exact, where a float32 ratio loses a token (11 of 576: ``int(576 r) = 10``)."""
     q1, q3 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device))
-    return float((scores > q3 + 1.5 * (q3 - q1)).float().mean())
+    return Fraction(int((scores > q3 + 1.5 * (q3 - q1)).sum()), scores.numel())
 
 
 @register
@@ -28,14 +31,23 @@ class PruMergePlus(Method):
     (``softmax(q k^T / sqrt(C))``). Adaptive count: the share of IQR outliers
     ``r`` keeps ``int(N r)`` top tokens (rank order), then the spatial samples
     ``int(s/6), int(s/6) + int(s/3), ... < N - 1`` with ``s = int(1/r)`` that are not yet
-    kept. Every kept token absorbs its 32 most key-similar other tokens weighted by
+    kept (``sample_offset="0"``, the current code (May 2024) and the card; ``"step/6"``: the
+    samples start at ``int(s/6)``, as the April 2024 version of the code did). Counts are
+    exact: ``r`` is the fraction ``outliers / N``, so ``int(N r)`` and ``int(1/r)`` are those of
+    exact arithmetic (equal to the code's float64 ones for 576 tokens). Every kept token absorbs its 32 most key-similar other tokens weighted by
     their (unnormalised) CLS attention; one summary token ``sum_j a_j x_j`` over the
     dropped tokens is appended (``merge_map``: a dropped token absorbed by several centres is
     shown with the first of them in keep order; one absorbed by none is only in the summary,
     -1). The count adapts per image: the budget is only a cap
     (``adaptive=True``, the official behaviour); ``adaptive=False`` uses the budget's
     ratio ``(budget - 1) / N`` instead of the outlier share (a budget-matched variant,
-    ours), which gives about ``budget`` tokens.
+    ours), which gives about ``budget`` tokens; a fraction budget becomes a count with
+    ``int(N f)``, the code's ``int(N * reduction_ratio)``.
+
+    Cap: at a budget below the method's own count, the list ``[top tokens (rank order),
+    samples (raster order)]`` is cut to ``budget - 1``, so every top token stays and the
+    samples that survive are the first ones in raster order: they come only from the top rows
+    of the image (the official code has no budget and never cuts).
     """
 
     name = "prumerge_plus"
@@ -46,6 +58,9 @@ class PruMergePlus(Method):
 
     adaptive: bool = option(True, "IQR-outlier ratio per image (official); False: ratio from the budget")
     merge_topk: int = option(32, "tokens each kept token absorbs (official: 32; 16 in the training variant)")
+    sample_offset: str = option(
+        "0", "first spatial sample: index 0 (current code, May 2024) or int(step/6) (April 2024 code)", choices=("0", "step/6")
+    )
 
     def capture_layers(self, info):
         return {"encoder": (info.feature_layer + 1,), "llm": ()}
@@ -62,11 +77,12 @@ class PruMergePlus(Method):
         keeps, merged, extras = [], [], []
         merge_map = torch.full((b, n), -1, dtype=torch.long, device=cls_attn.device)
         for i in range(b):
-            ratio = iqr_outlier_ratio(cls_attn[i]) if self.adaptive else (ctx.budget - 1) / n
+            ratio = iqr_outlier_ratio(cls_attn[i]) if self.adaptive else Fraction(ctx.budget - 1, n)
             count = max(1, int(n * ratio))
             top = cls_attn[i].topk(count).indices
-            step = int(1 / max(ratio, 1 / n))
-            samples = torch.arange(int(step / 6), n - 1, max(1, int(step / 3)), device=top.device)
+            step = int(1 / max(ratio, Fraction(1, n)))
+            start = step // 6 if self.sample_offset == "step/6" else 0
+            samples = torch.arange(start, n - 1, max(1, step // 3), device=top.device)
             samples = samples[~torch.isin(samples, top)]
             keep = torch.cat([top, samples])[: max(1, ctx.budget - 1)]
             rest = torch.ones(n, dtype=torch.bool, device=keep.device)
