@@ -167,6 +167,19 @@ def test_vflowopt_entropy_sanity():
     torch.testing.assert_close(ent, torch.tensor([[math.log2(196), 0.0]]))
 
 
+def test_vflowopt_entropy_multiplies_by_255_in_the_pixels_float32():
+    # float32(257/255) * 255 is 257 in float32 (level 1 after the uint8 wrap) and 256.99.. in
+    # float64 (level 0): a patch of half such pixels and half zeros has 1 bit in the official
+    # float32 arithmetic and 0 bits in float64 (CLIP-normalised pixels reach 2.15)
+    method = vlmprune.get_method("vflowopt")()
+    v = torch.tensor(257 / 255, dtype=torch.float32)
+    assert int((v * 255).to(torch.uint8)) == 1 and int((v.double() * 255).trunc()) % 256 == 0
+    patch = torch.zeros(3, 14, 14)
+    patch[:, :7] = v
+    ent = method.pixel_entropy(patch[None, None])
+    torch.testing.assert_close(ent, torch.tensor([[1.0]]))
+
+
 def test_vflowopt_through_wrap_counts_identity_and_llm_lengths():
     model = model_for()
     inputs = batch(TEXTS, seed=3)

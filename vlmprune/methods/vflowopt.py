@@ -260,15 +260,20 @@ class VFlowOpt(Method):
 
     def pixel_entropy(self, patches: torch.Tensor) -> torch.Tensor:
         """Grey-level entropy (bits) of each pixel patch ``[B, N, C, p, p] -> [B, N]``: grey =
-        ``round(0.3333 * sum_c v_c)`` of 8-bit values ``v`` (official weights)."""
-        x = patches.double()
+        ``round(0.3333 * sum_c v_c)`` of 8-bit values ``v`` (official weights), in the official
+        code's arithmetic: ``x * 255`` in the pixels' own dtype (the tensor fed to the tower:
+        float32 in a float32 run, float16 in the paper's evaluation) before the uint8 cast, the
+        weighted sum in float32. (In float64 some levels differ: ``float32(257/255) * 255`` is 257
+        in float32 and 256.99... in float64.)"""
+        x = patches if patches.is_floating_point() else patches.float()
         if self.entropy_pixels == "denormalize":
             mean = torch.tensor(self.pixel_mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
             std = torch.tensor(self.pixel_std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
             x = (x * std + mean).clamp(0, 1)
-        levels = torch.remainder((x * 255).trunc(), 256)  # float -> uint8: truncate, wrap negatives
-        grey = (levels * 0.3333).sum(dim=2).round().long()
-        return histogram_entropy(grey.flatten(2)).float()
+        levels = torch.remainder((x * 255).trunc(), 256).float()  # float -> uint8: truncate, wrap negatives
+        weight = torch.tensor(0.3333, dtype=torch.float32, device=x.device)
+        grey = (levels * weight).sum(dim=2).round().long()
+        return histogram_entropy(grey.flatten(2))
 
     def _prune_projector(self, ctx: TokenContext) -> Selection:
         """Step 1 and 2 on the rows of this call. A row is a whole image or, where the adapter
