@@ -665,6 +665,7 @@ def main(argv=None):
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         strip_vision_weights(tmp)
+        embedded.guard_config(tmp)  # transformers' loaders refuse it, naming load_embedded
         out.mkdir(parents=True, exist_ok=True)
         for f in out.iterdir():
             if f.is_file():
@@ -808,6 +809,10 @@ from vlmprune.embedded import load_embedded, materialize_embedded
 model, processor = load_embedded()          # converts/caches the vision tower on first use
 materialize_embedded("/tmp/tiny-llava")     # a self-contained dir for *.from_pretrained()
 ```
+
+`config.json` is guarded: transformers' own loaders (`LlavaForConditionalGeneration`,
+`AutoProcessor`, `AutoConfig`) refuse this directory with a message naming `load_embedded()`,
+since they would build the vision tower with random weights.
 
 ## Accuracy with all 256 visual tokens (full-token: answer word and `</s>`)
 

