@@ -79,6 +79,28 @@ image's placeholder span and the language model's input hook removes the unused 
 are renumbered (``"compact"``) unless the method asks for ``"original"`` (each kept token keeps
 the position of the slot it came from).
 
+*Packings* (a method's ``next_packing`` option; ``"adapter"`` for methods without one). The rules
+above are ``"adapter"``, the general rule. Methods whose official NeXT code packs otherwise
+declare it, and their default follows the code:
+
+- ``"unpad"`` (FlowCut's and HoloV's code): un-padded as above, no newline tokens at all; the
+  base image's kept tokens (method's order), then the kept tile tokens in packed order; a
+  whole-image method's kept tokens go in its own order, as it returned them (HoloV's code hands
+  its output to the LLM as it is).
+- ``"spatial"`` (HiPrune's code, ``mm_patch_merge_type='spatial'``): no un-padding and no
+  newlines. Every crop is a whole ``side x side`` grid at the encoder and projector stages
+  (letterbox tokens included); an image's tokens are ``crops * side**2`` (budget fractions and
+  stats refer to that), packed as the base image's kept tokens, then the kept tokens of the
+  joined ``rows*side x cols*side`` tile grid row by row. ``positions="original"`` is refused
+  (a letterbox token has no placeholder slot).
+
+The prompt's placeholder span (from the processor) counts un-padded tokens plus newlines, and
+kept tokens fill its first slots, so under ``"spatial"`` an image whose kept tokens outnumber
+its span (a budget above the span, e.g. every token of a letterboxed image) is a ValueError at
+the forward naming the span and ``next_packing="adapter"``. At a full budget, ``"unpad"`` and
+``"spatial"`` are not the unwrapped model (it has newlines and, for ``"spatial"``, no letterbox
+tokens); ``"adapter"`` is.
+
 Multiple images per prompt, batches of images with different tile counts (``pixel_values`` 5-D
 padded as the processor returns it, or 4-D concatenated crops) and left padding are supported.
 
@@ -127,6 +149,18 @@ def split_budget(budget: int, counts: list[int]) -> list[int]:
     return shares
 
 
+#: values of a method's ``next_packing`` (see the module docstring, *Packings*)
+PACKINGS = ("adapter", "unpad", "spatial")
+
+
+def packing_of(method) -> str:
+    """The method's LLaVA-NeXT packing: its ``next_packing`` option, ``"adapter"`` if it has none."""
+    packing = getattr(method, "next_packing", "adapter")
+    if packing not in PACKINGS:
+        raise ValueError(f"option 'next_packing' of method {method.name!r} must be one of {list(PACKINGS)}, got {packing!r}")
+    return packing
+
+
 @register_adapter
 class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
@@ -145,12 +179,23 @@ class LlavaNextAdapter(LlavaAdapter):
             stages=self.stages,
         )
 
+    def max_visual(self) -> None:
+        """No fixed count: tiles and un-padding depend on each image (checked at the first forward)."""
+        return None
+
     def install(self, plan: Plan) -> Installed:
         name = plan.method.name
         if any(p.stage == "encoder" for p in plan.points) and any(p.stage == "projector" for p in plan.points):
             raise ValueError(
                 f"method {name!r} acts at both the encoder and the projector stage, which the LLaVA-NeXT adapter "
                 "does not support (its projector stage runs per un-padded crop, not per surviving token set)"
+            )
+        packing = packing_of(plan.method)
+        if packing == "spatial" and (plan.positions or plan.method.positions) == "original":
+            raise ValueError(
+                f"method {name!r} with next_packing='spatial' keeps tokens of the letterbox padding, which have no "
+                "placeholder to take an original position from; use positions='compact' (the official code "
+                "renumbers) or next_packing='adapter'"
             )
         return super().install(plan)
 
@@ -168,6 +213,7 @@ class LlavaNextRuntime(VLMRuntime):
         self._enc_budgets: dict | None = None  # encoder point -> (budget, target) of the current tower run
         self._enc_rows: list[tuple[int, int, dict]] | None = None  # (image, crop, layout) per row of that run
         self.image_ids: list[int] | None = None  # ctx.images of the current tower run (crop keys)
+        self.packing = packing_of(plan.method)
 
     def budget_at(self, point: Point) -> tuple[int, int]:
         if self._call_budget is not None:
@@ -234,13 +280,40 @@ class LlavaNextRuntime(VLMRuntime):
                     at = slot_of[c, rasters] - base_len
                     where, region = tail_row[at] * tile_w + tail_col[at], (tile_h, tile_w)
                 parts.append({"raster": rasters, "grid": (h, w), "layout_index": where, "layout_grid": region})
+            # the packing's visual sequence (crop, raster), base first: the packed slots without newlines
+            seq = slot_ids[~is_nl]
+            if self.packing == "spatial":  # whole crops; tiles joined in raster order, padding included
+                parts, seq = self._spatial(image_sizes[len(layouts)], k, side)
             layouts.append(
                 {"crops": k, "slot_ids": slot_ids, "is_nl": is_nl, "crop": crop, "raster": raster,
                  "slot_of": slot_of, "base_len": base_len, "parts": parts,
-                 "counts": [int(part["raster"].numel()) for part in parts],  # un-padded tokens per crop
-                 "total": int((~is_nl).sum()), "slots": int(slot_ids.numel())}
+                 "counts": [int(part["raster"].numel()) for part in parts],  # candidate tokens per crop
+                 "total": int(seq.numel()), "slots": int(slot_ids.numel()),
+                 "seq_crop": seq // n, "seq_raster": seq % n}
             )
         return layouts
+
+    def _spatial(self, image_size, k: int, side: int) -> tuple[list[dict], torch.Tensor]:
+        """The official ``mm_patch_merge_type='spatial'`` layout of a ``k``-crop image: every crop
+        whole (``side x side``), the tiles joined into one ``rows*side x cols*side`` grid; returns
+        the crops' parts and the sequence ``crop * side**2 + raster`` (base image, then the joined
+        grid row by row)."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        n = side * side
+        full = torch.arange(n)
+        parts = [{"raster": full, "grid": (side, side), "layout_index": full, "layout_grid": (side, side)}]
+        if k == 1:
+            return parts, full
+        cfg = self.adapter.config
+        rows, cols = get_anyres_image_grid_shape(image_size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        joined = torch.arange(n, k * n).view(rows, cols, side, side).permute(0, 2, 1, 3).flatten()
+        where = torch.empty_like(joined)
+        where[joined - n] = torch.arange(joined.numel())  # joined-grid index of each tile token
+        region = (rows * side, cols * side)
+        parts += [{"raster": full, "grid": (side, side), "layout_index": where[(c - 1) * n : c * n], "layout_grid": region}
+                  for c in range(1, k)]
+        return parts, torch.cat([full, joined])
 
     # -- vision side ---------------------------------------------------------------------------------
     def image_features(
@@ -317,6 +390,12 @@ class LlavaNextRuntime(VLMRuntime):
         padded = []
         for i, (lay, entries, proj) in enumerate(zip(layouts, assembled, projected)):
             count, slots = entries["count"], lay["slots"]
+            if count > slots and self.packing != "adapter":
+                raise ValueError(
+                    f"method {self.method.name!r} with next_packing={self.packing!r} keeps {count} tokens of image {i}, "
+                    f"but its placeholder span holds {slots} (the processor counts un-padded tokens and newlines): "
+                    f"give a budget of at most {slots} tokens for this image, or next_packing='adapter' (which always fits)"
+                )
             if count > slots:
                 raise RuntimeError(f"method {self.method.name!r} produced {count} tokens for {slots} image slots")
             full = proj.new_zeros(slots, proj.shape[-1])
@@ -463,8 +542,7 @@ class LlavaNextRuntime(VLMRuntime):
         tower = self.adapter.tower
         try:
             for i, lay in enumerate(layouts):
-                slots = (~lay["is_nl"]).nonzero().flatten()
-                crop, raster = lay["crop"][slots].to(device), lay["raster"][slots].to(device)
+                crop, raster = lay["seq_crop"].to(device), lay["seq_raster"].to(device)
                 tokens = feats[crop_start[i] + crop, raster][None]
                 self._call_budget = self._image_budget(point, lay["total"])
                 self.generator = new_generator(self.method.seed, device)
@@ -501,6 +579,7 @@ class LlavaNextRuntime(VLMRuntime):
                     values = tokens[0, keep[mine]] if merged is None or in_llm else merged[mine].to(feats.dtype)
                     chosen[crop_start[i] + c] = {"keep": local, "values": values, "extra": None, "cls": False,
                                                  "projected": merged[mine] if in_llm else None}
+                chosen[crop_start[i]]["order"] = (crop * n + raster)[keep]  # the method's order, for packings without newlines
         finally:
             self._call_budget = None
 
@@ -539,9 +618,11 @@ class LlavaNextRuntime(VLMRuntime):
     def _assemble(self, lay: dict, feats: torch.Tensor, cls_tok, first_crop: int, chosen: list[dict], n: int) -> dict:
         """The image's LM-input entries in order: (1) the base image: CLS if kept, its kept tokens
         in the method's order, its extra tokens; (2) the packed part: kept tile tokens and kept
-        newlines in slot order; (3) each tile's CLS / extra tokens. Returns the vision-space rows
-        to project, where they and the newlines go, and per entry its source slot (-1: none),
-        visual flag (everything but newlines) and llm-stage raster id (``crop * n + raster``)."""
+        newlines in slot order (packings without newlines: the kept tile tokens in the packing's
+        order); (3) each tile's CLS / extra tokens. A whole-image method under a packing without
+        newlines: its kept tokens in its own order instead. Returns the vision-space rows to
+        project, where they and the newlines go, and per entry its source slot (-1: none), visual
+        flag (everything but newlines) and llm-stage raster id (``crop * n + raster``)."""
         device = feats.device
         k, base_len = lay["crops"], lay["base_len"]
         kept = torch.zeros(k, n, dtype=torch.bool, device=device)
@@ -569,31 +650,44 @@ class LlavaNextRuntime(VLMRuntime):
                 ids.append(none(ch["extra"].shape[0]))
 
         slot_of = lay["slot_of"].to(device)
-        if base_len:
-            specials(0, "cls")
-            rows.append(values[0, ordered[0]])
-            src.append(slot_of[0, ordered[0]])
-            ids.append(ordered[0])
-            specials(0, "extra")
-        n_head = sum(r.shape[0] for r in rows)
-        # (2) the packed part: tile tokens (every crop when there is no base prefix) and newlines
-        tail = torch.arange(base_len, lay["slots"], device=device)
-        crop, raster = lay["crop"].to(device)[tail], lay["raster"].to(device)[tail]
-        nl = lay["is_nl"].to(device)[tail]
-        tok = kept[crop, raster] & ~nl
-        emit = tok
-        if bool(nl.any()):
-            row = nl.long().cumsum(0) - nl.long()  # a newline ends its row
-            row_kept = torch.zeros(int(row.max()) + 1, dtype=torch.long, device=device).scatter_add_(0, row, tok.long())
-            emit = tok | (nl & (row_kept[row] > 0))
-        slots, emit_nl = tail[emit], nl[emit]
-        crop, raster = crop[emit][~emit_nl], raster[emit][~emit_nl]
-        rows.append(values[crop, raster])
-        src.append(slots)  # every packed entry comes from its own slot (newlines too)
-        ids.append(crop * n + raster)
-        for c in range(1 if base_len else 0, k):
-            specials(c, "cls")
-            specials(c, "extra")
+        emit_nl, n_head = torch.zeros(0, dtype=torch.bool, device=device), 0  # newlines: 'adapter' only
+        order = chosen[0].get("order")
+        if self.packing != "adapter" and order is not None:  # a whole-image method's order, as it is
+            crop, raster = order // n, order % n
+            rows.append(values[crop, raster])
+            src.append(slot_of[crop, raster])
+            ids.append(order)
+        else:
+            if base_len:
+                specials(0, "cls")
+                rows.append(values[0, ordered[0]])
+                src.append(slot_of[0, ordered[0]])
+                ids.append(ordered[0])
+                specials(0, "extra")
+            n_head = sum(r.shape[0] for r in rows)
+            if self.packing == "adapter":  # (2) packed slots: tile tokens (all crops without a base prefix), newlines
+                tail = torch.arange(base_len, lay["slots"], device=device)
+                crop, raster = lay["crop"].to(device)[tail], lay["raster"].to(device)[tail]
+                nl = lay["is_nl"].to(device)[tail]
+                tok = kept[crop, raster] & ~nl
+                emit = tok
+                if bool(nl.any()):
+                    row = nl.long().cumsum(0) - nl.long()  # a newline ends its row
+                    row_kept = torch.zeros(int(row.max()) + 1, dtype=torch.long, device=device).scatter_add_(0, row, tok.long())
+                    emit = tok | (nl & (row_kept[row] > 0))
+                slots, emit_nl = tail[emit], nl[emit]
+                crop, raster = crop[emit][~emit_nl], raster[emit][~emit_nl]
+                src.append(slots)  # every packed entry comes from its own slot (newlines too)
+            else:  # (2) the packing's tile sequence (after the base prefix), kept tokens only, no newlines
+                crop, raster = lay["seq_crop"][base_len:].to(device), lay["seq_raster"][base_len:].to(device)
+                tok = kept[crop, raster]
+                crop, raster = crop[tok], raster[tok]
+                src.append(slot_of[crop, raster])  # -1: a token of the letterbox padding ('spatial')
+            rows.append(values[crop, raster])
+            ids.append(crop * n + raster)
+            for c in range(1 if base_len else 0, k):
+                specials(c, "cls")
+                specials(c, "extra")
         count = sum(r.shape[0] for r in rows) + int(emit_nl.sum())
         source = torch.cat(src)
         visual = torch.ones(count, dtype=torch.bool, device=device)

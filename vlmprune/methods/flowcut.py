@@ -82,11 +82,14 @@ class FlowCut(Method):
     renumbered without gaps, as the code does (``llm_positions = "compact"`` there). Ours: at
     decode steps the new token's position is shifted down in the layers from the point on, where
     the code shifts it in every layer (the two before the point hold the unpruned prefix in
-    their cache, so the code's first layers see the new token closer than it is), and the
-    adapter keeps a tile row's ``image_newline`` iff the row keeps a token, where this code path
-    inserts no newline tokens at all; ``count="batch_max"`` takes the maximum over the crops the
+    their cache, so the code's first layers see the new token closer than it is);
+    ``count="batch_max"`` takes the maximum over the crops the
     adapter runs together (an image's crops with the same budget share: the tiles, and the base
     image alone), where the code takes it over all crops of the batch.
+    The code's packing (``next_packing="unpad"``, default): the base image's kept tokens, then the
+    kept tile tokens of the un-padded joined tile grid row by row, no ``image_newline`` tokens
+    (this code path inserts none); ``next_packing="adapter"``: the adapter's general rule (a tile
+    row's newline kept iff the row keeps a token).
     ``llm_stage="on"`` adds the LLM stage on LLaVA-1.5 too (encoder: ``encoder_keep`` times the
     budget).
 
@@ -119,6 +122,8 @@ class FlowCut(Method):
         keeps, as a fraction of its image's budget (code: ``target_num / 2``).
     llm_layer : int, default 2
         The LLM stage runs before this decoder layer (the code: after layer index 1).
+    next_packing : {"unpad", "adapter"}, default "unpad"
+        LLaVA-NeXT only (above): the code's packing (no newlines), or the adapter's.
 
     Budgets: an int or a fraction (the final count); FlowCut sets its own intermediate
     counts, so a per-point schedule is refused.
@@ -151,6 +156,7 @@ class FlowCut(Method):
     encoder_keep: float = option(2.0, "with the LLM stage, encoder count as a multiple of the budget (Qwen code: 8*target patches)")
     crop_keep: float = option(0.5, "with the LLM stage on per-crop encoders (LLaVA-NeXT), each crop's count as a fraction of the image budget (code: target_num/2)")
     llm_layer: int = option(2, "the LLM stage runs before this decoder layer (code: after layer index 1)")
+    next_packing: str = option("unpad", "LLaVA-NeXT: un-padded, no newlines (code: llava_arch.py) or 'adapter' (newlines)", choices=("unpad", "adapter"))
 
     def __post_init__(self):
         super().__post_init__()

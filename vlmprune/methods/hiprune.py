@@ -64,11 +64,17 @@ class HiPrune(Method):
 
     LLaVA-NeXT (the code's anyres path, README budgets 640/320/160 = 5 crops x 128/64/32): every
     crop (base image, each tile) keeps ``int(image budget / crops)`` with steps 1-3 run on it
-    alone, whatever the adapter's proportional share. Ours: the candidates are the crop's tokens
-    that survive un-padding (the code selects on the whole crop grid and un-padding then cuts the
-    letterbox ones, so it may end below that count), and what a crop cannot take (fewer tokens
-    than its share) goes equally to the others (:func:`~vlmprune.budget.equal_split`), so a budget
-    of every token keeps every token.
+    alone, whatever the adapter's proportional share. The code hard-codes
+    ``mm_patch_merge_type='spatial'`` (``llava_arch.py``), so nothing is un-padded and no
+    ``image_newline`` is inserted: ``next_packing="spatial"`` (default) selects on each crop's
+    whole grid, letterbox padding included, and the LLM gets the base image's kept tokens, then
+    the kept tokens of the joined tile grid row by row, no newlines (an image's tokens are
+    ``crops x side**2``; kept ones can lie in the padding; more kept tokens than the prompt's
+    placeholders, which count un-padded tokens and newlines, is an error).
+    ``next_packing="adapter"``: the adapter's general rule (candidates the un-padded tokens, a
+    tile row's newline kept iff the row keeps a token). Either way what a crop cannot take
+    (fewer tokens than its share) goes equally to the others
+    (:func:`~vlmprune.budget.equal_split`).
 
     Parameters
     ----------
@@ -90,6 +96,8 @@ class HiPrune(Method):
         code uses the last vision block, which is the Qwen adapter's feature layer).
     neighbours : {"flat", "grid"}, default "flat"
         Buffer arithmetic: the code's flat indices with clamping, or clean 2-D neighbours.
+    next_packing : {"spatial", "adapter"}, default "spatial"
+        LLaVA-NeXT only (above): the code's ``spatial`` packing, or the adapter's.
 
     If the anchors and buffers alone exceed the budget (only for ``alpha`` near 1 and tiny
     budgets) the ones with the highest deep-layer attention are kept (ours; the code would fail).
@@ -112,6 +120,7 @@ class HiPrune(Method):
     )
     deep_layer: int = option(0, "1-indexed register layer; 0 = the feature layer (code: attentions[mm_vision_select_layer])")
     neighbours: str = option("flat", "buffers on the flat index, clamped (code) or true 2-D neighbours", choices=("flat", "grid"))
+    next_packing: str = option("spatial", "LLaVA-NeXT: whole crops, no un-padding, no newlines (code: mm_patch_merge_type='spatial') or 'adapter'", choices=("spatial", "adapter"))
 
     def __post_init__(self):
         super().__post_init__()

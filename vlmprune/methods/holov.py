@@ -80,7 +80,12 @@ class HoloV(Method):
     LLaVA-NeXT (the card's reading of the code): one call over the image's base and un-padded
     tile tokens in packed order, newlines dropped, ``P`` chunks over the whole sequence and the
     image's whole budget (``projector_whole_image``); each token's saliency is its own crop's
-    CLS attention; ``layout="2d"`` is refused there (the sequence is no grid).
+    CLS attention; ``layout="2d"`` is refused there (the sequence is no grid). The code's
+    ``llava_arch.py`` comments out the newline insertion and hands HoloV's output to the LLM as
+    it is: ``next_packing="unpad"`` (default) does the same (no ``image_newline`` tokens, the
+    kept tokens in the order of ``order``); ``next_packing="adapter"``: the adapter's general
+    rule (base tokens in HoloV's order, tile tokens re-sorted into raster order with a tile
+    row's newline kept iff the row keeps a token).
 
     Parameters
     ----------
@@ -101,6 +106,8 @@ class HoloV(Method):
         ``"cls"``: CLS -> patch attention of the feature layer (code). ``"received"``: the
         attention each token receives, averaged over heads and all query rows (the card's fix
         for the CLS-free Qwen port). ``"auto"``: cls when the tower has a CLS token.
+    next_packing : {"unpad", "adapter"}, default "unpad"
+        LLaVA-NeXT only (above): the code's packing (no newlines, HoloV's order), or the adapter's.
     """
 
     name = "holov"
@@ -122,6 +129,7 @@ class HoloV(Method):
     )
     order: str = option("code", "kept-token order: the code's (chunk, then descending attention) or raster", choices=("code", "raster"))
     saliency: str = option("auto", "cls attention (code), attention received from all rows, or auto", choices=("auto", "cls", "received"))
+    next_packing: str = option("unpad", "LLaVA-NeXT: un-padded, no newlines, HoloV's order as it is (code: llava_arch.py) or 'adapter'", choices=("unpad", "adapter"))
 
     def __post_init__(self):
         super().__post_init__()
