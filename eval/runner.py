@@ -24,7 +24,8 @@ Defaults: the embedded model (``vlmprune.embedded.load_embedded``); both offline
 (``easyvqa``, ``easyvqa-grid``); the first :data:`DEFAULT_LIMIT` questions of each task's
 committed index, which is in a seeded random order, so this is a fixed seeded random subset
 (``--limit`` changes its size); every registered method except ``fixed`` (methods whose
-``check()`` refuses the model are skipped with the reason logged); budgets
+``check()`` refuses the model are skipped with the reason logged, while a misspelled name or
+option, or a ``weights=`` file that does not load, stops the run before the model loads); budgets
 :data:`DEFAULT_BUDGETS` (LLaVA-1.5's 576 / 192 / 128 / 64 tokens as fractions kept).
 
 Keep-all budgets (1.0, or an int equal to the token count) prune nothing, whatever the method
@@ -107,24 +108,13 @@ def resolve_dtype(dtype="auto", device="cpu") -> torch.dtype:
 
 def is_embedded(model) -> bool:
     """Whether ``model`` (a path, ``None`` or ``"embedded"``) names the embedded model, i.e. a
-    LLaVA with a Dinov2 tower whose vision weights are rebuilt by ``load_embedded``."""
+    LLaVA with a Dinov2 tower whose vision weights are rebuilt by ``load_embedded``
+    (:func:`vlmprune.embedded.is_embedded_dir`)."""
     if model in (None, "", "embedded"):
         return True
-    path = Path(str(model)).expanduser()
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        return False
-    with open(cfg_file) as f:
-        cfg = json.load(f)
-    if cfg.get("model_type") != "llava" or (cfg.get("vision_config") or {}).get("model_type") != "dinov2":
-        return False
-    from safetensors import safe_open
+    from vlmprune.embedded import is_embedded_dir
 
-    for file in path.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as fh:
-            if any("vision_tower" in k for k in fh.keys()):
-                return False  # a self-contained checkpoint: loads like any other
-    return True
+    return is_embedded_dir(str(model))
 
 
 def load_model(model=None, device="cpu", dtype="auto", attn_implementation="sdpa"):
@@ -133,7 +123,8 @@ def load_model(model=None, device="cpu", dtype="auto", attn_implementation="sdpa
     ``model``: ``None`` / ``"embedded"`` for the embedded model, the path of an embedded-style
     directory (no vision weights), or any local path or hub id of a transformers LLaVA-family
     checkpoint (``llava``, ``llava_next``, ``llava_onevision``; others through
-    ``AutoModelForImageTextToText``, which ``vlmprune.wrap`` may refuse)."""
+    ``AutoModelForImageTextToText``, which ``vlmprune.wrap`` may refuse). A checkpoint missing
+    weights (which transformers would initialise randomly) is refused."""
     dt = resolve_dtype(dtype, device)
     if is_embedded(model):
         from vlmprune.embedded import load_embedded
@@ -151,11 +142,27 @@ def load_model(model=None, device="cpu", dtype="auto", attn_implementation="sdpa
             "llava_onevision": "LlavaOnevisionForConditionalGeneration",
         }
         cls = getattr(transformers, classes.get(config.model_type, "AutoModelForImageTextToText"))
-        m = cls.from_pretrained(model, dtype=dt, attn_implementation=attn_implementation).to(device).eval()
+        m, info = cls.from_pretrained(model, dtype=dt, attn_implementation=attn_implementation,
+                                      output_loading_info=True)
+        refuse_missing_weights(model, info)
+        m = m.to(device).eval()
         processor = AutoProcessor.from_pretrained(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"  # batched generation
     return m, processor
+
+
+def refuse_missing_weights(name, info: dict) -> None:
+    """Raise if ``from_pretrained``'s loading ``info`` lists missing weights: transformers
+    initialises them randomly and only logs it, so the answers would be noise."""
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(
+            f"{name}: {len(missing)} weights are missing from the checkpoint (e.g. {missing[0]}), so "
+            "transformers would initialise them randomly; give a complete checkpoint"
+            + (" (an embedded-style directory without vision weights loads with vlmprune.embedded.load_embedded)"
+               if any("vision_tower" in k for k in missing) else "")
+        )
 
 
 # ============================================================================ answering
@@ -335,6 +342,50 @@ def parse_method_spec(spec: str) -> tuple[str, str, dict]:
     return label, name, options
 
 
+#: ``wrap()`` parameters a method spec may carry besides the method's own options
+WRAP_PARAMETERS = ("weights", "positions", "llm_positions")
+
+
+def validate_methods(specs: list[str]) -> list[tuple[str, str, dict]]:
+    """Parse and check every method spec without a model: the name is registered, each option is
+    one of the method's (or a ``wrap()`` parameter) with a valid value, and ``weights=`` loads.
+    Returns ``(label, name, options)`` per spec; the first bad spec exits with its reason."""
+    import vlmprune
+    from vlmprune.wrap import POSITIONS
+
+    out = []
+    for spec in specs:
+        label, name, options = parse_method_spec(spec)
+        where = f"vlmprune eval: --methods {spec!r}"
+        try:
+            cls = vlmprune.get_method(name)
+        except ValueError as e:
+            raise SystemExit(f"{where}: {e}")
+        own = {k: v for k, v in options.items() if k not in WRAP_PARAMETERS}
+        valid = list(cls.options()) + list(WRAP_PARAMETERS)
+        unknown = sorted(set(own) - set(cls.options()))
+        if unknown:
+            raise SystemExit(f"{where}: unknown option(s) {unknown} for method {name!r}; valid options: {valid}")
+        try:
+            instance = cls(**own)
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"{where}: {e}")
+        for key in ("positions", "llm_positions"):
+            if key in options and options[key] not in POSITIONS:
+                raise SystemExit(f"{where}: {key} must be one of {list(POSITIONS)}, got {options[key]!r}")
+        if "weights" in options:
+            if not cls.accepts_weights:
+                raise SystemExit(f"{where}: method {name!r} takes no weights (weights= is for "
+                                 f"{[m['name'] for m in vlmprune.methods() if m['accepts_weights']]})")
+            try:
+                instance.load_weights(options["weights"])
+            except Exception as e:  # noqa: BLE001 - a missing file, not a weights file, a wrong kind
+                raise SystemExit(f"{where}: weights={options['weights']!r} does not load: "
+                                 f"{type(e).__name__}: {e}")
+        out.append((label, name, options))
+    return out
+
+
 def default_methods() -> list[str]:
     import vlmprune
 
@@ -393,7 +444,10 @@ def run_benchmark(model, processor, tasks: dict[str, list[dict]], methods: list[
                   batch_size: int = 16, post_prompt: str | None = "", full_per_method: bool = False,
                   max_new_tokens: int = 4, progress: bool = True) -> tuple[list[dict], dict[str, str]]:
     """Rows of results (one per task x method x budget, plus ``none`` at keep-all unless
-    ``full_per_method``) and ``{method: reason}`` for the methods that were skipped."""
+    ``full_per_method``) and ``{method: reason}`` for the methods this model does not serve
+    (skipped). Before any question is answered it exits (``SystemExit``) on a bad method spec
+    (:func:`validate_methods`), a token budget above the model's count, every method skipped,
+    or nothing to run."""
     import vlmprune
     from tqdm import tqdm
 
@@ -401,20 +455,22 @@ def run_benchmark(model, processor, tasks: dict[str, list[dict]], methods: list[
     n_visual = _visual_count(model, processor, first)
     skipped: dict[str, str] = {}
     usable = []
-    for spec in methods:
-        label, name, options = parse_method_spec(spec)
-        try:
-            vlmprune.get_method(name)
-        except ValueError as e:
-            raise SystemExit(f"vlmprune eval: {e}")
-        try:  # the method's own check() (and the adapter's) decide; nothing runs yet
+    for label, name, options in validate_methods(methods):
+        try:  # the method's own check() (and the adapter's) decide whether this model serves it
             vlmprune.wrap(model, method=name, budget=1.0, **options).unwrap()
         except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as e:
             skipped[label] = str(e)
             log.warning("skipping method %r: %s", label, e)
             continue
         usable.append((label, name, options))
+    if methods and not usable:
+        raise SystemExit("vlmprune eval: this model serves none of the methods asked for:\n"
+                         + "\n".join(f"  {m}: {why}" for m, why in skipped.items()))
 
+    too_many = [b for b in budgets if isinstance(b, int) and b > n_visual]
+    if too_many:
+        raise SystemExit(f"vlmprune eval: --budgets {too_many}: this model has {n_visual} visual tokens per "
+                         f"image; a token budget must be in [1, {n_visual}] (or a fraction in (0, 1])")
     # the work list: (method or None, budget)
     runs = []
     keep_all = [b for b in budgets if _is_keep_all(b, n_visual)]
@@ -425,6 +481,9 @@ def run_benchmark(model, processor, tasks: dict[str, list[dict]], methods: list[
             if _is_keep_all(b, n_visual) and not full_per_method:
                 continue
             runs.append((m, b))
+    if not runs:
+        raise SystemExit("vlmprune eval: nothing to evaluate: no method given and no keep-all budget "
+                         "(1.0) in --budgets")
     total = len(runs) * sum(len(s) for s in tasks.values())
     bar = tqdm(total=total, unit="q", desc="vlmprune eval", disable=not progress, dynamic_ncols=True)
     predictor = Predictor(model, processor, post_prompt=post_prompt, max_new_tokens=max_new_tokens)
@@ -640,6 +699,7 @@ def main(argv=None) -> int:
                         "oversubscription, which can make torch's %d threads several times slower",
                         load, cores, torch.get_num_threads())
     methods = args.methods if args.methods is not None else default_methods()
+    validate_methods(methods)  # before the model loads: a bad name, option or weights= exits here
 
     t_start = time.perf_counter()
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)

@@ -228,3 +228,45 @@ def test_method_spec_parsing():
     assert parse_method_spec("random:seed=3")[2] == {"seed": 3}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         parse_method_spec("atp:weights")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fastv:typo=3", r"unknown option\(s\) \['typo'\] for method 'fastv'; valid options: \[.*'k_layer'"),
+    ("fast_v", r"unknown method 'fast_v'; valid choices"),
+    ("fastv:k_layer=two", r"option 'k_layer' of method 'fastv' must be of type int"),
+    ("atp:weights=/no/such/heads.safetensors", r"weights='/no/such/heads.safetensors' does not load"),
+    ("fastv:weights=x.safetensors", r"method 'fastv' takes no weights"),
+    ("random:positions=sideways", r"positions must be one of \['compact', 'original'\]"),
+])
+def test_eval_refuses_a_bad_method_spec_before_loading_the_model(monkeypatch, spec, message):
+    """A misspelled method or option, or weights= that does not load, stops ``vlmprune eval``
+    with a non-zero exit before the model loads (it used to skip the row and exit 0)."""
+    from vlmprune.eval import runner
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the method specs were checked")
+
+    monkeypatch.setattr(runner, "load_model", no_model)
+    with pytest.raises(SystemExit, match=message) as exc:
+        runner.main(["--methods", f"uniform,{spec}", "--limit", "2", "--no-progress", "--out", "/nonexistent"])
+    assert exc.value.code not in (0, None)
+
+
+def test_eval_stops_before_answering_when_no_method_serves_the_model(monkeypatch):
+    """VisionZip and PruMerge+ need a CLS token, which a SigLIP tower lacks: both are skipped, and
+    with nothing left the run stops with the reasons before answering (it crashed in the plot)."""
+    from tests.tiny import tiny_llava
+    from vlmprune.eval import runner
+
+    def no_answers(*args, **kwargs):
+        raise AssertionError("questions were answered")
+
+    monkeypatch.setattr(runner, "_visual_count", lambda *args: 256)
+    monkeypatch.setattr(runner, "evaluate", no_answers)
+    tasks = {"easyvqa": [{"image": None, "question": "what shape?", "answer": "circle"}]}
+    with pytest.raises(SystemExit, match=r"serves none of the methods(.|\n)*visionzip: .*CLS"):
+        runner.run_benchmark(tiny_llava("siglip"), None, tasks, ["visionzip", "prumerge_plus"], [0.5], progress=False)
+    with pytest.raises(SystemExit, match=r"--budgets \[300\]: this model has 256 visual tokens"):
+        runner.run_benchmark(tiny_llava("clip"), None, tasks, ["uniform"], [1.0, 300], progress=False)
+    with pytest.raises(SystemExit, match="nothing to evaluate"):
+        runner.run_benchmark(tiny_llava("clip"), None, tasks, [], [0.5], progress=False)
