@@ -553,12 +553,12 @@ def test_holov_code_mode_matches_the_reference_loop():
     attn = torch.softmax(torch.randn(3, 576, generator=gen) * 2, -1)
     overflowed = 0
     for k in (64, 128, 192):
-        sel = holov_select(attn, feats, k)
-        drop = holov_select(attn, feats, k, overflow="drop")
+        sel = holov_select(attn, feats, k, overflow="redistribute")
+        drop = holov_select(attn, feats, k)  # default: the code's tokens, without its zero padding
         assert sel.keep.shape == (3, k)
         for b in range(3):
             ref = holov_reference(feats[b], attn[b], 16, k)
-            assert drop.keep[b].tolist() == ref  # the code's tokens, without its zero padding
+            assert drop.keep[b].tolist() == ref
             if len(ref) == k:
                 assert sel.keep[b].tolist() == ref
             overflowed += len(ref) < k
@@ -614,15 +614,34 @@ def test_holov_overflow_redistribute_or_drop_and_order():
     attn[:, :36] = torch.linspace(0.02, 0.01, 36)  # chunk 0 holds almost everything
     attn[1, 40] = 0.03
     feats = torch.randn(2, 576, 8, generator=torch.Generator().manual_seed(18))
-    sel = holov_select(attn, feats, 64)
+    sel = holov_select(attn, feats, 64, overflow="redistribute")
     assert sel.keep.shape == (2, 64) and chunk_counts(sel.keep[0])[0] == 36
-    drop = holov_select(attn, feats, 64, overflow="drop")
+    drop = holov_select(attn, feats, 64)  # default: the code's tokens, fewer than the budget
     assert isinstance(drop.keep, list) and all(k.numel() < 64 for k in drop.keep)
     # code order: chunk 1 (partly kept) in descending attention, raster order otherwise
     k1 = sel.keep[1].tolist()
     assert k1[:36] == list(range(36)) and k1[36] == 40
-    raster = holov_select(attn, feats, 64, order="raster")
+    raster = holov_select(attn, feats, 64, order="raster", overflow="redistribute")
     assert torch.equal(raster.keep, torch.sort(sel.keep).values)
+
+
+QWEN_64 = ModelInfo("qwen2_5_vl", 64, (8, 8), False, 4, 3, 4, ("encoder", "projector", "llm"))
+
+
+@pytest.mark.parametrize("keep, crops", [(21, 5), (14, 8)])  # int(64 * 0.33), int(64 * 0.22)
+def test_holov_qwen_crop_count_follows_the_official_port(keep, crops):
+    # the port: P = max(1, int(1024/576 * N / keep)); 64 tokens at 33 % and 22 % -> 5 and 8 crops
+    assert max(1, int(((1024 / 576) * 64) / keep)) == crops
+    gen = torch.Generator().manual_seed(keep)
+    feats = torch.randn(2, 64, 16, generator=gen)
+    attn = torch.softmax(torch.randn(2, 64, generator=gen) * 2, -1)
+    sel = holov_select(attn, feats, keep, info=QWEN_64)
+    for b in range(2):
+        assert sel.keep[b].tolist() == holov_reference(feats[b], attn[b], crops, keep)
+    fixed = holov_select(attn, feats, keep, info=QWEN_64, crops=16)  # the old default, as an option
+    assert [k.tolist() for k in fixed.keep] == [holov_reference(feats[b], attn[b], 16, keep) for b in range(2)]
+    llava = holov_select(attn, feats, keep, info=SMALL)  # LLaVA: num_patches = 16 at every budget
+    assert [k.tolist() for k in llava.keep] == [holov_reference(feats[b], attn[b], 16, keep) for b in range(2)]
 
 
 def test_holov_2d_crops_cover_every_tile():

@@ -19,6 +19,8 @@ from ..primitives.selection import (
 from ..registry import register
 
 EPS = 1e-6  # the official code's ``esp``
+#: families whose crop count follows the official Qwen2.5-VL port's rule
+QWEN_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl"})
 
 
 def _group_mean(x: torch.Tensor, groups: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -70,12 +72,20 @@ class HoloV(Method):
     picks inside crops.
 
     Deviations from the code: (a) when a chunk is allocated more tokens than it holds, the
-    code pads the LLM input with zero vectors; a zero LLM-space vector cannot be expressed
-    here, so ``overflow="redistribute"`` (default) gives the surplus to the next chunks by
-    weight (exactly ``budget`` tokens) and ``overflow="drop"`` passes fewer tokens (the
-    code's content without its zero padding); (b) the code's ``1e-6`` in the allocation
-    denominator is ``1e-12`` in the shared allocator (only exact-integer shares can differ,
-    and the remainder rule gives them back).
+    code pads the LLM input with zero vectors up to ``budget``; a zero LLM-space vector cannot
+    be expressed here, so ``overflow="drop"`` (default) passes the code's tokens without that
+    padding (fewer than ``budget`` then; a budget of every token still keeps every token), and
+    ``overflow="redistribute"`` (ours) gives the surplus to the next chunks by weight (exactly
+    ``budget`` tokens); (b) the code's ``1e-6``
+    in the allocation denominator is ``1e-12`` in the shared allocator (only exact-integer
+    shares can differ, and the remainder rule gives them back).
+
+    Crops ``P``: 16 (``num_patches=16`` in the official ``llava_arch.py``, every budget); on
+    Qwen2-VL / Qwen2.5-VL the official port's rule ``P = max(1, int(1024/576 * N / keep))`` for
+    an image of ``N`` tokens keeping ``keep`` (about 16 at 1/9 kept; 5 and 8 at 33 % and 22 % of
+    64). ``crops=P`` fixes it everywhere. A fraction budget becomes a count with ``int(N f)``,
+    as the port's ``keep_num = int(image_token_len * prune_rate)`` (the LLaVA code has only
+    token counts).
 
     LLaVA-NeXT (the card's reading of the code): one call over the image's base and un-padded
     tile tokens in packed order, newlines dropped, ``P`` chunks over the whole sequence and the
@@ -90,14 +100,14 @@ class HoloV(Method):
     Parameters
     ----------
     mode : {"code", "paper"}, default "code"
-    crops : int, default 16
-        ``P`` (``num_patches=16`` in the official ``llava_arch.py``, for every budget).
+    crops : int, default 0
+        ``P``; 0: the official code's (16, or the Qwen port's rule on Qwen-VL; see above).
     layout : {"1d", "2d"}, default "1d"
         Contiguous chunks of the raster order (code) or 2-D tiles of the grid (the paper's
         "spatial crops").
     alpha : float, default 0.09
         Weight of the diversity term (``alpha = 0.09`` in ``utils.py``).
-    overflow : {"redistribute", "drop"}, default "redistribute"
+    overflow : {"drop", "redistribute"}, default "drop"
         See deviation (a).
     order : {"code", "raster"}, default "code"
         Order of the kept tokens: the code's (chunk by chunk, descending attention inside a
@@ -120,12 +130,14 @@ class HoloV(Method):
     }
 
     mode: str = option("code", "'code' (official utils.py, what the paper's numbers use) or 'paper' (reconstructed)", choices=("code", "paper"))
-    crops: int = option(16, "number of crops P (num_patches=16 in the official llava_arch.py)")
+    crops: int = option(
+        0, "number of crops P; 0: the official code's, 16 (llava_arch.py num_patches) or on Qwen-VL max(1, int(1024/576 * N / keep))"
+    )
     layout: str = option("1d", "crops as contiguous raster chunks (code) or 2-D tiles", choices=("1d", "2d"))
     alpha: float = option(0.09, "weight of the similarity-variance term (utils.py: 0.09)")
     overflow: str = option(
-        "redistribute", "surplus of a chunk allocated past its size: to the next chunks (ours) or dropped",
-        choices=("redistribute", "drop"),
+        "drop", "surplus of a chunk allocated past its size: dropped (the code's tokens without its zero padding) or to the next chunks (ours)",
+        choices=("drop", "redistribute"),
     )
     order: str = option("code", "kept-token order: the code's (chunk, then descending attention) or raster", choices=("code", "raster"))
     saliency: str = option("auto", "cls attention (code), attention received from all rows, or auto", choices=("auto", "cls", "received"))
@@ -133,8 +145,8 @@ class HoloV(Method):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.crops < 1:
-            raise ValueError(f"option 'crops' of method 'holov' must be >= 1, got {self.crops}")
+        if self.crops < 0:
+            raise ValueError(f"option 'crops' of method 'holov' must be >= 1 (0: the official code's count), got {self.crops}")
 
     def check(self, info):
         if self.saliency == "cls" and not info.has_cls:
@@ -148,9 +160,17 @@ class HoloV(Method):
         self.needs = type(self).needs - {"encoder_attention" if use_cls else "cls_attention"}
         super().check(info)
 
+    def crop_count(self, ctx: TokenContext) -> int:
+        """``P`` for this call: the option, else 16 or the Qwen port's rule."""
+        if self.crops:
+            return self.crops
+        if ctx.info.family in QWEN_FAMILIES:
+            return max(1, int(((1024 / 576) * ctx.n) / ctx.budget))
+        return 16
+
     def groups(self, ctx: TokenContext) -> torch.Tensor:
         n = ctx.n
-        crops = min(self.crops, n)
+        crops = min(self.crop_count(ctx), n)
         if self.layout == "1d":
             return chunk_groups(n, crops, device=ctx.tokens.device)
         rows, cols = ctx.grid
@@ -184,7 +204,7 @@ class HoloV(Method):
             token = scaled + self.alpha * var * factor
             crop = _group_mean(token, groups, sizes)
             rank_by = token
-        capacity = sizes if self.overflow == "redistribute" else None
+        capacity = sizes if self.overflow == "redistribute" or ctx.budget >= n else None  # all: keep all
         alloc = allocate_budget(crop, ctx.budget, capacity).minimum(sizes.to(crop.device))  # [B, G]
         rank = rank_within_groups(rank_by, groups)
         mask = rank < alloc.gather(1, groups.expand(b, n))
