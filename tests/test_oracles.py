@@ -1,0 +1,281 @@
+"""Oracles that depend on *which* signal a method reads (issue #12, test strength).
+
+Each test wraps one eager tiny LLaVA (sharpened attention, see ``oracle_signals``) and compares
+the scores a method records (``Selection.scores`` via ``handle.record()``) or the tokens it keeps
+with references computed from the model's own ``output_attentions``, hidden states and modules at
+the layer, query and feature the method card names, and checks that the references at the other
+layers (queries, features) differ, so a method reading the wrong one fails. Options that other
+work may retune (layers, ratios, strides) are passed explicitly, scaled to the 4-layer model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmprune
+from vlmprune.primitives.selection import greedy_k_center, max_min_diversity, topk_keep_order
+
+from .oracle_signals import assert_only_at, last_row, reference, vision_v
+
+N = 256
+FEATURE = 2  # the tiny CLIP's feature layer: vision_feature_layer=-2 of 4 layers
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return reference()
+
+
+def run(ref, method, budget, output_attentions=False, **options):
+    """The records of one wrapped forward (and its output)."""
+    with vlmprune.wrap(ref.model, method, budget=budget, **options) as handle, handle.record() as records:
+        with torch.no_grad():
+            out = ref.model(**ref.inputs, output_attentions=output_attentions)
+        stats = handle.stats
+    return records, out, stats
+
+
+def kept(record) -> torch.Tensor:
+    return record.token_index[0, record.selection.keep[0]]
+
+
+def received(attn: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Attention each patch receives, head mean, over all query rows (CLS column dropped)."""
+    per_key = attn.mean(1)
+    per_key = per_key.sum(1) if reduce == "sum" else per_key.mean(1)
+    return per_key[:, 1:]
+
+
+# -- LLM stage -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k_layer", [2, 3])
+def test_fastv_reads_layer_k_minus_1_last_token(ref, k_layer):
+    """FastV card: ranks by the head-mean attention of the last prompt token at layer K-1."""
+    records, _, _ = run(ref, "fastv", 40, k_layer=k_layer)
+    refs = {layer: last_row(a, ref.img) for layer, a in enumerate(ref.llm_attn)}
+    assert_only_at(records[0].selection.scores, refs, k_layer - 1)
+    assert kept(records[0]).tolist() == topk_keep_order(refs[k_layer - 1], 40)[0].tolist()
+
+
+def test_adatoken3d_reads_the_next_layer_and_rounds_its_schedule(ref):
+    """AdaToken-3D card: after layer p (1-based) the *next* layer's (0-based p) q/k on the
+    current hidden states rank by the last token's attention. Ratios 0.3 / 0.1 with a budget of
+    0.1 of 256 (25.6 -> 26): first point int(0.3 * 26 / 0.1) = 78, then 26."""
+    records, _, stats = run(ref, "adatoken3d", 0.1, layers=(1, 3), layers_of=0, ratios=(0.3, 0.1))
+    refs = {layer: last_row(a, ref.img) for layer, a in enumerate(ref.llm_attn)}
+    assert_only_at(records[0].selection.scores, refs, 1)
+    assert [p["out"] for p in stats["points"]] == [[78], [26]]
+    assert kept(records[0]).tolist() == topk_keep_order(refs[1], 78)[0].tolist()
+
+
+def test_atp_self_and_cross_scores_with_asymmetric_weight(ref):
+    """ATP card (training-free): S_cross = last token -> image attention, S_self = column means of
+    the image -> image block, both at layer K-1 and head-averaged, each normalised to sum 1;
+    S_red = w * S_self + (1 - w) * S_cross (w = 0.3 here, so swapping the two fails)."""
+    records, _, _ = run(ref, "atp", 64, layers=(2, 3), layers_of=0, mass=(0.9, 0.8), sap_strides=(0, 0), self_weight=0.3)
+
+    def red(attn, w):
+        cross = last_row(attn, ref.img)
+        self_ = attn[:, :, ref.img][:, :, :, ref.img].mean(1).mean(1)
+        return w * self_ / self_.sum() + (1 - w) * cross / cross.sum()
+
+    refs = {(layer, w): red(a, w) for layer, a in enumerate(ref.llm_attn) for w in (0.3, 0.7)}
+    assert records[0].point.layer == 2
+    assert_only_at(records[0].selection.scores, refs, (1, 0.3))
+
+
+def _no_rope_last_row(ref, layer: int) -> torch.Tensor:
+    """Softmax over the image keys of the last token's q.k without rotary embeddings, per head,
+    then the head mean (FEATHER's criterion), from decoder layer ``layer``'s own projections."""
+    attn = ref.model.model.language_model.layers[layer].self_attn
+    x = ref.model.model.language_model.layers[layer].input_layernorm(ref.llm_hidden[layer])
+    d = attn.head_dim
+    q = attn.q_proj(x).view(1, -1, 4, d)[:, -1]  # [1, H, D]
+    k = attn.k_proj(x).view(1, -1, 2, d)[:, ref.img].repeat_interleave(2, 2)  # [1, N, H, D]
+    logits = torch.einsum("bhd,bnhd->bhn", q, k) * d**-0.5
+    return logits.softmax(-1).mean(1)
+
+
+@pytest.mark.parametrize("criterion", ["no_rope", "rope"])
+def test_feather_criterion_at_layer_k_minus_1(ref, criterion):
+    """FEATHER card: the last token's attention at layer K-1, per head renormalised over the image
+    keys, head mean; without RoPE (FEATHER) or with it (FastV's criterion)."""
+    records, _, _ = run(ref, "feather", 64, layers=(2, 3), layers_of=0, stride=0, criterion=criterion)
+    if criterion == "rope":
+        def crit(a):
+            p = a[:, :, -1, ref.img]
+            return (p / p.sum(-1, keepdim=True)).mean(1)
+
+        refs = {layer: crit(a) for layer, a in enumerate(ref.llm_attn)}
+    else:
+        refs = {layer: _no_rope_last_row(ref, layer) for layer in range(4)}
+        refs["rope"] = (lambda p: (p / p.sum(-1, keepdim=True)).mean(1))(ref.llm_attn[1][:, :, -1, ref.img])
+    assert_only_at(records[0].selection.scores, refs, 1)
+
+
+@pytest.mark.parametrize("query", ["last", "instruction"])
+def test_todre_stage2_reads_layer_k2_minus_1_of_the_pruned_sequence(ref, query):
+    """ToDRE card, stage 2: the text's attention to the surviving image tokens at layer K2-1
+    (K2 = 2 here), on the sequence stage 1 left (BOS, 64 image tokens, the text); keeps
+    round(0.3 * 64) = 19 (a fraction that does not divide)."""
+    records, out, stats = run(
+        ref, "todre", 64, output_attentions=True, stage2="relevance", stage2_layer=2, stage2_layer_of=0,
+        stage2_query=query, stage2_keep=0.3, features="projected", seed_token="first", diversity="kcenter",
+    )
+    assert [p["out"] for p in stats["points"]] == [[64], [19]]
+    img = torch.arange(1, 65)
+    rows = {"last": [-1], "instruction": list(range(65, 70))}
+    refs = {
+        (layer, q): out.attentions[layer][:, :, rows[q]][:, :, :, img].mean(1).mean(1)
+        for layer in (0, 1) for q in rows
+    }
+    assert_only_at(records[1].selection.scores, refs, (1, query))
+
+
+def test_transprune_iga_from_the_next_layer_instruction_rows(ref):
+    """TransPrune card: IGA = the text after the image attending to the image at the *next* layer
+    (0-based K), head and row means, normalised to sum 1. ``alpha=0`` leaves IGA alone."""
+    records, _, _ = run(ref, "transprune", 128, layers=(1, 3), layers_of=0, ratios=(0.75, 0.5), alpha=0.0)
+
+    def iga(a, rows):
+        g = a[:, :, rows][:, :, :, ref.img].mean(1).mean(1)
+        return g / g.sum()
+
+    refs = {(layer, "instruction"): iga(a, ref.text) for layer, a in enumerate(ref.llm_attn)}
+    refs[(1, "last")] = iga(ref.llm_attn[1], [-1])
+    assert_only_at(records[0].selection.scores, refs, (1, "instruction"))
+
+
+# -- before the LLM: vision attention --------------------------------------------------------------
+def test_visionzip_dominant_by_head_summed_cls_attention_at_the_feature_layer(ref):
+    """VisionZip card: CLS attention summed over heads at CLIP layer -2 ranks the dominant tokens."""
+    records, _, _ = run(ref, "visionzip", 64)
+    refs = {(layer, r): a[:, :, 0, 1:].sum(1) if r == "sum" else a[:, :, 0, 1:].mean(1)
+            for layer, a in enumerate(ref.vis_attn) for r in ("sum", "mean")}
+    assert_only_at(records[0].selection.scores, refs, (FEATURE, "sum"))
+    n_dom = 64 - 1 - round(64 * 10 / 64)  # 53 dominant, 10 contextual, CLS
+    assert set(topk_keep_order(refs[(FEATURE, "sum")], n_dom)[0].tolist()) <= set(kept(records[0]).tolist())
+
+
+@pytest.mark.parametrize("layer, at", [(0, FEATURE), (2, 1)])
+@pytest.mark.parametrize("significance", ["received", "cls"])
+def test_fopru_significance_layer(ref, significance, layer, at):
+    """FoPru card: significance = attention received from all query rows (head mean, summed over
+    rows) or the CLS row, at the 1-indexed vision layer (0: the feature layer)."""
+    records, _, _ = run(ref, "fopru", 64, significance=significance, layer=layer, strategy="rank")
+    refs = {}
+    for lay, a in enumerate(ref.vis_attn):
+        refs[(lay, "received")] = received(a, "sum")
+        refs[(lay, "cls")] = a[:, :, 0, 1:].mean(1)
+    assert_only_at(records[0].selection.scores, refs, (at, significance))
+
+
+def test_hiprune_anchors_from_the_object_layer_registers_from_the_deep_layer(ref):
+    """HiPrune card: anchors = top alpha/5 share of the budget by received attention at the object
+    layer; the rest by received attention at the deep layer (the feature layer)."""
+    budget, alpha = 64, 0.4
+    records, _, _ = run(ref, "hiprune", budget, object_layer=2, layer_rule="absolute", deep_layer=0, alpha=alpha)
+    priority = records[0].selection.scores
+    chosen = priority >= 2.0
+    refs = {layer: received(a, "mean") for layer, a in enumerate(ref.vis_attn)}
+    assert_only_at(priority - 2.0 * chosen, refs, FEATURE)
+    n_anchor = round(budget * alpha / 5)  # 5
+    anchors = {layer: set(torch.topk(g[0], n_anchor).indices.tolist()) for layer, g in refs.items()}
+    on = set(chosen[0].nonzero().flatten().tolist())
+    assert anchors[1] <= on  # object_layer=2, 1-indexed
+    assert all(not anchors[layer] <= on for layer in (0, 2, 3))
+
+
+def test_holov_ranks_inside_each_crop_by_cls_attention_at_the_feature_layer(ref):
+    """HoloV card (code mode): inside each of the contiguous raster crops the kept tokens are the
+    most CLS-attended (head mean, feature layer)."""
+    records, _, _ = run(ref, "holov", 64, mode="code", crops=8, layout="1d", overflow="redistribute", saliency="cls")
+    keep = set(kept(records[0]).tolist())
+    refs = {layer: a[0, :, 0, 1:].mean(0) for layer, a in enumerate(ref.vis_attn)}
+
+    def consistent(sal):
+        for c in range(8):
+            crop = torch.arange(32 * c, 32 * (c + 1))
+            k = sum(int(i) in keep for i in crop)
+            if set(crop[sal[crop].topk(k).indices].tolist()) != {i for i in crop.tolist() if i in keep}:
+                return False
+        return True
+
+    assert consistent(refs[FEATURE])
+    assert not any(consistent(refs[layer]) for layer in (0, 1, 3))
+
+
+def test_prumerge_plus_cls_attention_from_the_last_layer_with_heads_joined(ref):
+    """PruMerge card: CLS attention from the last CLIP layer's q_proj / k_proj outputs (input:
+    hidden_states[-2]), heads not split: softmax(q_cls . k / sqrt(C))."""
+    records, _, _ = run(ref, "prumerge_plus", 64)
+
+    def cls_attn(layer):
+        block = ref.model.model.vision_tower.encoder.layers[layer]
+        x = block.layer_norm1(ref.vis_hidden[layer])
+        q, k = block.self_attn.q_proj(x), block.self_attn.k_proj(x)
+        return (q[:, :1] @ k.transpose(1, 2) * q.shape[-1] ** -0.5).softmax(-1)[:, 0, 1:]
+
+    refs = {layer: cls_attn(layer) for layer in range(4)}
+    assert_only_at(records[0].selection.scores, refs, FEATURE + 1)
+
+
+def test_vflowopt_importance_from_the_feature_layer(ref):
+    """VFlowOpt card: the global tokens are those whose received attention (head mean, mean over
+    rows) exceeds t times its mean; importance = the attention the global tokens pay, at the
+    vision layer feeding the projector (official k_v = the feature layer)."""
+    t = 1.5
+    records, _, _ = run(ref, "vflowopt", 0.5, t=t, r_v=0.5, r_1=1.0, m=2.0, cell_reference=0, recycle=False)
+
+    def importance(attn):
+        a = attn.mean(1)[0]
+        rho = a.mean(0)
+        glob = rho > t * rho.mean()
+        assert glob.any()
+        return a[glob].mean(0)[1:][None]
+
+    refs = {layer: importance(a) for layer, a in enumerate(ref.vis_attn)}
+    assert records[0].point.stage == "projector"
+    assert_only_at(records[0].selection.scores, refs, FEATURE)
+
+
+@pytest.mark.parametrize("ema", [0.25, 0.75])
+def test_flowcut_ema_over_encoder_layers(ref, ema):
+    """FlowCut card: the flow score of each encoder layer before the pruning point (CLS relay:
+    relation = head-mean CLS attention, value L1 norms, value-space CLS similarity) is carried
+    as ``score = ema * previous + (1 - ema) * current``. On the tiny CLIP (feature layer 2,
+    interval 2) the only point is before layer 2: ``ema * s_0 + (1 - ema) * s_1``."""
+    records, _, _ = run(ref, "flowcut", 32, ema=ema, interval=2, relay="cls", llm_stage="off")
+
+    def layer_score(layer):
+        v = vision_v(ref, layer)
+        relation = ref.vis_attn[layer][:, :, 0, 1:].mean(1)
+        semantic = (v[:, :, :1] @ v.transpose(2, 3)).softmax(-1)[:, :, 0, 1:].mean(1)
+        value_l1 = v[:, :, 1:].mean(1).abs().sum(-1)
+        return (relation / relation.sum() + semantic / semantic.sum()) * value_l1
+
+    s0, s1 = layer_score(0), layer_score(1)
+    refs = {e: e * s0 + (1 - e) * s1 for e in (0.25, 0.75)}
+    assert records[0].point == vlmprune.context.Point("encoder", 2)
+    assert_only_at(records[0].selection.scores, refs, ema)
+
+
+# -- before the LLM: features ----------------------------------------------------------------------
+def test_divprune_diversity_on_projected_features(ref):
+    """DivPrune card: max-min diversity on the *projected* tokens (the LLM's inputs)."""
+    records, _, _ = run(ref, "divprune", 0.3)
+    on_projected = max_min_diversity(ref.projected, 77)[0]  # round(0.3 * 256) = 77
+    assert kept(records[0]).tolist() == on_projected.tolist()
+    assert on_projected.tolist() != max_min_diversity(ref.feats, 77)[0].tolist()
+
+
+@pytest.mark.parametrize("features", ["projected", "vision"])
+def test_todre_stage1_features(ref, features):
+    """ToDRE card, stage 1: greedy k-center over the features after the projector (default) or
+    the vision features, as the option says."""
+    records, _, _ = run(ref, "todre", 57, stage2="none", features=features, seed_token="first", diversity="kcenter", metric="cosine")
+    first = torch.zeros(1, dtype=torch.long)
+    refs = {name: greedy_k_center(x, 57, metric="cosine", first=first)[0].tolist()
+            for name, x in (("projected", ref.projected), ("vision", ref.feats))}
+    assert refs["projected"] != refs["vision"]
+    assert kept(records[0]).tolist() == refs[features]
