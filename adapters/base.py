@@ -105,6 +105,12 @@ class Adapter:
     def install(self, plan: Plan) -> Installed:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def max_visual(self) -> int | None:
+        """The most visual tokens one image can bring, as far as the config fixes it, for
+        ``wrap()`` to refuse larger int budgets early: ``info().n_visual`` by default; None where
+        the count depends on each image and is checked at the first forward only."""
+        return self.info().n_visual
+
 
 def read_arg(args: tuple, kwargs: dict, name: str, position: int | None = None, aliases: tuple[str, ...] = ()):
     """Read an argument of a hooked call by name (or old spelling, or position)."""

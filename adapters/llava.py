@@ -67,6 +67,13 @@ class LlavaAdapter(Adapter):
             return max(layer % (self.tower.depth + 1) for layer in vfl) - 1
         return vfl % (self.tower.depth + 1) - 1  # hidden_states[i] is the output of block i - 1
 
+    def max_visual(self) -> int:
+        """``(image_size / patch_size)**2`` from the vision config: the placeholders the LLaVA
+        processor puts in the prompt at the config's image size (a DINOv2 tower's run-time count
+        comes from pixel_values and is checked again at the first forward)."""
+        vc = self.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
     def info(self) -> ModelInfo:
         vc = self.config.vision_config
         side = vc.image_size // vc.patch_size

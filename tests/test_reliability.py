@@ -3,6 +3,7 @@ calls, budgets refused at wrap(), deep copies, weights errors, select timing (is
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -48,3 +49,111 @@ def test_wrap_honours_method_fraction_rounding(clip, cls, rounded):
         with torch.no_grad():
             clip(**inputs)
         assert [p["out"] for p in handle.stats["points"]] == [[rounded, rounded]]
+
+
+# -- concurrent calls ----------------------------------------------------------------------------
+def _generate(model, inputs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, suppress_tokens=[3])
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _in_two_threads(fn, args):
+    """``fn(args[i])`` in two threads that start together; results (or the exceptions raised)."""
+    out: list = [None, None]
+    start = threading.Barrier(2)
+
+    def run(i):
+        start.wait()
+        try:
+            out[i] = fn(args[i])
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_concurrent_generate_and_forward_give_each_caller_its_own_answer(clip):
+    """The issue's case: FastV at 16, two threads with batches of 1 and 3; without the wrap's
+    lock they raise or return another call's tokens."""
+    inputs = [batch([[5, 6, 7]], seed=1), batch([[8, 9], [10, 11, 12, 13], [14]], seed=2)]
+    with vlmprune.wrap(clip, "fastv", budget=16) as handle:
+        alone = [_generate(clip, x) for x in inputs]
+        alone_logits = [_logits(clip, x) for x in inputs]
+        for _ in range(4):
+            for got, ref in zip(_in_two_threads(lambda x: _generate(clip, x), inputs), alone):
+                assert isinstance(got, torch.Tensor) and torch.equal(got, ref)
+            for got, ref in zip(_in_two_threads(lambda x: _logits(clip, x), inputs), alone_logits):
+                assert isinstance(got, torch.Tensor) and torch.equal(got, ref)
+        assert handle.stats["points"][0]["out"] in ([16], [16, 16, 16])
+
+
+# -- budgets refused at wrap() ---------------------------------------------------------------------
+BAD_BUDGETS = [
+    (0, ValueError, "at least 1|in \\[1, 256\\]"),
+    (-5, ValueError, "at least 1|in \\[1, 256\\]"),
+    (float("nan"), ValueError, r"fraction must be in \(0, 1\], got nan"),
+    (float("inf"), ValueError, r"fraction must be in \(0, 1\], got inf"),
+    (1.5, ValueError, r"fraction must be in \(0, 1\]"),
+    ({"projector": 0}, ValueError, r"budget\[projector\] must be"),
+    ({"projector": float("nan")}, ValueError, r"budget\[projector\] as a fraction"),
+    ({"projector": "8"}, TypeError, r"budget\[projector\] must be an int"),
+    ({"target": -1, "projector": 8}, ValueError, "budget must be"),
+]
+
+
+@pytest.fixture(scope="module")
+def dino():
+    return tiny_llava("dinov2", "sdpa")
+
+
+@pytest.mark.parametrize("budget,error,match", BAD_BUDGETS + [
+    (10000, ValueError, r"budget must be in \[1, 256\] tokens per image \(the vision config's image_size / patch_size give 256\)"),
+    (257, ValueError, r"in \[1, 256\]"),
+])
+def test_bad_budget_refused_at_wrap_on_a_dinov2_tower(dino, budget, error, match):
+    with pytest.raises(error, match=match):
+        vlmprune.wrap(dino, "divprune", budget=budget)
+    assert getattr(dino, "_vlmprune_handle", None) is None  # nothing was installed
+
+
+@pytest.mark.parametrize("budget,kept", [(16, 16), (0.25, 64), ({"projector": 0.5}, 128)])
+def test_good_budgets_on_a_dinov2_tower_still_run(dino, budget, kept):
+    with vlmprune.wrap(dino, "divprune", budget=budget) as handle:
+        with torch.no_grad():
+            dino(**batch([[5, 6]]))
+        assert handle.stats["points"][0]["out"] == [kept]
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    from tests.tiny import tiny_qwen
+
+    return tiny_qwen("2")
+
+
+@pytest.mark.parametrize("budget,error,match", BAD_BUDGETS[:4] + BAD_BUDGETS[5:])
+def test_bad_budget_refused_at_wrap_on_qwen(qwen, budget, error, match):
+    with pytest.raises(error, match=match):
+        vlmprune.wrap(qwen, "divprune", budget=budget)
+
+
+@pytest.mark.parametrize("budget,method,match", [
+    ({"llm:99": 8}, "fastv", r"budget schedule key 'llm:99': method 'fastv' does not prune there; its points are \['llm:2'\]"),
+    ({99: 8}, "fastv", r"'llm:99'.*\['llm:2'\]"),
+    ({"projector": 8}, "fastv", r"'projector'.*\['llm:2'\]"),
+    ({"encoder:1": 8}, "divprune", r"'encoder:1'.*\['projector'\]"),
+])
+def test_schedule_naming_a_point_the_method_does_not_act_at_is_refused(clip, dino, budget, method, match):
+    for model in (clip, dino):
+        with pytest.raises(ValueError, match=match):
+            vlmprune.wrap(model, method, budget=budget)

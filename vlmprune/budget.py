@@ -13,7 +13,9 @@ BudgetValue = Union[int, float]
 ROUNDINGS = ("round", "floor")
 
 
-def _resolve_value(value: BudgetValue, n: int, where: str, rounding: str = "round") -> int:
+def _check_value(value, where: str, n: int | None = None, of: str = "the model has") -> None:
+    """Refuse a budget value that is not an int in ``[1, n]`` (``n`` None: at least 1) or a
+    float in (0, 1] (NaN and inf included)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
             f"budget{where} must be an int (tokens per image) or a float in (0, 1] (fraction kept), "
@@ -22,9 +24,17 @@ def _resolve_value(value: BudgetValue, n: int, where: str, rounding: str = "roun
     if isinstance(value, float):
         if not 0.0 < value <= 1.0:
             raise ValueError(f"budget{where} as a fraction must be in (0, 1], got {value}")
+    elif n is None:
+        if value < 1:
+            raise ValueError(f"budget{where} must be at least 1 token per image, got {value}")
+    elif not 0 < value <= n:
+        raise ValueError(f"budget{where} must be in [1, {n}] tokens per image ({of} {n}), got {value}")
+
+
+def _resolve_value(value: BudgetValue, n: int, where: str, rounding: str = "round") -> int:
+    _check_value(value, where, n)
+    if isinstance(value, float):
         return max(1, round(value * n) if rounding == "round" else int(value * n))
-    if not 0 < value <= n:
-        raise ValueError(f"budget{where} must be in [1, {n}] tokens per image (the model has {n}), got {value}")
     return value
 
 
@@ -90,6 +100,23 @@ class Budget:
 
     def points(self) -> tuple[Point, ...]:
         return tuple(p for p, _ in self.schedule)
+
+    def check(self, points, method: str, n: int | None = None, of: str = "the model has") -> None:
+        """Refuse, before anything runs, a schedule key that matches none of the method's
+        ``points`` and any value that no image could take: ints must be in ``[1, n]`` (``n``
+        None: at least 1; ``of`` says where ``n`` comes from), fractions in (0, 1]."""
+        names = [str(p) for p in points]
+        for p in self.points():
+            if p not in points and not (p.layer is None and any(q.stage == p.stage for q in points)):
+                raise ValueError(
+                    f"budget schedule key {str(p)!r}: method {method!r} does not prune there; its points are {names}"
+                )
+        if self.target is None and not self.schedule:
+            raise ValueError("budget is required: an int (tokens per image), a float in (0, 1] or a schedule dict")
+        if self.target is not None:
+            _check_value(self.target, "", n, of)
+        for p, value in self.schedule:
+            _check_value(value, f"[{p}]", n, of)
 
 
 def _parse_point(key) -> Point:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import threading
 from typing import Any, Iterator
 
 from torch import nn
@@ -30,6 +32,8 @@ class Handle:
         self._installed = installed
         self._stats: Stats = plan.stats
         self._plan = plan
+        #: held for the whole of every call of the wrapped model (concurrent calls run one by one)
+        self._lock = _CallLock()
         self.active = True
 
     @contextlib.contextmanager
@@ -114,11 +118,11 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     info = adapter.info()
     instance.check(info)
     parsed = Budget.parse(budget, rounding=instance.fraction_rounding)
-    if info.n_visual is not None:
-        parsed.resolve_target(info.n_visual)
-        for point in parsed.points():
-            parsed.at(point, info.n_visual)
     points = instance.points(info)
+    if info.n_visual is not None:
+        parsed.check(points, instance.name, info.n_visual)
+    else:
+        parsed.check(points, instance.name, adapter.max_visual(), "the vision config's image_size / patch_size give")
     if positions is not None:
         if positions not in POSITIONS:
             raise ValueError(f"parameter 'positions' must be one of {list(POSITIONS)} or None, got {positions!r}")
@@ -159,7 +163,46 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     installed = adapter.install(plan)
     handle = Handle(model, adapter, installed, plan)
     installed.set_attribute(model, _HANDLE_ATTR, handle)
+    _serialise_calls(model, installed, handle._lock)
     return handle
+
+
+def _serialise_calls(model: nn.Module, installed, lock: "_CallLock") -> None:
+    """One call at a time: ``model(...)`` (its hooks included), ``model.forward`` and
+    ``model.generate`` hold the wrap's re-entrant lock for the whole call, because the runtime
+    keeps the state of the prefill it is pruning (a second thread would otherwise read it)."""
+    installed.hook(model.register_forward_pre_hook(lock.enter_hook, prepend=True))
+    installed.hook(model.register_forward_hook(lock.exit_hook, always_call=True))
+    for name in ("forward", "generate"):
+        inner = getattr(model, name, None)
+        if inner is not None:
+            installed.set_attribute(model, name, lock.guard(inner))
+
+
+class _CallLock:
+    """A re-entrant lock taken by a forward pre-hook and released by a forward hook (run even
+    when the forward raises), or held around a function by :meth:`guard`."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._held = threading.local()  # hook acquisitions of this thread not yet released
+
+    def enter_hook(self, module, args):
+        self._lock.acquire()
+        self._held.count = getattr(self._held, "count", 0) + 1
+
+    def exit_hook(self, module, args, output):
+        if getattr(self._held, "count", 0):  # a global pre-hook may have raised before enter_hook
+            self._held.count -= 1
+            self._lock.release()
+
+    def guard(self, fn):
+        @functools.wraps(fn)
+        def serialised(*args, **kwargs):
+            with self._lock:
+                return fn(*args, **kwargs)
+
+        return serialised
 
 
 def _instantiate(method: str | Method, options: dict) -> Method:
