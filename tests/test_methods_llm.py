@@ -17,10 +17,10 @@ from tests.tiny import IMAGE_TOKEN, batch, n_patches, qwen_batch, tiny_llava, ti
 from tests.truth import Replay, greedy_no_cache, manual_multistage, positions_from_mask, record_selections
 from vlmprune import calibrate_adatoken3d as cal
 from vlmprune.adapters.llm import SublayerIO
-from vlmprune.budget import progressive_count
+from vlmprune.budget import Budget, progressive_count
 from vlmprune.context import ModelInfo
 from vlmprune.method import scale_llm_layers
-from vlmprune.methods.feather import stride_grid_mask
+from vlmprune.methods.feather import Feather, stride_grid_mask
 from vlmprune.primitives.scoring import transition_variation
 
 TEXTS = [[10, 11, 12, 13, 14], [20, 21]]
@@ -116,22 +116,45 @@ def test_feather_coverage_counts_planted_winner_and_rope_free_criterion():
         assert {0, 3, 18, 21} <= set(kept) and 20 in kept
         assert kept == sorted(set(kept))
         assert k1 <= len(kept) <= k1 + 4  # int(kappa M) <= |kept| <= int(kappa M) + ceil(G/s)^2
-    # stage 2 over the survivors of image 0: exactly int(kappa^2 M1), grid not protected, winner kept
+    # stage 2 over the survivors of image 0: exactly int(M1 * (r * r)) with the official
+    # r = 1 - fastv_ratio, grid not protected, winner kept
     m1 = first.per_image()[0][0].numel()
     alive = first.per_image()[0][0][None]
     second = method.select(
         make_context(torch.randn(1, m1, 8), k1, {"text_attention": lambda **kw: head_probs(scores[:1, alive[0]])}, info, "llm", 2, token_index=alive, image_state=state[:1])
     )
-    assert second.keep.shape == (1, int((k1 / n) ** 2 * m1))
+    assert second.keep.shape == (1, int(m1 * ((1 - 0.7) * (1 - 0.7))))
     assert int(alive[0, second.keep[0, 0]]) == 20
-    original = vlmprune.get_method("feather")(stage2_of="original")
-    state = [{}]
-    original.select(make_context(torch.randn(1, n, 8), 18, {"text_attention": lambda **kw: head_probs(scores[:1])}, info, "llm", 1, image_state=state))
-    out = original.select(make_context(torch.randn(1, 20, 8), 18, {"text_attention": lambda **kw: head_probs(torch.rand(1, 20))}, info, "llm", 2, token_index=torch.arange(20)[None], image_state=state))
-    assert out.keep.shape == (1, int((18 / 36) ** 2 * 36))
+
+    def stage2(options, m, k, n=36):
+        state = [{}]
+        m_ = vlmprune.get_method("feather")(**options)
+        m_.select(make_context(torch.randn(1, n, 8), k, {"text_attention": lambda **kw: head_probs(torch.rand(1, n))}, info, "llm", 1, image_state=state))
+        return m_.select(make_context(torch.randn(1, m, 8), k, {"text_attention": lambda **kw: head_probs(torch.rand(1, m))}, info, "llm", 2, token_index=torch.arange(m)[None], image_state=state)).keep.shape[1]
+
+    assert stage2({"stage2_of": "original"}, 20, 18) == int(36 * (0.3 * 0.3))  # of the original N
+    assert stage2({"stage2_of": "original", "ratio": 0}, 20, 18) == int((18 / 36) ** 2 * 36)  # kappa from the budget
+    assert stage2({"ratio": 0}, 20, 18) == int((18 / 36) ** 2 * 20)
     fastv = vlmprune.get_method("feather")(criterion="rope")
     fastv.select(make_context(torch.randn(2, n, 8), k1, {"text_attention": signal}, info, "llm", 1))
     assert asked[-1]["rope"] is True
+
+
+def test_feather_stage_counts_follow_the_official_ratio():
+    # the code: stage 1 int(len * r), stage 2 int(len * (r * r)), r = 1 - fastv_ratio = 1 - 0.7
+    r = 1 - 0.7
+    assert Budget.parse(0.3, rounding=Feather.fraction_rounding).resolve_target(256) == int(256 * r) == 76  # round: 77
+    info = llm_info((27, 27))
+    state = [{}]
+    method = vlmprune.get_method("feather")()
+    method.select(make_context(torch.randn(1, 729, 8), int(729 * r), {"text_attention": lambda **kw: head_probs(torch.rand(1, 729))}, info, "llm", 1, image_state=state))
+    m1 = 223  # survivors: int(223 * 0.09) = 20, where kappa = 218 / 729 from the budget gave 19
+    second = method.select(
+        make_context(torch.randn(1, m1, 8), 218, {"text_attention": lambda **kw: head_probs(torch.rand(1, m1))}, info, "llm", 2, token_index=torch.arange(m1)[None], image_state=state)
+    )
+    assert second.keep.shape[1] == int(m1 * (r * r)) == 20 and int((218 / 729) ** 2 * m1) == 19
+    with pytest.raises(ValueError, match="option 'ratio' of method 'feather'"):
+        vlmprune.get_method("feather")(ratio=1.0)
 
 
 def test_feather_signal_is_the_rope_free_softmax_over_image_keys():
@@ -164,7 +187,7 @@ def test_feather_through_wrap_ragged_counts_manual_and_cache_equivalence():
     with vlmprune.wrap(model, "feather", budget=0.3) as handle, record_selections(handle) as seen:
         lengths = decoder_lengths(model, lambda: out.setdefault("logits", forward(model, inputs).logits))
     pruned = out["logits"]
-    k1, grid = round(0.3 * 256), 36  # 16 x 16 grid, stride 3: 6 x 6
+    k1, grid = int(256 * (1 - 0.7)), 36  # the code's int(len * r): 76 of 256; 16 x 16 grid, stride 3: 6 x 6
     first = handle.stats["points"][0]
     assert first["point"] == "llm:1" and first["in"] == [256, 256]
     kept = first["out"]
@@ -172,7 +195,7 @@ def test_feather_through_wrap_ragged_counts_manual_and_cache_equivalence():
     assert all(k1 <= c <= k1 + grid for c in kept)
     later = [p for p in handle.stats["points"][1:]]
     assert [p["in"][0] for p in later] == kept
-    assert [p["out"][0] for p in later] == [int((k1 / 256) ** 2 * c) for c in kept]
+    assert [p["out"][0] for p in later] == [int(c * ((1 - 0.7) * (1 - 0.7))) for c in kept]
     assert lengths[0] == full  # layer 0 (before the first point) sees every token
     assert lengths[3] == full - 256 + max(p["out"][0] for p in later)
     with torch.no_grad():

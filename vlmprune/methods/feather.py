@@ -35,14 +35,17 @@ class Feather(Method):
     uniform grid of every ``stride``-th row and column from (0, 0), ``sort(unique(T u U))``:
     between ``max(k1, |U|)`` and ``k1 + |U|`` tokens. **Stage 2** (before ``layers[1]``): the
     criterion again at ``layers[1] - 1`` over the survivors (grid tokens not protected), keep
-    the top ``int(kappa^2 M1)`` of the ``M1`` survivors (``stage2_of="survivors"``, the official
-    code; ``"original"``: ``int(kappa^2 N)`` of the original ``N``, the "exponentially increasing"
-    ratio its comment describes), with ``kappa = k1 / N``.
+    the top ``int(M1 * (r * r))`` of the ``M1`` survivors with ``r = 1 - ratio`` (``ratio`` the
+    official ``fastv_ratio=0.7``; ``stage2_of="survivors"``, the official code; ``"original"``:
+    of the original ``N``, the "exponentially increasing" ratio its comment describes).
+    ``ratio=0`` derives ``r`` from the rounded budget instead, ``kappa = k1 / N`` (a
+    budget-matched variant, ours; no budget then gives the paper's stage 2).
 
     **Budget**: ``k1``, the stage-1 criterion's count, i.e. FastV's budget (the official
-    ``int(N * (1 - fastv_ratio))``); ``budget=0.3`` is the paper's configuration
-    (``fastv_ratio=0.7``: 218 + up to 81 grid tokens of 729, then 9 % of them). Fewer tokens
-    survive stage 2 than the budget (``handle.stats['points']`` reports both points). A schedule
+    ``int(N * (1 - fastv_ratio))``); a fraction becomes a count with ``int(N f)`` as that code
+    does, so ``budget=0.3`` with the default ``ratio=0.7`` is the paper's configuration (218 +
+    up to 81 grid tokens of 729, then 9 % of them; 76 of 256). Fewer tokens survive stage 2
+    than the budget (``handle.stats['points']`` reports both points). A schedule
     ``{"llm:K1": k1, "llm:K2": k2}`` sets stage 2's count directly. A budget of every token
     keeps every token at both stages.
 
@@ -51,15 +54,14 @@ class Feather(Method):
     positions (as the official code).
 
     **Deviations**: batches of any size with padding (official: batch 1); the grid comes from
-    the adapter's per-image grid (official: ``int(sqrt(N))``, square grids only); the fraction
-    budget resolves with ``round(f N)`` where the code floors ``int(N * 0.3)`` (219 vs 218 of
-    729).
+    the adapter's per-image grid (official: ``int(sqrt(N))``, square grids only).
     """
 
     name = "feather"
     stages = ("llm",)
     needs = frozenset({"text_attention"})
     positions = "original"
+    fraction_rounding = "floor"  # the code's int(len * ratio)
     paper = {
         "title": "Feather the Throttle: Revisiting Visual Token Pruning for Vision-Language Model Acceleration",
         "arxiv": "2412.13180",
@@ -73,6 +75,9 @@ class Feather(Method):
         "last-token attention without RoPE (FEATHER) or with it (FastV's criterion, official baseline)",
         choices=("no_rope", "rope"),
     )
+    ratio: float = option(
+        0.7, "official fastv_ratio: stage 2 keeps int(M * (1-ratio)^2), the paper's stage 1 is budget=1-ratio; 0: from the budget (ours)"
+    )
     stage2_of: str = option(
         "survivors",
         "stage-2 count int(kappa^2 M): M = the survivors of stage 1 (official code) or the original count",
@@ -83,6 +88,8 @@ class Feather(Method):
         super().__post_init__()
         if len(self.layers) != 2:
             raise ValueError(f"option 'layers' of method 'feather' must list two layers, got {self.layers!r}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"option 'ratio' of method 'feather' must be in [0, 1) (0: from the budget), got {self.ratio}")
         if self.stride < 0:
             raise ValueError(f"option 'stride' of method 'feather' must be >= 0 (0: no grid), got {self.stride}")
 
@@ -106,14 +113,20 @@ class Feather(Method):
             return Selection(keep=empty)
         if first:
             for state in ctx.image_state:
-                state[self.name] = {"kappa": ctx.budget / n, "n": n, "scheduled": ctx.budget != ctx.target}
+                state[self.name] = {"kappa": ctx.budget / n, "n": n, "scheduled": ctx.budget != ctx.target, "all": ctx.budget >= n}
             count = ctx.budget
         else:
             s = ctx.image_state[0][self.name]
+            of = n if self.stage2_of == "survivors" else s["n"]
             if s["scheduled"]:
                 count = ctx.budget
+            elif s["all"]:
+                count = n
+            elif self.ratio:
+                r = 1 - self.ratio
+                count = int(of * (r * r))  # the code's int(len(image_indices) * (r * r)), in float64
             else:
-                count = int(s["kappa"] ** 2 * (n if self.stage2_of == "survivors" else s["n"]))
+                count = int(s["kappa"] ** 2 * of)
         if count == 0:
             return Selection(keep=empty)
         scores = self.criterion_scores(ctx)
