@@ -56,6 +56,10 @@ METHODS = {
     "adatoken3d": dict(identity=True, batch=True, manual=False),
 }
 BUDGET = 0.25
+# methods whose default follows their official NeXT packing (no newlines; HiPrune: no un-padding):
+# the identity and by-hand rows below run the adapter's general rule, the official packings are
+# checked by hand in tests/test_next_official_packing.py; batch and cache run the defaults
+ADAPTER_PACKING = {"hiprune": dict(next_packing="adapter"), "holov": dict(next_packing="adapter")}
 
 _MODEL: dict = {}
 
@@ -171,7 +175,7 @@ def test_keep_all_equivalence(name):
     if "ref" not in _REF:
         _REF["ref"] = forward(model, inputs), generate(model, inputs)
     ref_logits, ref_tokens = _REF["ref"]
-    with vlmprune.wrap(model, name, budget=1.0) as handle:
+    with vlmprune.wrap(model, name, budget=1.0, **ADAPTER_PACKING.get(name, {})) as handle:
         if not METHODS[name]["identity"]:
             pytest.skip(f"{name} merges tokens (or halves them inside the LLM) by design: no identity at full budget")
         torch.testing.assert_close(forward(model, inputs), ref_logits, atol=1e-5, rtol=0)
@@ -206,7 +210,7 @@ def test_manual_equivalence(name):
         pytest.skip(f"{name}: merging or several points; covered by keep-all, batch and cache here")
     model = model_for()
     inputs = next_batch(TEXTS[:2], SIZES[:2], seed=1)
-    with vlmprune.wrap(model, name, budget=BUDGET) as handle:
+    with vlmprune.wrap(model, name, budget=BUDGET, **ADAPTER_PACKING.get(name, {})) as handle:
         with record_selections(handle) as seen:
             pruned = forward(model, inputs)
     lay = layout(model, SIZES[:2])
@@ -474,7 +478,7 @@ def test_encoder_keep_all(row):
     if "ref" not in _REF:
         _REF["ref"] = forward(model, inputs), generate(model, inputs)
     ref_logits, ref_tokens = _REF["ref"]
-    extra = {"indices": tuple(range(N))} if row == "fixed-encoder" else {}
+    extra = {"indices": tuple(range(N))} if row == "fixed-encoder" else {"next_packing": "adapter"}  # FlowCut: see ADAPTER_PACKING
     with wrap_encoder(model, row, 1.0, **extra) as handle:
         torch.testing.assert_close(forward(model, inputs), ref_logits, atol=1e-5, rtol=0)
         assert torch.equal(generate(model, inputs), ref_tokens)
