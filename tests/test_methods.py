@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vlmprune
+from vlmprune.budget import Budget
 from vlmprune.context import ModelInfo
 from vlmprune.methods.prumerge_plus import iqr_outlier_ratio
 from tests.contexts import make_context
@@ -134,3 +135,31 @@ def test_exact_counts_and_determinism_through_wrap(name):
         assert handle.stats["llm_visual_tokens"] in ([40, 40], [256, 256])  # fastv: 40 after layer K
         assert handle.stats["points"][-1]["out"] == [40, 40]
     assert torch.equal(outs[0], outs[1])
+
+
+#: how each method's official code turns a ratio into a count: int() (floor) or round()
+FRACTION_ROUNDING = {
+    "prumerge_plus": "floor",  # int(N * reduction_ratio)
+    "feather": "floor",  # int(len * fastv_ratio)
+    "holov": "floor",  # Qwen port: int(image_token_len * prune_rate)
+    "hiprune": "round",  # Qwen code: round(n_image_tokens * RETAIN)
+    "vflowopt": "round",  # round(N * (1 - illava_vit_r)) removed
+    "flowcut": "round",  # token counts only (target_num)
+    "todre": "round",  # no official code
+}
+
+
+@pytest.mark.parametrize("name", sorted(FRACTION_ROUNDING))
+def test_fraction_budgets_round_as_each_official_code(name):
+    rounding = vlmprune.get_method(name).fraction_rounding
+    assert rounding == FRACTION_ROUNDING[name]
+    # 60 tokens x 0.112 = 6.72: int() gives 6, round() 7 (the HoloV Qwen port's case)
+    assert Budget.parse(0.112, rounding=rounding).resolve_target(60) == (6 if rounding == "floor" else 7)
+
+
+def test_holov_fraction_budget_floors_through_wrap():
+    model = tiny_llava("clip", "sdpa")
+    with vlmprune.wrap(model, "holov", budget=0.3, overflow="redistribute") as handle:
+        with torch.no_grad():
+            model(**batch([[10, 11], [12, 13, 14]], seed=7))
+    assert handle.stats["points"][0]["out"] == [76, 76]  # int(256 * 0.3); round() gave 77

@@ -123,6 +123,7 @@ class HoloV(Method):
     name = "holov"
     stages = ("projector",)
     projector_whole_image = True
+    fraction_rounding = "floor"  # the Qwen port's int(image_token_len * prune_rate)
     needs = frozenset({"cls_attention", "encoder_attention", "projected"})
     paper = {
         "title": 'Don\'t Just Chase "Highlighted Tokens" in MLLMs: Revisiting Visual Holistic Context Retention',

@@ -54,6 +54,7 @@ class PruMergePlus(Method):
     stages = ("projector",)
     needs = frozenset({"encoder_qkv"})
     requires_cls = True
+    fraction_rounding = "floor"  # the code's int(N * reduction_ratio)
     paper = {"title": "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models", "arxiv": "2403.15388"}
 
     adaptive: bool = option(True, "IQR-outlier ratio per image (official); False: ratio from the budget")
