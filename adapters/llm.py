@@ -6,6 +6,7 @@ signals (attention rows recomputed from the layer's own q and k, so SDPA stays o
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -80,6 +81,44 @@ class DecoderState:
     sublayer: dict[int, dict] = field(default_factory=dict)  # layer -> sub-layer inputs/outputs (prefill)
     past: int = 0  # cache length before the current decode step
     memo: dict = field(default_factory=dict)
+    static_width: int | None = None  # a static cache's key length (masks keep it); None: dynamic
+    prompt_mask: torch.Tensor | None = None  # the prefill's 2-D padding mask before pruning (1 = real)
+    fresh: bool = True  # not yet tied to the cache its prefill filled (the LM's output hook ties it)
+    replay: "tuple[FirstStep, int] | None" = None  # (choices, generated tokens) of a later no-cache step
+    first: "FirstStep | None" = None  # recording the choices of a generation's first no-cache step
+
+    @property
+    def pruned(self) -> bool:
+        return self.input_transform is not None or bool(self.layer_transforms)
+
+
+@dataclass
+class FirstStep:
+    """The choices of the first forward of a ``generate(use_cache=False)`` call: the keep mask
+    at the LM input and, per ``llm`` point, the rows kept there and the merged values written
+    (``(row, positions, values)``). Every later step of that call re-runs the whole prompt; it
+    replays these on the prompt and keeps every generated token, which is what the cached run
+    computes (a prompt position's hidden states do not depend on later tokens). Choosing again
+    instead would let text-dependent methods (FastV's last-token attention) change their choice
+    at every step."""
+
+    keep: torch.Tensor  # [B, L] at the LM input
+    points: dict[int, tuple[torch.Tensor, list]] = field(default_factory=dict)
+
+    def step(self, keep: torch.Tensor) -> int:
+        """How many tokens a later step's LM-input ``keep`` mask adds to the first step's."""
+        b, length = self.keep.shape
+        if (
+            keep.shape[0] != b
+            or keep.shape[1] <= length
+            or not torch.equal(keep[:, :length], self.keep)
+            or not bool(keep[:, length:].all())
+        ):
+            raise RuntimeError(
+                "vlmprune: a no-cache step of generate() does not extend its first step's prompt "
+                f"(first {tuple(self.keep.shape)}, now {tuple(keep.shape)}); the prompt's pruning cannot be replayed"
+            )
+        return keep.shape[1] - length
 
 
 class Decoder:
@@ -141,10 +180,22 @@ class DecoderPruner:
             raise ValueError(f"sublayer_io layers must be in [0, {len(decoder.layers) - 1}], got {sorted(self.sublayer)}")
         self.state = DecoderState()
         self.first_point = min(self.points) if self.points else None
+        #: cache -> the prefill state that filled it (decode steps must use their own prefill's)
+        self._owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        #: inside generate(): None, or the no-cache choices of its first step once made (see FirstStep)
+        self.generation: list[FirstStep | None] | None = None
+
+    def begin_generation(self) -> None:
+        """A ``generate()`` call starts: its no-cache steps share the first step's choices."""
+        self.generation = [None]
+
+    def end_generation(self) -> None:
+        self.generation = None
 
     # -- install ---------------------------------------------------------------------------------
     def install(self, installed: Installed) -> None:
         installed.hook(self.decoder.model.register_forward_pre_hook(self._input_hook, with_kwargs=True))
+        installed.hook(self.decoder.model.register_forward_hook(self._output_hook, with_kwargs=True))
         for idx, layer in enumerate(self.decoder.layers):
             if (self.first_point is not None and idx >= self.first_point) or idx in self.capture:
                 installed.hook(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
@@ -176,15 +227,18 @@ class DecoderPruner:
         if embeds is None:
             return None
         cache = next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
-        past = cache.get_seq_length() if cache is not None else 0
+        past = int(cache.get_seq_length()) if cache is not None else 0
         record = self.rt.take_record()
+        if past == 0:
+            if record is None:
+                self.state = DecoderState()
+                return None
+            return args, self._prefill_input(kwargs, record, cache)
         st = self.state
-        if record is not None and past == 0:
-            return args, self._prefill_input(kwargs, record)
-        if past == 0 or st.input_transform is None and not st.layer_transforms:
-            self.state = DecoderState()
-            return None
+        self._check_owner(cache)
         st.prefill = False
+        if not st.pruned:
+            return None
         st.past = past
         st.memo.clear()
         st.sublayer.clear()
@@ -194,12 +248,20 @@ class DecoderPruner:
         q_len = embeds.shape[1]
         mask = kwargs.get("attention_mask")
         expected = t.l_in + (past - t.l_out) + q_len
-        if mask is not None and mask.shape[-1] != expected:
-            raise RuntimeError(
-                f"vlmprune: decode step got an attention mask of length {mask.shape[-1]}, expected {expected} "
-                "(the prompt length before pruning plus generated tokens); was the cache reused across prompts?"
-            )
-        kwargs["attention_mask"] = t.mask2d(mask, expected)
+        if _mask_4d(mask) is not None:
+            # generate() builds a static cache's 4-D masks from the cache's (pruned) length for some
+            # models and from the unpruned positions for others: rebuilt from the prefill's padding
+            prompt = st.prompt_mask if st.prompt_mask is not None else embeds.new_ones(embeds.shape[0], t.l_in)
+            real = torch.cat([prompt.long(), prompt.new_ones(prompt.shape[0], expected - t.l_in).long()], 1)
+            pruned = t.mask2d(real, expected)
+            kwargs["attention_mask"] = _each(mask, lambda m: _decode_mask4d(pruned, past, q_len, m))
+        else:
+            if mask is not None and mask.shape[-1] != expected:
+                raise RuntimeError(
+                    f"vlmprune: decode step got an attention mask of length {mask.shape[-1]}, expected {expected} "
+                    "(the prompt length before pruning plus generated tokens); was the cache reused across prompts?"
+                )
+            kwargs["attention_mask"] = t.mask2d(mask, expected)
         pos = kwargs.get("position_ids")
         if pos is not None and st.positions_mode == "compact":
             kwargs["position_ids"] = pos - t.dropped.view(*([1] * (pos.dim() - 2)), -1, 1)
@@ -213,14 +275,49 @@ class DecoderPruner:
             kwargs["cache_position"] = kwargs["cache_position"] - (t.l_in - t.l_out)
         return args, kwargs
 
-    def _prefill_input(self, kwargs, record):
+    def _output_hook(self, module, args, kwargs, output):
+        """Ties the cache a prefill filled to that prefill's state (see ``_check_owner``)."""
+        st = self.state
+        if not st.fresh:
+            return None
+        st.fresh = False
+        fields = output.keys() if hasattr(output, "keys") else ()  # ModelOutput: its non-None fields
+        cache = next((output[n] for n in CACHE_NAMES if n in fields), None)
+        if cache is not None:
+            self._owners[cache] = st
+        return None
+
+    def _check_owner(self, cache) -> None:
+        """A decode step applies the state of the latest prefill; refuse when its cache was filled
+        by another prefill (manual prefill/decode loops interleaved, threads, a reused cache)."""
+        owner = self._owners.get(cache)
+        if owner is self.state or not (self.state.pruned or (owner is not None and owner.pruned)):
+            return
+        raise RuntimeError(
+            "vlmprune: this decode step's cache was not filled by the latest prefill of the wrapped model "
+            "(another prompt's prefill ran in between: interleaved generation loops, threads, or a reused "
+            "cache), so its pruning state does not apply; run each prompt's prefill and decode steps "
+            "without interleaving other prompts"
+        )
+
+    def _prefill_input(self, kwargs, record, cache):
         """``record``: keep [B, L] at the LM input, pos_source [B, L], the visual layout."""
         st = DecoderState(positions_mode=record["positions"], llm_positions=self.rt.llm_positions_mode(), prefill=True)
         self.state = st
         embeds = kwargs["inputs_embeds"]
         b, length = embeds.shape[:2]
         keep = record["keep"]
+        if cache is None and self.generation is not None:  # generate(use_cache=False)
+            if self.generation[0] is None:
+                st.first = self.generation[0] = FirstStep(keep)
+            else:
+                st.replay = (self.generation[0], self.generation[0].step(keep))
         mask = kwargs.get("attention_mask")
+        mask4d = _mask_4d(mask)
+        if mask4d is not None and cache is not None and getattr(cache, "is_compileable", False):
+            st.static_width = mask4d.shape[-1]
+        real = _padding_of(mask4d, length) if mask4d is not None else mask  # 2-D, 1 = real token
+        st.prompt_mask = real
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = torch.arange(length, device=embeds.device)[None].expand(b, -1)
@@ -228,18 +325,26 @@ class DecoderPruner:
             pos = pos.expand(*pos.shape[:-2], b, pos.shape[-1])
         layout = record["layout"]
         n_layers = len(self.decoder.layers)
+        if st.replay is None:  # a replayed step keeps the stats of the prompt's own prefill
+            self.rt.stats.llm_visual_tokens = [int(p.numel()) for p in layout.positions]
+            self.rt.stats.full_lengths = [length] * b
         if bool(keep.all()):
-            self.rt.stats.layer_lengths = [[length] * n_layers for _ in range(b)]
-            st.mask2d = mask if mask is not None else torch.ones(b, length, dtype=torch.long, device=embeds.device)
+            if st.replay is None:
+                self.rt.stats.layer_lengths = [[length] * n_layers for _ in range(b)]
+            st.mask2d = real if real is not None else torch.ones(b, length, dtype=torch.long, device=embeds.device)
             st.layout = layout
             st.text_mask = self._text_mask(st.mask2d, layout)
             kwargs["position_ids"] = pos
             return kwargs
         t = SeqTransform.from_keep(keep)
         st.input_transform = t
-        self.rt.stats.layer_lengths = [[int(c)] * n_layers for c in keep.sum(1).tolist()]
+        if st.replay is None:
+            self.rt.stats.layer_lengths = [[int(c)] * n_layers for c in keep.sum(1).tolist()]
         kwargs["inputs_embeds"] = t.seq(embeds)
-        kwargs["attention_mask"] = t.mask2d(mask, length)
+        if mask4d is not None:
+            kwargs["attention_mask"] = _each(mask, lambda m: t.mask4d(m, True, length, 0, width=st.static_width))
+        else:
+            kwargs["attention_mask"] = t.mask2d(mask, length)
         if st.positions_mode == "original":
             new_pos = _gather_last(pos, record["pos_source"].gather(1, t.index))
         else:
@@ -247,7 +352,7 @@ class DecoderPruner:
         kwargs["position_ids"] = new_pos.masked_fill(~t.valid, 0)
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(t.l_out, device=embeds.device)
-        st.mask2d = kwargs["attention_mask"]
+        st.mask2d = t.mask2d(real, length)
         if st.mask2d is None:
             st.mask2d = torch.ones(b, t.l_out, dtype=torch.long, device=embeds.device)
         st.layout = layout.apply(t)
@@ -303,10 +408,8 @@ class DecoderPruner:
             if compact and pos is None:
                 raise RuntimeError("vlmprune: renumbering positions inside the LLM needs the decoder layers' position_ids")
             for layer, t in points:
-                if isinstance(mask, torch.Tensor):
-                    mask = t.mask4d(mask, st.prefill, q_len, extra)
-                elif mask is None:
-                    mask = t.mask4d(None, st.prefill, q_len, extra)
+                if isinstance(mask, torch.Tensor) or mask is None:
+                    mask = t.mask4d(mask, st.prefill, q_len, extra, width=st.static_width)
                 if st.prefill:
                     if cos_sin is not None and not compact:
                         cos_sin = tuple(t.seq(c, dim=-2) for c in cos_sin)
@@ -342,8 +445,40 @@ class DecoderPruner:
         st = self.state
         hidden = read_arg(args, kwargs, "hidden_states", 0)
         layout = st.layout
-        point = self.points[idx]
         valid = self._current_valid()
+        if st.replay is not None:  # a later no-cache step: the first step's choice, new tokens kept
+            first, added = st.replay
+            keep_rows, replace = first.points[idx]
+            keep_rows = torch.cat([keep_rows, keep_rows.new_ones(keep_rows.shape[0], added)], 1)
+        else:
+            keep_rows, replace = self._choose(idx, hidden, valid, args, kwargs)
+            if st.first is not None:
+                st.first.points[idx] = (keep_rows, replace)
+        if replace:
+            hidden = hidden.clone()
+            for row, positions, values in replace:
+                hidden[row, positions] = values.to(hidden.dtype)
+        t = SeqTransform.from_keep(keep_rows)
+        st.layer_transforms[idx] = t
+        if st.llm_positions == "compact":
+            removed = ~keep_rows & (valid if valid is not None else torch.ones_like(keep_rows))
+            st.renumber[idx] = (removed.long().cumsum(1).gather(1, t.index), removed.sum(1))
+        if st.replay is None:
+            for row, count in enumerate(keep_rows.sum(1).tolist()):
+                lengths = self.rt.stats.layer_lengths[row]
+                lengths[idx:] = [int(count)] * (len(lengths) - idx)
+        st.memo.clear()
+        st.mask2d = st.mask2d.gather(1, t.index) * t.valid.to(st.mask2d.dtype)
+        st.layout = layout.apply(t)
+        st.text_mask = self._text_mask(st.mask2d, st.layout)
+        return write_arg(args, kwargs, "hidden_states", t.seq(hidden), 0)
+
+    def _choose(self, idx: int, hidden: torch.Tensor, valid: torch.Tensor | None, args, kwargs):
+        """Run the method at the ``llm`` point before layer ``idx``: the rows' keep mask over the
+        current sequence and the merged values to write, ``[(row, positions, values)]``."""
+        st = self.state
+        layout = st.layout
+        point = self.points[idx]
         keep_rows = valid.clone() if valid is not None else torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         replace: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         grids = getattr(self.rt, "image_grids", None)  # per image where images differ in shape (Qwen-VL)
@@ -369,23 +504,7 @@ class DecoderPruner:
                 keep_rows[row, pos[j][drop]] = False
                 if merged is not None:
                     replace.append((row, pos[j][keep], merged[order]))
-        if replace:
-            hidden = hidden.clone()
-            for row, positions, values in replace:
-                hidden[row, positions] = values.to(hidden.dtype)
-        t = SeqTransform.from_keep(keep_rows)
-        st.layer_transforms[idx] = t
-        if st.llm_positions == "compact":
-            removed = ~keep_rows & (valid if valid is not None else torch.ones_like(keep_rows))
-            st.renumber[idx] = (removed.long().cumsum(1).gather(1, t.index), removed.sum(1))
-        for row, count in enumerate(keep_rows.sum(1).tolist()):
-            lengths = self.rt.stats.layer_lengths[row]
-            lengths[idx:] = [int(count)] * (len(lengths) - idx)
-        st.memo.clear()
-        st.mask2d = st.mask2d.gather(1, t.index) * t.valid.to(st.mask2d.dtype)
-        st.layout = layout.apply(t)
-        st.text_mask = self._text_mask(st.mask2d, st.layout)
-        return write_arg(args, kwargs, "hidden_states", t.seq(hidden), 0)
+        return keep_rows, replace
 
     def _current_valid(self) -> torch.Tensor | None:
         st = self.state
@@ -515,6 +634,41 @@ class DecoderPruner:
                 "sublayer_io": sublayer_io,
             }
         )
+
+
+def _mask_4d(mask) -> torch.Tensor | None:
+    """The 4-D mask a language model got (generate() builds them for static caches; Qwen-VL's
+    come as a dict per attention type: the first), or None for a 2-D or absent one."""
+    if isinstance(mask, dict):
+        mask = next(iter(mask.values()), None)
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 4 else None
+
+
+def _each(mask, fn):
+    """``fn`` applied to a mask, or to each mask of a dict of them."""
+    return {k: fn(v) for k, v in mask.items()} if isinstance(mask, dict) else fn(mask)
+
+
+def _decode_mask4d(pruned: torch.Tensor, past: int, q_len: int, like: torch.Tensor) -> torch.Tensor:
+    """A decode step's 4-D mask ``like`` (width: the static cache's length) from the 2-D padding
+    mask of the pruned sequence ``pruned [B, past + q_len]``: each new token sees the real tokens
+    up to itself."""
+    width = like.shape[-1]
+    cols = torch.arange(width, device=pruned.device)
+    allowed = cols[None] <= past + torch.arange(q_len, device=pruned.device)[:, None]  # [Q, W]
+    real = torch.zeros(pruned.shape[0], width, dtype=torch.bool, device=pruned.device)
+    real[:, : pruned.shape[1]] = pruned.bool()
+    allowed = (allowed[None] & real[:, None])[:, None]  # [B, 1, Q, W]
+    if like.dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
+def _padding_of(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """The 2-D padding mask (1 = real token) of a prefill's 4-D mask ``[B, 1, L, W]`` (generate()
+    builds one for static caches): a real token attends to itself, a padding position to nothing."""
+    diag = torch.diagonal(mask[:, 0, :, :length], dim1=-2, dim2=-1)
+    return (diag if diag.dtype == torch.bool else diag == 0).long()
 
 
 def _gather_last(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,19 @@ class SeqTransform:
     def has_fill(self) -> bool:
         return not bool(self.valid.all())
 
+    def extend(self, n: int) -> "SeqTransform":
+        """The same removal on a sequence ``n`` positions longer, the new positions all kept
+        (a no-cache step re-running the prompt plus ``n`` generated tokens)."""
+        b = self.index.shape[0]
+        new = torch.arange(self.l_in, self.l_in + n, device=self.index.device).expand(b, -1)
+        return SeqTransform(
+            index=torch.cat([self.index, new], 1),
+            valid=torch.cat([self.valid, self.valid.new_ones(b, n)], 1),
+            l_in=self.l_in + n,
+            dropped_before=torch.cat([self.dropped_before, self.dropped[:, None].expand(-1, n)], 1),
+            dropped=self.dropped,
+        )
+
     # -- prefill ---------------------------------------------------------------------------------
     def seq(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Gather a tensor along its sequence axis ``dim`` (batch axis is the one before it,
@@ -77,9 +90,13 @@ class SeqTransform:
         head = mask[:, : self.l_in].gather(1, self.index) * self.valid.to(mask.dtype)
         return torch.cat([head, mask[:, self.l_in :]], dim=1)
 
-    def mask4d(self, mask: torch.Tensor | None, prefill: bool, q_len: int, extra: int) -> torch.Tensor | None:
-        """A 4-D attention mask ``[B, 1, Q, l_in + extra]``: at prefill (``extra == 0``) rows and
-        columns are gathered; at decode only the first ``l_in`` columns (the cached prefix)."""
+    def mask4d(
+        self, mask: torch.Tensor | None, prefill: bool, q_len: int, extra: int, width: int | None = None
+    ) -> torch.Tensor | None:
+        """A 4-D attention mask ``[B, 1, Q, l_in + extra]``: at prefill rows and columns are
+        gathered; at decode only the first ``l_in`` columns (the cached prefix). ``width``: a
+        static cache's fixed key length; the result is padded back to it with masked columns
+        (the cache slots the removed positions leave unused)."""
         b = self.index.shape[0]
         if mask is None:
             if not self.has_fill:
@@ -101,4 +118,7 @@ class SeqTransform:
             eye = torch.eye(self.l_out, dtype=torch.bool, device=mask.device)
             fill_rows = (~self.valid)[:, None, :, None] & eye
             head = head.masked_fill(fill_rows, True if mask.dtype == torch.bool else 0.0)
-        return torch.cat([head, mask[..., self.l_in :]], dim=3)
+        out = torch.cat([head, mask[..., self.l_in :]], dim=3)
+        if width is not None and out.shape[3] < width:
+            out = torch.cat([out, out.new_full((*out.shape[:3], width - out.shape[3]), neg)], dim=3)
+        return out

@@ -6,6 +6,8 @@ tokens}``; real tokens fill the first ``count`` slots of the image's span."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -30,6 +32,10 @@ class VLMRuntime(Runtime):
         self.slots: list[int] = []  # placeholder tokens per image of the current prefill
         self.labels: torch.Tensor | None = None
         self.decoder: DecoderPruner | None = None
+        #: inside generate(): the image records of its prompt (re-used by its no-cache steps)
+        self.generation_images: list[dict] | None = None
+        #: inside generate(): (pixel_values, image_features() output) of its prompt
+        self._encoded: tuple | None = None
 
     def positions_mode(self) -> str:
         return self.plan.positions or self.method.positions
@@ -48,16 +54,38 @@ class VLMRuntime(Runtime):
         self.decoder = DecoderPruner(decoder, self, llm_points, llm_capture)
         self.decoder.install(installed)
         installed.hook(core.register_forward_pre_hook(self.on_model_input, with_kwargs=True))
-        installed.set_attribute(core, "get_image_features", self.image_features)
+        installed.set_attribute(core, "get_image_features", self._encode_once())
         self._install_generate_inputs(installed, top)
         if top is not core:
             installed.hook(top.register_forward_pre_hook(self.on_top_input, with_kwargs=True))
             installed.hook(top.register_forward_hook(self.on_top_output, with_kwargs=True))
 
+    def _encode_once(self):
+        """``image_features()`` (signature kept: generate() reads it), run once per generate()
+        call: transformers < 5.2x passes the same ``pixel_values`` at every no-cache step, which
+        then get the first step's features and image records (the method does not run again)."""
+
+        @functools.wraps(self.image_features)
+        def features(pixel_values, *args, **kwargs):
+            done = self._encoded
+            if done is not None and done[0] is pixel_values and self.generation_images is not None:
+                self.images = self.generation_images
+                return done[1]
+            out = self.image_features(pixel_values, *args, **kwargs)
+            if self.decoder.generation is not None:
+                self._encoded = (pixel_values, out)
+            return out
+
+        return features
+
     def _install_generate_inputs(self, installed: Installed, top: nn.Module) -> None:
-        """``generate()`` (transformers >= 5.2x) encodes the images through ``image_features()``
-        before the first forward, so the prompt's ids (for the ``text_embedding`` signal) are
-        recorded when ``generate()`` is called; its prefill forward then records them again."""
+        """Wraps ``generate()``. transformers >= 5.2x encodes the images through
+        ``image_features()`` once, before the first forward, so the prompt's ids (for the
+        ``text_embedding`` signal) are recorded when ``generate()`` is called, and the image
+        records are kept for its no-cache steps (which get the same pre-encoded features at every
+        step). ``num_beams`` / ``num_return_sequences`` repeat each prompt (and, there, its
+        encoded images, see ``repeat_images``). Every no-cache step after the first replays the
+        first step's choices (:class:`.llm.FirstStep`)."""
         original = getattr(top, "generate", None)
         if original is None:
             return
@@ -69,9 +97,38 @@ class VLMRuntime(Runtime):
                 self.input_ids = ids
                 self.attention_mask = kwargs.get("attention_mask")
                 self.image_mask = ids == core.config.image_token_id
-            return original(*args, **kwargs)
+            self.decoder.begin_generation()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.decoder.end_generation()
+                self.generation_images = self._encoded = None
 
         installed.set_attribute(top, "generate", generate)
+        expand = getattr(top, "_expand_inputs_for_generation", None)
+        if expand is None:
+            return
+
+        def expand_inputs(*args, **kwargs):
+            size = kwargs.get("expand_size", args[0] if args else 1)
+            ids = kwargs.get("input_ids")
+            encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+            if size > 1 and encoded and self.images is not None and isinstance(ids, torch.Tensor):
+                self.repeat_images(ids == core.config.image_token_id, size)
+            return expand(*args, **kwargs)
+
+        installed.set_attribute(top, "_expand_inputs_for_generation", expand_inputs)
+
+    def repeat_images(self, image_mask: torch.Tensor, size: int) -> None:
+        """generate() repeats each prompt ``size`` times in a row (beams, returned sequences) and,
+        with images encoded before the loop, each prompt's group of encoded images with it: the
+        image records (and per-image lists) follow, in that order."""
+        rows = [row for row, _ in self._spans(image_mask, [img["slots"] for img in self.images])]
+        order = [i for row in range(image_mask.shape[0]) for _ in range(size) for i, r in enumerate(rows) if r == row]
+        self.images = [self.images[i] for i in order]
+        self.slots = [self.slots[i] for i in order]
+        if getattr(self, "image_grids", None) is not None:  # LLaVA-NeXT's, Qwen-VL's
+            self.image_grids = [self.image_grids[i] for i in order]
 
     # -- model-level hooks ---------------------------------------------------------------------------
     def on_model_input(self, module, args, kwargs):
@@ -87,6 +144,8 @@ class VLMRuntime(Runtime):
             return None
         if not pre_encoded:
             self.images = None  # image_features() runs inside this forward
+        elif self.images is None:  # a later no-cache step of generate(): the same encoded images
+            self.images = self.generation_images
         # else: generate() (transformers >= 5.2x) encoded the images through image_features()
         # just before this prefill; its records are still in self.images
         image_id = core.config.image_token_id
@@ -166,6 +225,8 @@ class VLMRuntime(Runtime):
         self.image_mask, self.images = None, None
         if mask is None:
             return None
+        if self.decoder.generation is not None:
+            self.generation_images = images
         if images is None:
             raise RuntimeError(
                 "vlmprune: image tokens reached the language model without pixel_values passing through the "
@@ -184,7 +245,5 @@ class VLMRuntime(Runtime):
             positions.append(visual)
             rasters.append(raster)
             totals.append(total)
-        self.stats.llm_visual_tokens = [int(p.numel()) for p in positions]
-        self.stats.full_lengths = [length] * b
         layout = VisualLayout(torch.tensor(rows, device=device), positions, rasters, totals)
         return {"keep": keep, "pos_source": pos_source, "layout": layout, "positions": self.positions_mode()}
