@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -65,6 +66,37 @@ class Installed:
         had = name in vars(obj)
         self._attributes.append((obj, name, had, vars(obj).get(name)))
         setattr(obj, name, value)
+
+    def copy_without(self, module: nn.Module, memo: dict) -> nn.Module:
+        """A deep copy of ``module`` (for ``copy.deepcopy``'s ``memo``) as if these changes had
+        been undone: the copy has none of the hooks and holds the attributes' values from before;
+        ``module`` itself is left as it is (other threads may be using it)."""
+        for handle in self._handles:
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and handle.id in hooks:
+                memo[id(hooks[handle.id])] = None  # never copy a hook (it holds the wrap's runtime)
+        first: dict[tuple[int, str], tuple] = {}
+        for obj, name, had, old in self._attributes:
+            first.setdefault((id(obj), name), (obj, name, had, old))
+            if name in vars(obj):
+                memo[id(vars(obj)[name])] = None
+        new = type(module).__new__(type(module))
+        memo[id(module)] = new
+        new.__setstate__(copy.deepcopy(module.__getstate__(), memo))
+        for handle in self._handles:
+            for ref in (handle.hooks_dict_ref, *handle.extra_dict_ref):
+                copied = memo.get(id(ref()))
+                if copied is not None:
+                    copied.pop(handle.id, None)
+        for obj, name, had, old in first.values():
+            copied = memo.get(id(obj))
+            if copied is None:
+                continue  # not reached from module
+            if had:
+                setattr(copied, name, copy.deepcopy(old, memo))
+            elif name in vars(copied):
+                delattr(copied, name)
+        return new
 
     def remove(self) -> None:
         for handle in reversed(self._handles):

@@ -3,6 +3,7 @@ calls, budgets refused at wrap(), deep copies, weights errors, select timing (is
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 
@@ -157,3 +158,39 @@ def test_schedule_naming_a_point_the_method_does_not_act_at_is_refused(clip, din
     for model in (clip, dino):
         with pytest.raises(ValueError, match=match):
             vlmprune.wrap(model, method, budget=budget)
+
+
+# -- copy.deepcopy of a wrapped model ------------------------------------------------------------
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_deepcopy_of_a_wrapped_model_is_wrapped_on_its_own(family):
+    from tests.tiny import qwen_batch, tiny_qwen
+
+    model = tiny_llava("clip") if family == "llava" else tiny_qwen("2")
+    inputs = batch([[5, 6, 7], [8, 9]]) if family == "llava" else qwen_batch([[7, 8], [9]], [(4, 4), (4, 6)])
+    with torch.no_grad():
+        unpruned = model(**inputs).logits
+    hooks_unwrapped = _hook_count(model)
+    handle = vlmprune.wrap(model, "fastv", budget=3, k_layer=1)
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    twin = copy.deepcopy(model)
+    twin_handle = vlmprune.Handle.of(twin)
+    assert twin_handle is not None and twin_handle is not handle and vlmprune.Handle.of(model) is handle
+    assert (twin_handle.method.name, twin_handle.method.k_layer, twin_handle.budget) == ("fastv", 1, handle.budget)
+    assert twin_handle.method is not handle.method
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(model.parameters(), twin.parameters()))
+    with torch.no_grad():
+        assert torch.equal(twin(**inputs).logits, pruned)
+    assert twin_handle.stats["prefills"] == 1 and handle.stats["prefills"] == 1  # each its own stats
+    handle.unwrap()  # the copy stays wrapped
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, unpruned)
+        assert torch.equal(twin(**inputs).logits, pruned)
+    twin_handle.unwrap()  # and unwraps exactly
+    assert _hook_count(twin) == hooks_unwrapped and not {"forward", "generate", "__deepcopy__"} & set(vars(twin))
+    with torch.no_grad():
+        assert torch.equal(twin(**inputs).logits, unpruned)

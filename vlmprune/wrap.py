@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import threading
@@ -22,7 +23,12 @@ POSITIONS = ("compact", "original")
 
 
 class Handle:
-    """What :func:`wrap` returns: ``stats``, ``record()``, ``unwrap()``, and a context manager."""
+    """What :func:`wrap` returns: ``stats``, ``record()``, ``unwrap()``, and a context manager.
+
+    ``Handle.of(model)`` finds a wrapped model's handle: the way to reach the handle of a
+    ``copy.deepcopy`` of a wrapped model, which is wrapped again on its own (same method options,
+    budget and wrap options; its own stats; unwrapping one leaves the other wrapped).
+    """
 
     def __init__(self, model: nn.Module, adapter, installed, plan):
         self.model = model
@@ -35,6 +41,11 @@ class Handle:
         #: held for the whole of every call of the wrapped model (concurrent calls run one by one)
         self._lock = _CallLock()
         self.active = True
+
+    @staticmethod
+    def of(model: nn.Module) -> "Handle | None":
+        """The handle of the wrap active on ``model``, None if it is not wrapped."""
+        return vars(model).get(_HANDLE_ATTR)
 
     @contextlib.contextmanager
     def record(self) -> Iterator[list[SelectionRecord]]:
@@ -82,7 +93,12 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     """Make ``model`` prune its visual tokens with ``method`` at ``budget``.
 
     ``budget``: an int (visual tokens kept per image), a float in (0, 1] (fraction kept)
-    or a schedule dict (see :class:`vlmprune.budget.Budget`). ``weights``: trained module
+    or a schedule dict (see :class:`vlmprune.budget.Budget`) whose keys must name points the
+    method acts at. Checked here on every tower: type, sign, NaN/inf, fraction range, and ints
+    against the tokens per image (where the count comes from ``pixel_values``, as with a DINOv2
+    tower, against ``(image_size / patch_size)**2`` of the vision config, the count a LLaVA
+    processor at that size puts in the prompt; a smaller run-time count is checked again at the
+    first forward; LLaVA-NeXT and Qwen-VL images have no fixed count). ``weights``: trained module
     weights for the methods that have some (``vlmprune.methods()`` lists them with
     ``accepts_weights``): a path written by the method's training command, or an object the
     method documents; without it such a method loads its shipped default (if any) for this
@@ -95,7 +111,9 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     ``"original"``, FastV's); ``None``: the method's choice (Qwen-VL: always original, its 3-D
     positions are never renumbered). ``options`` are the method's options (``vlmprune.methods()`` lists them with
     defaults). The model is patched in place; ``handle.unwrap()`` (or leaving a ``with``
-    block) restores it.
+    block) restores it. Calls from several threads run one at a time (a per-model lock held
+    for the whole ``model(...)``, ``forward`` or ``generate`` call); ``copy.deepcopy(model)``
+    gives a copy wrapped on its own (see :class:`Handle`).
     """
     from .adapters import Plan, find_adapter
 
@@ -160,11 +178,33 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     stats = Stats(llm=adapter.llm_shape())
     plan = Plan(method=instance, budget=parsed, points=points, capture=instance.capture_layers(info), stats=stats,
                 positions=positions, llm_positions=llm_positions)
+    return _install(model, adapter, plan)
+
+
+def _install(model: nn.Module, adapter, plan) -> Handle:
     installed = adapter.install(plan)
     handle = Handle(model, adapter, installed, plan)
     installed.set_attribute(model, _HANDLE_ATTR, handle)
     _serialise_calls(model, installed, handle._lock)
+    installed.set_attribute(model, "__deepcopy__", functools.partial(_deepcopy_wrapped, handle))
     return handle
+
+
+def _deepcopy_wrapped(handle: Handle, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of a wrapped model: the model copied as if unwrapped, then wrapped
+    again with a copy of the method and the same budget and options (fresh stats)."""
+    from .adapters import Plan, find_adapter
+
+    with handle._lock:
+        new = handle._installed.copy_without(handle.model, memo)
+        plan = handle._plan
+        adapter = find_adapter(new)
+        _install(new, adapter, Plan(
+            method=copy.deepcopy(plan.method, memo), budget=plan.budget, points=list(plan.points),
+            capture=dict(plan.capture), stats=Stats(llm=adapter.llm_shape()), positions=plan.positions,
+            llm_positions=plan.llm_positions,
+        ))
+    return new
 
 
 def _serialise_calls(model: nn.Module, installed, lock: "_CallLock") -> None:
@@ -195,6 +235,12 @@ class _CallLock:
         if getattr(self._held, "count", 0):  # a global pre-hook may have raised before enter_hook
             self._held.count -= 1
             self._lock.release()
+
+    def __enter__(self):
+        self._lock.acquire()
+
+    def __exit__(self, *exc):
+        self._lock.release()
 
     def guard(self, fn):
         @functools.wraps(fn)
