@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import vlmprune
+from vlmprune.registry import get_method
 from vlmprune.primitives.selection import greedy_k_center, max_min_diversity, topk_keep_order
 
 from .oracle_signals import assert_only_at, last_row, reference, vision_v
+from .tiny import IMAGE_TOKEN
 
 N = 256
 FEATURE = 2  # the tiny CLIP's feature layer: vision_feature_layer=-2 of 4 layers
@@ -279,3 +281,82 @@ def test_todre_stage1_features(ref, features):
             for name, x in (("projected", ref.projected), ("vision", ref.feats))}
     assert refs["projected"] != refs["vision"]
     assert kept(records[0]).tolist() == refs[features]
+
+
+def test_covipal_scores_are_the_ppm_on_projected_tokens_and_the_prompt_embeddings(ref):
+    """CoViPAL card: the plug-and-play module scores the *projected* visual tokens against the
+    prompt's text embeddings (the LLM's input embeddings of every non-image token)."""
+    from vlmprune.methods.covipal import PPM
+
+    ppm = PPM(64, width=32, heads=2, seed=0)
+    records, _, _ = run(ref, "covipal", 57, weights=ppm)
+    ids = ref.inputs["input_ids"][0]
+    text = ref.model.get_input_embeddings()(ids[ids != IMAGE_TOKEN])[None]
+    mask = torch.ones(text.shape[:2], dtype=torch.bool)
+    with torch.no_grad():
+        refs = {
+            "projected": ppm(ref.projected, text, mask),
+            "last layer projected": ppm(ref.model.model.multi_modal_projector(ref.vis_hidden[-1][:, 1:]), text, mask),
+            "text after the image": ppm(ref.projected, text[:, 1:], mask[:, 1:]),
+        }
+    assert_only_at(records[0].selection.scores, refs, "projected", atol=1e-5)
+    assert kept(records[0]).tolist() == topk_keep_order(refs["projected"], 57)[0].tolist()
+
+
+def test_zoo_prune_sensitivity_of_the_projector_at_the_pre_projector_features(ref):
+    """ZOO-Prune card: s_i = mean_j ||P(f_i + h u_j) - P(f_i - h u_j)|| / (2h) at the vision
+    features *before* the projector (unit Gaussian directions from the seed), min-max normalised."""
+    m, h = 8, 0.05
+    records, _, _ = run(ref, "zoo_prune", 57, m=m, h=h, precision="fp32")
+    u = torch.randn(m, 32, generator=torch.Generator().manual_seed(0))
+    u = u / u.norm(dim=-1, keepdim=True)
+    proj = ref.model.model.multi_modal_projector
+
+    def sensitivity(f):
+        with torch.no_grad():
+            s = torch.stack([(proj(f + h * d) - proj(f - h * d)).norm(dim=-1) for d in u]).mean(0) / (2 * h)
+        return (s - s.min()) / (s.max() - s.min())
+
+    refs = {layer: sensitivity(ref.vis_hidden[layer][:, 1:]) for layer in (2, 3, 4)}  # 3: the features (-2)
+    assert_only_at(records[0].selection.scores, refs, 3, atol=1e-4)
+
+
+# -- budgets that do not divide ----------------------------------------------------------------------
+EXACT = {
+    "random": {}, "uniform": {}, "divprune": {}, "fopru": {}, "visionzip": {}, "hiprune": {},
+    "holov": {"crops": 8, "overflow": "redistribute"}, "zoo_prune": {"m": 4},
+    "todre": {"stage2": "none", "seed_token": "first", "features": "projected"},
+}
+
+
+#: budget -> tokens kept under the method's fraction rounding ("round": max(1, round(256 f)),
+#: "floor": max(1, int(256 f)), the official int(n * ratio) of some methods)
+ROUNDED = [(0.3, {"round": 77, "floor": 76}), (57, {"round": 57, "floor": 57}), (0.07, {"round": 18, "floor": 17})]
+
+
+@pytest.mark.parametrize("method, budget, count", [(m, *ROUNDED[i % 3]) for i, m in enumerate(sorted(EXACT))])
+def test_projector_methods_keep_the_exact_rounded_count(ref, method, budget, count):
+    """A fraction of 256 that is no whole count (76.8, 17.92) becomes the method's rounding of it;
+    an int that is no multiple of the grid or the crops keeps exactly itself: the LLM sees that
+    many visual tokens."""
+    _, _, stats = run(ref, method, budget, **EXACT[method])
+    assert stats["llm_visual_tokens"] == [count[get_method(method).fraction_rounding]]
+
+
+@pytest.mark.parametrize("k", [57, 77])
+def test_uniform_covers_every_block_of_the_grid(ref, k):
+    """Uniform sampling at a count that is no square: every 4 x 4 block of the 16 x 16 grid holds
+    between 2 and 9 of the kept tokens (3.6 and 4.8 on average), so none is left empty or crowded."""
+    records, _, _ = run(ref, "uniform", k)
+    raster = kept(records[0])
+    per_block = torch.bincount((raster // 16 // 4) * 4 + (raster % 16) // 4, minlength=16)
+    assert per_block.min() >= 2 and per_block.max() <= 9 and per_block.sum() == k
+
+
+def test_fixed_keeps_its_raster_indices_at_an_llm_layer(ref):
+    """``fixed`` at LLM layer 3 with 57 indices: the kept tokens are exactly those raster indices;
+    layers 0-2 see all 262 tokens, layer 3 sees 262 - 199."""
+    indices = tuple(range(3, 256, 4))[:57]
+    records, out, stats = run(ref, "fixed", 57, output_attentions=True, indices=indices, stage="llm", layer=3)
+    assert kept(records[0]).tolist() == list(indices)
+    assert [a.shape[-1] for a in out.attentions] == [262, 262, 262, 63]
