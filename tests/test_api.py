@@ -305,7 +305,7 @@ def test_handle_record_lists_every_select_call(clip):
                 clip(**inputs)
             clip(**inputs)
     torch.testing.assert_close(recorded, plain, atol=0, rtol=0)
-    assert [str(r.point) for r in inner] == ["projector", "llm:2"] and len(outer) == 4
+    assert [str(r.point) for r in inner] == ["projector", "llm:3"] and len(outer) == 4  # ToDRE: stage 2 before 7L/8 = 3 of 4
     first = inner[0]
     assert isinstance(first, vlmprune.SelectionRecord) and first.grid == (16, 16) and first.images == (0, 1)
     kept = first.selection.keep.shape[1]

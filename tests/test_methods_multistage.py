@@ -320,12 +320,12 @@ def test_todre_stage2_relevance_planted_and_drop_all():
     scores = torch.zeros(1, 10)
     scores[0, [2, 6, 9]] = torch.tensor([0.5, 0.3, 0.2])
     signals = {"text_attention": lambda layer, query: scores}
-    method = vlmprune.get_method("todre")(stage2_keep=0.3)
+    method = vlmprune.get_method("todre")(stage2="relevance", stage2_keep=0.3)
     sel = method.select(context(x, 10, signals, stage="llm", layer=2))
     assert sel.keep.tolist() == [[2, 6, 9]]
     sel = method.select(context(x, 2, signals, stage="llm", layer=2, target=10))  # a scheduled llm budget wins
     assert sel.keep.tolist() == [[2, 6]]
-    sel = vlmprune.get_method("todre")(stage2="drop_all").select(context(x, 10, {}, stage="llm", layer=2))
+    sel = vlmprune.get_method("todre")().select(context(x, 10, {}, stage="llm", layer=2))  # default: drop_all
     assert sel.keep.shape == (1, 0)
 
 
@@ -333,7 +333,8 @@ def test_todre_through_wrap_counts_lengths_and_determinism():
     model = model_for()
     inputs = batch(TEXTS, seed=4)
     full = inputs["input_ids"].shape[1]
-    with vlmprune.wrap(model, "todre", budget=24) as h:
+    old = {"diversity": "kcenter", "seed_token": "far_from_mean", "stage2": "relevance", "stage2_layer": 16}  # earlier defaults
+    with vlmprune.wrap(model, "todre", budget=24, **old) as h:
         with record_selections(h) as seen:
             first = forward(model, inputs)
         second = forward(model, inputs)
@@ -346,16 +347,45 @@ def test_todre_through_wrap_counts_lengths_and_determinism():
         for i, layer in enumerate(model.model.language_model.layers)
     ]
     try:
-        with vlmprune.wrap(model, "todre", budget=24, stage2="drop_all") as h:
+        with vlmprune.wrap(model, "todre", budget=24) as h:  # default: every visual token dropped before 7L/8 = 3 of 4
             forward(model, inputs)
     finally:
         for hook in hooks:
             hook.remove()
-    assert counts(h.stats) == [("projector", [24, 24]), ("llm:2", [0, 0])]
-    assert lengths == {0: full - 256 + 24, 1: full - 256 + 24, 2: full - 256, 3: full - 256}  # prefix + text
+    assert counts(h.stats) == [("projector", [24, 24]), ("llm:3", [0, 0])]
+    assert lengths == {0: full - 256 + 24, 1: full - 256 + 24, 2: full - 256 + 24, 3: full - 256}  # prefix + text
     with vlmprune.wrap(model, "todre", budget=24, stage2="none") as h:
         forward(model, inputs)
     assert counts(h.stats) == [("projector", [24, 24])]
+
+
+def test_todre_defaults_follow_the_v2_reading():
+    """v2 defaults on a planted example: the first token is the CLS-attention argmax of the last
+    ViT layer (a different argmax planted at the feature layer), then greedy max-sum (which picks
+    differently from k-center here); stage 2 drops every visual token before layer 7L/8."""
+    info = ModelInfo("test", 20, (4, 5), True, 6, 4, 32, ("projector", "llm"))  # 6 ViT layers: last = 5
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 20, 6, generator=gen)
+    asked = []
+
+    def cls_attention(layer=None, reduce="mean"):
+        asked.append(layer)
+        a = torch.full((1, 20), 0.01)
+        a[0, 13 if layer == 5 else 2] = 1.0
+        return a
+
+    method = vlmprune.get_method("todre")()
+    assert method.seed_rule(info) == "cls_attention" and method.check(info) is None and "cls_attention" in method.needs
+    assert method.capture_layers(info) == {"encoder": (5,), "llm": ()}
+    sel = method.select(context(x, 7, {"projected": lambda: x, "cls_attention": cls_attention}, info=info))
+    assert asked == [5]
+    want = greedy_max_sum(x, 7, first=torch.tensor([13]))
+    assert torch.equal(sel.keep, want) and not torch.equal(want, greedy_k_center(x, 7, first=torch.tensor([13])))
+    assert method.select(context(x, 1, {"projected": lambda: x, "cls_attention": cls_attention}, info=info)).keep.tolist() == [[13]]
+    for depth, k2 in ((32, 28), (40, 35), (4, 3)):
+        layers = ModelInfo("test", 20, (4, 5), True, 6, 4, depth, ("projector", "llm"))
+        assert method.points(layers) == [vlmprune.Point("projector"), vlmprune.Point("llm", k2)]
+    assert vlmprune.get_method("todre")().seed_rule(ModelInfo("test", 20, (4, 5), False, 6, 4, 32, ())) == "far_from_mean"
 
 
 def test_todre_cls_seed_needs_cls():
