@@ -72,7 +72,13 @@ class FlowCut(Method):
     four patches, ``rho`` is the patch-level entropy (``log`` of the patch count), counts are in
     merged tokens; the mean query and the softmax run per image (the code: over the whole
     batch-1 sequence); batches of any size; Qwen2.5-VL follows the same rule (the port covers
-    Qwen2-VL).
+    Qwen2-VL); on purpose, the groups kept by the encoder keep their own 3-D M-RoPE positions,
+    where the port gives the ``n`` survivors the positions of the first ``n`` image slots
+    (``position_ids[:, :, first:first + n]``), so a kept token of the image's last row would
+    sit at the top of the image.
+
+    Budgets: the official code takes token counts only (``target_num``); a fraction becomes
+    ``round(N f)``.
 
     **LLaVA-NeXT** (official anyres path): the encoder stage runs per crop (base image, each
     tile) and keeps ``crop_keep`` of the *image's* budget in every crop (the code:

@@ -101,6 +101,14 @@ class HiPrune(Method):
 
     If the anchors and buffers alone exceed the budget (only for ``alpha`` near 1 and tiny
     budgets) the ones with the highest deep-layer attention are kept (ours; the code would fail).
+
+    Qwen2-VL / 2.5-VL, on purpose unlike the official Qwen code: the anchors and buffers are
+    always excluded from the register pick (here they rank first by construction). The Qwen
+    code subtracts 1 from their deep-layer scores before its top-k, but those scores are sums
+    over queries, often above 1, so some anchors and buffers are picked again as registers,
+    the duplicates collapse and fewer tokens than the budget are kept. A fraction budget
+    becomes ``round(N f)``, as that code's ``round(n_image_tokens * RETAIN)`` (the LLaVA code
+    takes a token count).
     """
 
     name = "hiprune"

@@ -101,7 +101,8 @@ class VFlowOpt(Method):
     :func:`solve_ratios`; with no ratio given, ``r_1, r_2, t, m`` come from the released config
     (``preset``) nearest the budget and ``r_v`` is solved, which reproduces the released
     ``r_v`` at their budgets. ``config`` loads hyper-parameters found by
-    ``python -m vlmprune.calibrate_vflowopt`` (the flow-guided search).
+    ``python -m vlmprune.calibrate_vflowopt`` (the flow-guided search). A fraction budget
+    becomes ``round(N f)``; the code rounds its counts too (``round(N * (1 - r_v))`` removed).
 
     **Mapping to other models**: ``llm_layers`` are given for a ``llm_layers_of``-layer LLM and
     scaled, ``K -> floor(K L / 28 + 0.5)`` (9, 18 of 28 -> 10, 21 of 32 -> 1, 3 of 4);
