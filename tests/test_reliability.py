@@ -14,7 +14,7 @@ import vlmprune
 from vlmprune.budget import Budget
 from vlmprune.methods.divprune import DivPrune
 from vlmprune.methods.fastv import FastV
-from tests.tiny import batch, n_patches, tiny_llava
+from tests.tiny import batch, tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +194,53 @@ def test_deepcopy_of_a_wrapped_model_is_wrapped_on_its_own(family):
     assert _hook_count(twin) == hooks_unwrapped and not {"forward", "generate", "__deepcopy__"} & set(vars(twin))
     with torch.no_grad():
         assert torch.equal(twin(**inputs).logits, unpruned)
+
+
+# -- weights= errors name the parameter --------------------------------------------------------------
+def _bad_weight_files(tmp_path):
+    from safetensors.torch import save_file
+
+    not_safetensors = tmp_path / "notes.safetensors"
+    not_safetensors.write_bytes(b"this is not a safetensors file" * 8)
+    no_config = {}
+    for method, fmt in (("atp", "vlmprune-atp-heads-1"), ("covipal", "vlmprune-covipal-ppm-1")):
+        no_config[method] = tmp_path / f"{method}_no_config.safetensors"
+        save_file({"w": torch.zeros(2)}, str(no_config[method]), metadata={"format": fmt, "method": method})
+    return not_safetensors, no_config
+
+
+@pytest.mark.parametrize("method", ["atp", "covipal"])
+def test_weights_errors_name_the_parameter(method, tmp_path):
+    from safetensors.torch import save_file
+
+    cls = vlmprune.get_method(method)
+    not_safetensors, no_config = _bad_weight_files(tmp_path)
+    with pytest.raises(ValueError, match=rf"parameter 'weights' of method '{method}' \('.*notes.safetensors'\): not a safetensors file"):
+        cls().load_weights(not_safetensors)
+    with pytest.raises(ValueError, match=rf"parameter 'weights' of method '{method}' .*lacks a valid 'config' entry"):
+        cls().load_weights(no_config[method])
+    fmt = {"atp": "vlmprune-atp-heads-1", "covipal": "vlmprune-covipal-ppm-1"}[method]
+    config = {"atp": '{"layers": [1, 2], "hidden": 4, "tau": 20.0}', "covipal": '{"dim": 8, "width": 8, "heads": 2}'}[method]
+    wrong_state = tmp_path / "wrong_state.safetensors"
+    save_file({"w": torch.zeros(2)}, str(wrong_state), metadata={"format": fmt, "method": method, "config": config})
+    with pytest.raises(ValueError, match=rf"parameter 'weights' of method '{method}' .*do not build the module"):
+        cls().load_weights(wrong_state)
+
+
+def test_weights_files_round_trip_through_the_shared_helper(tmp_path):
+    from vlmprune.methods.atp import ThresholdHeads
+    from vlmprune.methods.covipal import PPM
+
+    heads, ppm = ThresholdHeads((1, 2), hidden=4), PPM(8, width=8, heads=2, seed=1)
+    with torch.no_grad():
+        heads.mlps[1][2].bias.add_(0.25)
+    heads.save(tmp_path / "h.safetensors", extra={"steps": 3})
+    ppm.save(tmp_path / "p.safetensors")
+    heads2, ppm2 = ThresholdHeads.load(tmp_path / "h.safetensors"), PPM.load(tmp_path / "p.safetensors")
+    assert heads2.layers == (1, 2) and heads2.training_info == {"steps": 3} and not heads2.training
+    assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), heads2.state_dict().values()))
+    assert ppm2.cfg == ppm.cfg and all(torch.equal(a, b) for a, b in zip(ppm.state_dict().values(), ppm2.state_dict().values()))
+    with pytest.raises(ValueError, match=r"parameter 'weights' of method 'atp' .*: not an ATP threshold-head file \(metadata format 'vlmprune-covipal-ppm-1'"):
+        ThresholdHeads.load(tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match=r"parameter 'weights' of method 'covipal': the config and state do not build"):
+        vlmprune.get_method("covipal")().load_weights(({"dim": 8, "width": 8, "heads": 2}, {"w": torch.zeros(1)}))

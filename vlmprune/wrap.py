@@ -207,7 +207,7 @@ def _deepcopy_wrapped(handle: Handle, memo: dict) -> nn.Module:
     return new
 
 
-def _serialise_calls(model: nn.Module, installed, lock: "_CallLock") -> None:
+def _serialise_calls(model: nn.Module, installed, lock: _CallLock) -> None:
     """One call at a time: ``model(...)`` (its hooks included), ``model.forward`` and
     ``model.generate`` hold the wrap's re-entrant lock for the whole call, because the runtime
     keeps the state of the prefill it is pruning (a second thread would otherwise read it)."""

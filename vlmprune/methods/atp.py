@@ -9,7 +9,6 @@ Two variants share one method, ``"atp"``:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 from ..context import Point, Selection, TokenContext
 from ..method import Method, option
 from ..registry import register
+from ..weights import load_module, save_module
 from .feather import stride_grid_mask
 
 #: what a weights file of the learned variant records in its safetensors metadata
@@ -160,30 +160,14 @@ class ThresholdHeads(nn.Module):
         return {"layers": list(self.layers), "hidden": self.hidden, "tau": self.tau}
 
     def save(self, path, extra: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
-        meta = {"format": WEIGHTS_FORMAT, "method": "atp", "config": json.dumps(self.config())}
-        if extra:
-            meta["training"] = json.dumps(extra)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+        save_module(self, path, fmt=WEIGHTS_FORMAT, method="atp", config=self.config(), training=extra)
 
     @classmethod
     def load(cls, path) -> "ThresholdHeads":
-        from safetensors import safe_open
-
-        where = f"parameter 'weights' of method 'atp' ({str(path)!r})"
-        if not Path(path).is_file():
-            raise ValueError(f"{where}: no such file (train heads with python -m vlmprune.train_atp)")
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != WEIGHTS_FORMAT:
-                raise ValueError(f"{where}: not an ATP threshold-head file (format {meta.get('format')!r}, expected {WEIGHTS_FORMAT!r})")
-            state = {k: fh.get_tensor(k) for k in fh.keys()}
-        cfg = json.loads(meta["config"])
-        heads = cls(cfg["layers"], cfg["hidden"], cfg["tau"])
-        heads.load_state_dict(state, strict=True)
-        heads.training_info = json.loads(meta.get("training", "{}"))
-        return heads.eval()
+        return load_module(
+            path, lambda cfg: cls(cfg["layers"], cfg["hidden"], cfg["tau"]), fmt=WEIGHTS_FORMAT, method="atp",
+            kind="an ATP threshold-head", train="python -m vlmprune.train_atp",
+        )
 
 
 # ----------------------------------------------------------------------------------- the method

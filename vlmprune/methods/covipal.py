@@ -4,7 +4,6 @@ as context, before the LLM sees them."""
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from ..context import Selection, TokenContext
 from ..method import Method
 from ..primitives.selection import topk_keep_order
 from ..registry import register
+from ..weights import build_module, load_module, save_module
 
 #: what a PPM weights file records in its safetensors metadata
 WEIGHTS_FORMAT = "vlmprune-covipal-ppm-1"
@@ -83,29 +83,14 @@ class PPM(nn.Module):
         return self.head(x[:, :n]).squeeze(-1)
 
     def save(self, path, extra: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
-        meta = {"format": WEIGHTS_FORMAT, "method": "covipal", "config": json.dumps(self.cfg)}
-        if extra:
-            meta["training"] = json.dumps(extra)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+        save_module(self, path, fmt=WEIGHTS_FORMAT, method="covipal", config=self.cfg, training=extra)
 
     @classmethod
     def load(cls, path) -> "PPM":
-        from safetensors import safe_open
-
-        where = f"parameter 'weights' of method 'covipal' ({str(path)!r})"
-        if not Path(path).is_file():
-            raise ValueError(f"{where}: no such file (train a PPM with python -m vlmprune.train_covipal)")
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != WEIGHTS_FORMAT:
-                raise ValueError(f"{where}: not a CoViPAL PPM file (format {meta.get('format')!r}, expected {WEIGHTS_FORMAT!r})")
-            state = {k: fh.get_tensor(k).float() for k in fh.keys()}
-        ppm = cls(**json.loads(meta["config"]))
-        ppm.load_state_dict(state, strict=True)
-        ppm.training_info = json.loads(meta.get("training", "{}"))
-        return ppm.eval()
+        return load_module(
+            path, lambda cfg: cls(**cfg), fmt=WEIGHTS_FORMAT, method="covipal", kind="a CoViPAL PPM",
+            train="python -m vlmprune.train_covipal",
+        )
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -187,9 +172,7 @@ class CoViPAL(Method):
         elif isinstance(weights, (str, Path)):
             self.ppm = PPM.load(weights)
         elif isinstance(weights, tuple) and len(weights) == 2 and isinstance(weights[0], dict):
-            ppm = PPM(**weights[0])
-            ppm.load_state_dict(weights[1], strict=True)
-            self.ppm = ppm.eval()
+            self.ppm = build_module(lambda cfg: PPM(**cfg), weights[0], weights[1], "parameter 'weights' of method 'covipal'")
         else:
             raise TypeError(
                 f"parameter 'weights' of method 'covipal' must be a path, a PPM or a (config, state_dict) pair, "
