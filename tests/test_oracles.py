@@ -360,3 +360,40 @@ def test_fixed_keeps_its_raster_indices_at_an_llm_layer(ref):
     records, out, stats = run(ref, "fixed", 57, output_attentions=True, indices=indices, stage="llm", layer=3)
     assert kept(records[0]).tolist() == list(indices)
     assert [a.shape[-1] for a in out.attentions] == [262, 262, 262, 63]
+
+
+def test_visionzip_contextual_merge_by_head_mean_keys_aligned_to_patches(ref):
+    """VisionZip card: the tokens left after the dominant ones go to every (R // Cn)-th of them by
+    cosine similarity of the feature layer's head-mean keys (CLS key dropped, so key i is patch
+    i's); merge_map gives each token's kept slot. Keys of another layer, keys shifted by the CLS
+    row, or the features themselves give other assignments."""
+    budget, n_ctx = 64, 10
+    n_dom = budget - n_ctx - 1
+    records, _, _ = run(ref, "visionzip", budget)
+    dominant = topk_keep_order(ref.vis_attn[FEATURE][:, :, 0, 1:].sum(1), n_dom)[0]
+    rest = torch.ones(N, dtype=torch.bool)
+    rest[dominant] = False
+    remaining = rest.nonzero().flatten()
+    targets = remaining[:: len(remaining) // n_ctx][:n_ctx]
+    others = remaining[~torch.isin(remaining, targets)]
+
+    def head_mean_keys(layer):
+        block = ref.model.model.vision_tower.encoder.layers[layer]
+        k = block.self_attn.k_proj(block.layer_norm1(ref.vis_hidden[layer]))
+        return k.view(1, k.shape[1], block.self_attn.num_heads, -1).mean(2)[0]  # [1 + N, D]
+
+    def merge_map(metric):
+        m = torch.nn.functional.normalize(metric, dim=-1)
+        out = torch.full((N,), -1, dtype=torch.long)
+        out[dominant] = torch.arange(n_dom)
+        out[targets] = n_dom + torch.arange(n_ctx)
+        out[others] = n_dom + (m[others] @ m[targets].T).argmax(-1)
+        return out
+
+    with torch.no_grad():
+        refs = {layer: merge_map(head_mean_keys(layer)[1:]) for layer in range(4)}
+        refs["cls not dropped"] = merge_map(head_mean_keys(FEATURE)[:-1])
+        refs["features"] = merge_map(ref.feats[0])
+    got = records[0].selection.merge_map[0]
+    assert torch.equal(got, refs[FEATURE])
+    assert all(not torch.equal(refs[FEATURE], r) for key, r in refs.items() if key != FEATURE)
