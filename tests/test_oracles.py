@@ -397,3 +397,50 @@ def test_visionzip_contextual_merge_by_head_mean_keys_aligned_to_patches(ref):
     got = records[0].selection.merge_map[0]
     assert torch.equal(got, refs[FEATURE])
     assert all(not torch.equal(refs[FEATURE], r) for key, r in refs.items() if key != FEATURE)
+
+
+def test_transprune_ttv_taps_and_asymmetric_alpha(ref):
+    """TransPrune card: a band layer's transition weight, per sub-layer (attention, MLP), is
+    ``||x_out|| / ||x_in|| * softmax_seq(1 - cos(x_in, x_out))`` with ``x_in`` the *normalised*
+    sub-layer input and ``x_out`` its output before the residual add; at the first point (K = 1)
+    only layer 0 has run. Score = alpha * TTV + (1 - alpha) * IGA, both normalised over the image
+    tokens; alpha = 0.3 so that swapping the weights fails, and taps before the norm or after the
+    residual fail too."""
+    taps = {}
+    layer = ref.model.model.language_model.layers[0]
+
+    def on_attn(module, args, kwargs, out):
+        taps["attn"] = (kwargs.get("hidden_states", args[0] if args else None), out[0])
+
+    def on_mlp(module, args, out):
+        taps["mlp"] = (args[0], out)
+
+    hooks = [layer.self_attn.register_forward_hook(on_attn, with_kwargs=True), layer.mlp.register_forward_hook(on_mlp)]
+    try:
+        with torch.no_grad():
+            ref.model(**ref.inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    records, _, _ = run(ref, "transprune", 128, layers=(1, 3), layers_of=0, ratios=(0.75, 0.5), alpha=0.3, direction="signed")
+
+    def weight(x_in, x_out, signed=True):
+        cos = torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1)
+        change = 1 - cos if signed else 1 - cos.abs()
+        return (x_out.norm(dim=-1) / x_in.norm(dim=-1) * change.softmax(-1))[:, ref.img]
+
+    def norm(x):
+        return x / x.sum()
+
+    (a_in, a_out), (m_in, m_out) = taps["attn"], taps["mlp"]
+    h0 = ref.llm_hidden[0]
+    h_mid = h0 + a_out
+    iga = norm(ref.llm_attn[1][:, :, ref.text][:, :, :, ref.img].mean(1).mean(1))
+    ttv = {
+        "card": norm(weight(a_in, a_out) + weight(m_in, m_out)),
+        "abs": norm(weight(a_in, a_out, False) + weight(m_in, m_out, False)),
+        "before the norm": norm(weight(h0, a_out) + weight(h_mid, m_out)),
+        "after the residual": norm(weight(a_in, h_mid) + weight(m_in, ref.llm_hidden[1])),
+    }
+    refs = {(key, alpha): alpha * t + (1 - alpha) * iga for key, t in ttv.items() for alpha in (0.3, 0.7)}
+    assert_only_at(records[0].selection.scores, refs, ("card", 0.3))
