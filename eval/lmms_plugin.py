@@ -34,6 +34,13 @@ anything else
     passed to ``vlmprune.wrap`` as the method's options (e.g. ``k_layer=2`` for FastV); an unknown
     option is an error that lists the valid ones.
 
+The batch size is lmms-eval's own flag, ``--batch_size N`` (an integer; ``auto`` is not
+supported): lmms-eval always passes it to the model, so ``batch_size`` (and ``max_batch_size``,
+or ``device`` together with ``--device``) inside ``--model_args`` is refused with that advice
+(:meth:`VlmpruneLlava.create_from_arg_string`) instead of colliding. lmms-eval exits 0 even when
+a run fails inside; it logs ``Error during evaluation: ...`` (``--verbosity DEBUG`` shows the
+traceback), and only a successful run writes ``*_results.json`` under ``--output_path``.
+
 Decoding is greedy (a task asking for sampling gets a warning and greedy answers). The visual
 tokens kept per image (from ``handle.stats``, as in ``vlmprune eval``: the mean over the LLM's
 decoder layers of the visual tokens each processes, which is the budget for methods that prune
@@ -129,6 +136,24 @@ class VlmpruneLlava(lmms):
             f"vlmprune_llava: {self.pretrained} on {device}, method={self.method or 'none'}, budget={budget}, "
             f"options={self.method_options}, batch_size={self.batch_size_per_gpu}"
         )
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """lmms-eval's constructor from ``--model_args``; a key also given by one of lmms-eval's
+        own flags (``batch_size`` always, ``max_batch_size`` and ``device`` when set) is refused
+        naming that flag, before anything loads."""
+        from lmms_eval import utils
+
+        args = utils.simple_parse_args_string(arg_string)
+        flags = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        both = sorted(set(args) & set(flags))
+        if both:
+            raise ValueError(
+                f"vlmprune_llava: {', '.join(both)} in --model_args collides with lmms-eval's own flag(s) "
+                f"{', '.join('--' + k for k in both)}: give {' '.join(f'--{k} {args[k]}' for k in both)} "
+                "on the lmms-eval command line instead"
+            )
+        return cls(**args, **flags)
 
     # -- what lmms-eval reads ------------------------------------------------------------------------
     @property

