@@ -444,3 +444,29 @@ def test_transprune_ttv_taps_and_asymmetric_alpha(ref):
     }
     refs = {(key, alpha): alpha * t + (1 - alpha) * iga for key, t in ttv.items() for alpha in (0.3, 0.7)}
     assert_only_at(records[0].selection.scores, refs, ("card", 0.3))
+
+
+def test_flowcut_llm_stage_relays_through_the_last_token_at_layer_k_minus_1(ref):
+    """FlowCut card, LLM stage (after decoder layer index 1): with the last prompt token as relay,
+    rel = head-mean softmax over the image keys of q_last . k / sqrt(d) (post-RoPE), sem = the same
+    with values, score = (rel / sum + sem / sum) * ||head-mean v||_1; on the sequence the encoder
+    stage left (BOS, 2 x 16 image tokens, the text)."""
+    model = ref.model
+    with vlmprune.wrap(model, "flowcut", budget=16, llm_stage="on", llm_layer=2, encoder_keep=2.0, ema=0.5) as handle:
+        with handle.record() as records, torch.no_grad():
+            out = model(**ref.inputs, output_attentions=True, output_hidden_states=True)
+    assert [str(r.point) for r in records] == ["encoder:2", "llm:2"]
+    img = torch.arange(1, 33)
+
+    def score(layer):
+        attn = model.model.language_model.layers[layer].self_attn
+        x = model.model.language_model.layers[layer].input_layernorm(out.hidden_states[layer])
+        v = attn.v_proj(x).view(1, x.shape[1], 2, -1).transpose(1, 2)  # [1, kv heads, L, D]
+        rel = out.attentions[layer][:, :, -1, img]
+        rel = (rel / rel.sum(-1, keepdim=True)).mean(1)
+        sem = ((v[:, :, -1:] @ v[:, :, img].transpose(2, 3)) * v.shape[-1] ** -0.5).softmax(-1)[:, :, 0].mean(1)
+        return (rel / rel.sum() + sem / sem.sum()) * v[:, :, img].mean(1).abs().sum(-1)
+
+    with torch.no_grad():
+        refs = {layer: score(layer) for layer in (0, 1)}  # layers 2, 3 run on the pruned sequence
+    assert_only_at(records[1].selection.scores, refs, 1, atol=1e-5)
