@@ -17,7 +17,7 @@ import vlmprune
 from vlmprune.registry import get_method
 from vlmprune.primitives.selection import greedy_k_center, max_min_diversity, topk_keep_order
 
-from .oracle_signals import assert_only_at, last_row, reference, vision_v
+from .oracle_signals import TEXT, assert_only_at, last_row, reference, vision_v
 from .tiny import IMAGE_TOKEN
 
 N = 256
@@ -470,3 +470,19 @@ def test_flowcut_llm_stage_relays_through_the_last_token_at_layer_k_minus_1(ref)
     with torch.no_grad():
         refs = {layer: score(layer) for layer in (0, 1)}  # layers 2, 3 run on the pruned sequence
     assert_only_at(records[1].selection.scores, refs, 1, atol=1e-5)
+
+
+def test_fastv_on_qwen2_vl_matches_the_eager_attention_with_m_rope():
+    """FastV on tiny Qwen2-VL (3-D M-RoPE, grouped KV heads, left padding in a batch of two): the
+    recorded scores are the eager model's own last-token attention at layer K-1 for each image."""
+    from .tiny import QWEN_IMAGE, qwen_batch, tiny_qwen
+
+    model = tiny_qwen("2", "eager")
+    inputs = qwen_batch([TEXT, TEXT[:2]], [(8, 8), (8, 8)], seed=1)
+    with torch.no_grad():
+        attn = model(**inputs, output_attentions=True).attentions
+    with vlmprune.wrap(model, "fastv", budget=5, k_layer=2) as handle, handle.record() as records, torch.no_grad():
+        model(**inputs)
+    img = inputs["input_ids"] == QWEN_IMAGE
+    refs = {layer: torch.stack([a[i, :, -1, img[i]].mean(0) for i in range(2)]) for layer, a in enumerate(attn)}
+    assert_only_at(records[0].selection.scores, refs, 1)
