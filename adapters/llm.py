@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ class VisualLayout:
     raster: list[torch.Tensor]  # per image: raster index in the original grid (-1: no single origin)
     totals: list[int]  # per image: visual tokens before any pruning (what fraction budgets refer to)
 
-    def apply(self, t: SeqTransform) -> "VisualLayout":
+    def apply(self, t: SeqTransform) -> VisualLayout:
         """Follow a transform that kept every listed position (maps old positions to new ones)."""
         new_pos, raster = [], []
         for i, pos in enumerate(self.positions):
@@ -84,8 +84,8 @@ class DecoderState:
     static_width: int | None = None  # a static cache's key length (masks keep it); None: dynamic
     prompt_mask: torch.Tensor | None = None  # the prefill's 2-D padding mask before pruning (1 = real)
     fresh: bool = True  # not yet tied to the cache its prefill filled (the LM's output hook ties it)
-    replay: "tuple[FirstStep, int] | None" = None  # (choices, generated tokens) of a later no-cache step
-    first: "FirstStep | None" = None  # recording the choices of a generation's first no-cache step
+    replay: tuple[FirstStep, int] | None = None  # (choices, generated tokens) of a later no-cache step
+    first: FirstStep | None = None  # recording the choices of a generation's first no-cache step
 
     @property
     def pruned(self) -> bool:
@@ -164,6 +164,14 @@ class DecoderPruner:
     numbered without gaps, and at decode steps the new tokens' positions drop by the tokens each
     point removed, in the layers from that point on; earlier layers (whose cache holds the
     unpruned prefix) keep the unshifted positions. cos/sin are recomputed with the model's RoPE.
+
+    Generation modes: beam search and ``num_return_sequences`` need nothing here (the runtime
+    repeats the image records with the prompts). A static cache keeps its fixed length: 4-D masks
+    are padded back to it with masked columns, and at decode steps rebuilt from the prefill's
+    padding. Without a cache, every step of one ``generate()`` after the first replays the first
+    step's choices (:class:`FirstStep`), so it equals the cached run. A decode step whose cache
+    was not filled by the latest prefill raises (``_check_owner``) instead of applying that
+    prefill's state to it.
     """
 
     def __init__(self, decoder: Decoder, runtime, points: list[Point], capture: tuple[int, ...]):
@@ -182,15 +190,15 @@ class DecoderPruner:
         self.first_point = min(self.points) if self.points else None
         #: cache -> the prefill state that filled it (decode steps must use their own prefill's)
         self._owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        #: inside generate(): None, or the no-cache choices of its first step once made (see FirstStep)
-        self.generation: list[FirstStep | None] | None = None
+        self.generating = False  # inside generate() (the VLM runtime wraps it)
+        self.first_step: FirstStep | None = None  # the current generate()'s first no-cache step
 
     def begin_generation(self) -> None:
         """A ``generate()`` call starts: its no-cache steps share the first step's choices."""
-        self.generation = [None]
+        self.generating, self.first_step = True, None
 
     def end_generation(self) -> None:
-        self.generation = None
+        self.generating, self.first_step = False, None
 
     # -- install ---------------------------------------------------------------------------------
     def install(self, installed: Installed) -> None:
@@ -279,13 +287,13 @@ class DecoderPruner:
         """Ties the cache a prefill filled to that prefill's state (see ``_check_owner``)."""
         st = self.state
         if not st.fresh:
-            return None
+            return
         st.fresh = False
         fields = output.keys() if hasattr(output, "keys") else ()  # ModelOutput: its non-None fields
         cache = next((output[n] for n in CACHE_NAMES if n in fields), None)
         if cache is not None:
             self._owners[cache] = st
-        return None
+        return
 
     def _check_owner(self, cache) -> None:
         """A decode step applies the state of the latest prefill; refuse when its cache was filled
@@ -307,11 +315,11 @@ class DecoderPruner:
         embeds = kwargs["inputs_embeds"]
         b, length = embeds.shape[:2]
         keep = record["keep"]
-        if cache is None and self.generation is not None:  # generate(use_cache=False)
-            if self.generation[0] is None:
-                st.first = self.generation[0] = FirstStep(keep)
+        if cache is None and self.generating:  # generate(use_cache=False)
+            if self.first_step is None:
+                st.first = self.first_step = FirstStep(keep)
             else:
-                st.replay = (self.generation[0], self.generation[0].step(keep))
+                st.replay = (self.first_step, self.first_step.step(keep))
         mask = kwargs.get("attention_mask")
         mask4d = _mask_4d(mask)
         if mask4d is not None and cache is not None and getattr(cache, "is_compileable", False):
@@ -619,7 +627,7 @@ class DecoderPruner:
                     if at > layer:  # pruned after the capture: follow the kept tokens back
                         p = t.index[int(rows[j]), p]
                 visual.append(p)
-            pick = lambda x: x[rows]  # noqa: E731
+            pick = lambda x: x[rows]
             return SublayerIO(
                 pick(c["attn_in"]), pick(c["attn_out"]), pick(c["mlp_in"]), pick(c["mlp_out"]),
                 valid=pick(c["mask2d"]).bool(), visual=torch.stack(visual),

@@ -27,7 +27,7 @@ class SeqTransform:
     dropped: torch.Tensor  # [B] tokens removed per row
 
     @staticmethod
-    def from_keep(keep: torch.Tensor) -> "SeqTransform":
+    def from_keep(keep: torch.Tensor) -> SeqTransform:
         b, l_in = keep.shape
         counts = keep.sum(1)
         l_out = int(counts.max())
@@ -50,19 +50,6 @@ class SeqTransform:
     @property
     def has_fill(self) -> bool:
         return not bool(self.valid.all())
-
-    def extend(self, n: int) -> "SeqTransform":
-        """The same removal on a sequence ``n`` positions longer, the new positions all kept
-        (a no-cache step re-running the prompt plus ``n`` generated tokens)."""
-        b = self.index.shape[0]
-        new = torch.arange(self.l_in, self.l_in + n, device=self.index.device).expand(b, -1)
-        return SeqTransform(
-            index=torch.cat([self.index, new], 1),
-            valid=torch.cat([self.valid, self.valid.new_ones(b, n)], 1),
-            l_in=self.l_in + n,
-            dropped_before=torch.cat([self.dropped_before, self.dropped[:, None].expand(-1, n)], 1),
-            dropped=self.dropped,
-        )
 
     # -- prefill ---------------------------------------------------------------------------------
     def seq(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:

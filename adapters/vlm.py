@@ -72,7 +72,7 @@ class VLMRuntime(Runtime):
                 self.images = self.generation_images
                 return done[1]
             out = self.image_features(pixel_values, *args, **kwargs)
-            if self.decoder.generation is not None:
+            if self.decoder.generating:
                 self._encoded = (pixel_values, out)
             return out
 
@@ -141,7 +141,7 @@ class VLMRuntime(Runtime):
         self.image_mask = None
         if kwargs.get(self.pixel_key) is None and not pre_encoded:
             self.images = None  # no image this call: an image-token id here is an ordinary token
-            return None
+            return
         if not pre_encoded:
             self.images = None  # image_features() runs inside this forward
         elif self.images is None:  # a later no-cache step of generate(): the same encoded images
@@ -154,7 +154,7 @@ class VLMRuntime(Runtime):
         else:
             ref = core.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
             self.image_mask = (embeds == ref).all(-1)
-        return None
+        return
 
     def on_top_input(self, module, args, kwargs):
         self.labels = kwargs.pop("labels", None)
@@ -225,7 +225,7 @@ class VLMRuntime(Runtime):
         self.image_mask, self.images = None, None
         if mask is None:
             return None
-        if self.decoder.generation is not None:
+        if self.decoder.generating:
             self.generation_images = images
         if images is None:
             raise RuntimeError(

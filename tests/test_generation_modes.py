@@ -13,7 +13,15 @@ import torch
 
 import vlmprune
 from tests import test_truth_next as nxt
-from tests.tiny import IMAGE_TOKEN, QWEN_IMAGE, batch, n_patches, qwen_batch, tiny_llava, tiny_qwen
+from tests.tiny import (
+    IMAGE_TOKEN,
+    QWEN_IMAGE,
+    batch,
+    n_patches,
+    qwen_batch,
+    tiny_llava,
+    tiny_qwen,
+)
 
 STEPS = 3
 FAMILIES = ("llava", "next", "qwen2", "qwen2.5")
@@ -35,7 +43,7 @@ def qwen_inputs(texts, grids, seeds):
     or repeated, gets the same pixels)."""
     parts = [qwen_batch([t], [g], seed=s) for t, g, s in zip(texts, grids, seeds)]
     longest = max(p["input_ids"].shape[1] for p in parts)
-    pad = lambda x: torch.cat([x.new_zeros(1, longest - x.shape[1]), x], 1)  # noqa: E731
+    pad = lambda x: torch.cat([x.new_zeros(1, longest - x.shape[1]), x], 1)
     out = {k: torch.cat([pad(p[k]) for p in parts]) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     out["pixel_values"] = torch.cat([p["pixel_values"] for p in parts])
     out["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in parts])
@@ -79,7 +87,7 @@ def family(name):
 def batch_of(parts):
     """Left-pad single-prompt LLaVA inputs into one batch."""
     longest = max(p["input_ids"].shape[1] for p in parts)
-    pad = lambda x: torch.cat([x.new_zeros(1, longest - x.shape[1]), x], 1)  # noqa: E731
+    pad = lambda x: torch.cat([x.new_zeros(1, longest - x.shape[1]), x], 1)
     return {
         "input_ids": torch.cat([pad(p["input_ids"]) for p in parts]),
         "attention_mask": torch.cat([pad(p["attention_mask"]) for p in parts]),
@@ -138,10 +146,6 @@ def _prompt_stats(handle):
     return {k: v for k, v in handle.stats.items() if k.startswith(("llm_", "kv_"))}
 
 
-def _cache(out):
-    return next(out[n] for n in ("cache", "past_key_values") if n in out.keys())
-
-
 def test_decode_step_on_another_prefills_cache_is_refused():
     """Manual prefill/decode loops of two prompts interleaved: prompt A's decode step after B's
     prefill would apply B's pruning to A's cache; it raises instead. B's own step still works."""
@@ -150,11 +154,11 @@ def test_decode_step_on_another_prefills_cache_is_refused():
     with vlmprune.wrap(model, "fastv", budget=0.25), torch.no_grad():
         expected = model.generate(**b, max_new_tokens=2, do_sample=False)[0, -2:]
         out_a, out_b = model(**a), model(**b)
-        name = next(n for n in ("cache", "past_key_values") if n in out_a.keys())
+        name = next(n for n in ("cache", "past_key_values") if n in out_a)  # 5.24 renamed it
         nxt_a, nxt_b = out_a.logits[:, -1:].argmax(-1), out_b.logits[:, -1:].argmax(-1)
         mask_a = torch.cat([a["attention_mask"], torch.ones_like(nxt_a)], 1)
         with pytest.raises(RuntimeError, match="not filled by the latest prefill"):
-            model(input_ids=nxt_a, attention_mask=mask_a, **{name: _cache(out_a)})
+            model(input_ids=nxt_a, attention_mask=mask_a, **{name: out_a[name]})
         mask_b = torch.cat([b["attention_mask"], torch.ones_like(nxt_b)], 1)
-        step = model(input_ids=nxt_b, attention_mask=mask_b, **{name: _cache(out_b)})
+        step = model(input_ids=nxt_b, attention_mask=mask_b, **{name: out_b[name]})
         assert [int(nxt_b), int(step.logits[0, -1].argmax())] == expected.tolist()
