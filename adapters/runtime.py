@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from vlmprune.context import ModelInfo, Point, Selection, SelectionRecord, Signals, TokenContext
@@ -70,10 +68,10 @@ class Runtime:
         )
 
     def run_method(self, ctx: TokenContext) -> Selection:
-        start = time.perf_counter()
+        started = self.stats.timer.start(ctx.tokens.device)
         with torch.no_grad():
             sel = self.method.select(ctx)
-        self.stats.select_seconds += time.perf_counter() - start
+        self.stats.timer.stop(started)
         self.stats.record_point(str(ctx.point), [ctx.n] * ctx.tokens.shape[0], sel.counts())
         if self.plan.recorders:
             grid = tuple(ctx.grid) if ctx.grid else None

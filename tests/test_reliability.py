@@ -244,3 +244,93 @@ def test_weights_files_round_trip_through_the_shared_helper(tmp_path):
         ThresholdHeads.load(tmp_path / "p.safetensors")
     with pytest.raises(ValueError, match=r"parameter 'weights' of method 'covipal': the config and state do not build"):
         vlmprune.get_method("covipal")().load_weights(({"dim": 8, "width": 8, "heads": 2}, {"w": torch.zeros(1)}))
+
+
+# -- select_seconds: honest on CUDA, nothing under torch.compile ------------------------------------
+class _FakeClock:
+    now = 0.0
+
+
+class _FakeEvent:
+    """Stands in for torch.cuda.Event: records the fake clock's time on a stream."""
+
+    syncs = 0
+
+    def __init__(self):
+        self.t, self.stream, self.done = None, None, False
+
+    def record(self, stream):
+        self.t, self.stream = _FakeClock.now, stream
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        _FakeEvent.syncs += 1
+        self.done = True
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1000.0  # milliseconds, as CUDA events give
+
+
+def _fake_cuda_timer(monkeypatch):
+    from vlmprune.stats import SelectTimer
+
+    monkeypatch.setattr(SelectTimer, "event", staticmethod(_FakeEvent))
+    monkeypatch.setattr(SelectTimer, "stream", staticmethod(lambda device: f"stream of {device}"))
+    monkeypatch.setattr(_FakeEvent, "syncs", 0)
+    monkeypatch.setattr(_FakeClock, "now", 0.0)
+    return SelectTimer()
+
+
+def test_select_timer_on_cuda_records_events_and_waits_only_when_read(monkeypatch):
+    timer = _fake_cuda_timer(monkeypatch)
+    gpu = torch.device("cuda", 1)
+    for seconds in (0.25, 0.5):
+        started = timer.start(gpu)
+        _FakeClock.now += seconds  # the kernels' time on the device
+        timer.stop(started)
+        _FakeClock.now += 10.0  # host time between calls is not counted
+    assert _FakeEvent.syncs == 0 and [e.stream for pair in timer._pending for e in pair] == ["stream of cuda:1"] * 4
+    assert timer.seconds == 0.75 and _FakeEvent.syncs == 2
+    timer.reset()
+    timer.fold_every, _FakeEvent.syncs = 2, 0
+    started = timer.start(gpu)
+    _FakeClock.now += 1.0
+    timer.stop(started)
+    timer._pending[0][1].done = True  # finished on the device
+    timer.stop(timer.start(gpu))  # a second pair (not finished): the first folds in without waiting
+    assert _FakeEvent.syncs == 0 and len(timer._pending) == 1 and timer._seconds == 1.0
+
+
+def test_select_timer_under_torch_compile_keeps_the_graph_whole_and_records_nothing():
+    from vlmprune.stats import SelectTimer
+
+    timer = SelectTimer()
+
+    def timed(x):
+        started = timer.start(x.device)
+        y = x * 2 + 1
+        timer.stop(started)
+        return y
+
+    x = torch.arange(4.0)
+    assert torch.equal(torch.compile(timed, backend="eager", fullgraph=True)(x), x * 2 + 1)  # a break would raise
+    assert timer.seconds == 0.0
+    timed(x)
+    assert timer.seconds > 0.0
+
+
+def test_select_seconds_of_a_wrapped_model_under_a_patched_is_compiling(clip, monkeypatch):
+    import vlmprune.stats
+
+    inputs = batch([[5, 6]])
+    with vlmprune.wrap(clip, "divprune", budget=16) as handle:
+        with torch.no_grad():
+            clip(**inputs)
+        assert handle.stats["select_seconds"] > 0.0
+        handle._stats.select_seconds = 0.0
+        monkeypatch.setattr(vlmprune.stats, "is_compiling", lambda: True)
+        with torch.no_grad():
+            clip(**inputs)
+        assert handle.stats["select_seconds"] == 0.0 and handle.stats["points"][0]["out"] == [16]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+
+import torch
+from torch.compiler import is_compiling
 
 
 @dataclass
@@ -32,6 +36,67 @@ class LLMShape:
         return sum(2 * self.kv_heads * self.head_dim * self.bytes_per_value * n for n in lengths)
 
 
+class SelectTimer:
+    """Seconds spent in ``Method.select``, measured without slowing the forward down. On CPU:
+    ``perf_counter`` around each call. On CUDA (kernels run asynchronously: a host clock would
+    stop before they finish): two CUDA events per call on the tokens' stream, whose times are
+    summed, waiting for them, only when :attr:`seconds` is read (finished pairs are folded in
+    along the way without waiting). While ``torch.compile`` traces, nothing is timed, so the
+    graph is not split at a clock read."""
+
+    #: how timing events and a device's current stream are made (tests substitute fakes)
+    event = staticmethod(lambda: torch.cuda.Event(enable_timing=True))
+    stream = staticmethod(lambda device: torch.cuda.current_stream(device))
+    #: event pairs kept before finished ones are folded in
+    fold_every = 64
+
+    def __init__(self):
+        self._seconds = 0.0
+        self._pending: list[tuple] = []
+
+    def start(self, device: torch.device):
+        """Call before ``select``; hand the result to :meth:`stop`."""
+        if is_compiling():
+            return None
+        if device.type == "cuda":
+            begin = self.event()
+            begin.record(self.stream(device))
+            return device, begin
+        return time.perf_counter()
+
+    def stop(self, started) -> None:
+        if started is None:
+            return
+        if isinstance(started, float):
+            self._seconds += time.perf_counter() - started
+            return
+        device, begin = started
+        end = self.event()
+        end.record(self.stream(device))
+        self._pending.append((begin, end))
+        if len(self._pending) >= self.fold_every:
+            self._fold(wait=False)
+
+    def _fold(self, wait: bool) -> None:
+        while self._pending:
+            begin, end = self._pending[0]
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                return
+            self._seconds += begin.elapsed_time(end) / 1000.0  # milliseconds
+            self._pending.pop(0)
+
+    @property
+    def seconds(self) -> float:
+        self._fold(wait=True)
+        return self._seconds
+
+    def reset(self, seconds: float = 0.0) -> None:
+        self._pending.clear()
+        self._seconds = seconds
+
+
 @dataclass
 class Stats:
     """Filled by the adapter at every prefill; ``wrap().stats`` returns :meth:`as_dict`."""
@@ -42,7 +107,16 @@ class Stats:
     llm_visual_tokens: list[int] = field(default_factory=list)
     layer_lengths: list[list[int]] = field(default_factory=list)  # per batch row, per LLM layer, last prefill
     full_lengths: list[int] = field(default_factory=list)  # per batch row, unpruned prompt length
-    select_seconds: float = 0.0
+    timer: SelectTimer = field(default_factory=SelectTimer)
+
+    @property
+    def select_seconds(self) -> float:
+        """Seconds in ``Method.select`` since the wrap (or since set), see :class:`SelectTimer`."""
+        return self.timer.seconds
+
+    @select_seconds.setter
+    def select_seconds(self, value: float) -> None:
+        self.timer.reset(value)
 
     def begin(self) -> None:
         self.prefills += 1
