@@ -30,15 +30,15 @@ class PruMergePlus(Method):
     CLS attention from the last encoder layer's q and k as one full-width head
     (``softmax(q k^T / sqrt(C))``). Adaptive count: the share of IQR outliers
     ``r`` keeps ``int(N r)`` top tokens (rank order), then the spatial samples
-    ``int(s/6), int(s/6) + int(s/3), ... < N - 1`` with ``s = int(1/r)`` that are not yet
-    kept (``sample_offset="0"``, the current code (May 2024) and the card; ``"step/6"``: the
-    samples start at ``int(s/6)``, as the April 2024 version of the code did). Counts are
-    exact: ``r`` is the fraction ``outliers / N``, so ``int(N r)`` and ``int(1/r)`` are those of
-    exact arithmetic (equal to the code's float64 ones for 576 tokens). Every kept token absorbs its 32 most key-similar other tokens weighted by
-    their (unnormalised) CLS attention; one summary token ``sum_j a_j x_j`` over the
-    dropped tokens is appended (``merge_map``: a dropped token absorbed by several centres is
-    shown with the first of them in keep order; one absorbed by none is only in the summary,
-    -1). The count adapts per image: the budget is only a cap
+    ``0, int(s/3), 2 int(s/3), ... < N - 1`` with ``s = int(1/r)`` that are not yet kept
+    (``sample_offset="0"``: the current code, May 2024, and the card; ``"step/6"``: from
+    ``int(s/6)``, as the April 2024 version of the code). Counts are exact: ``r`` is the
+    fraction ``outliers / N``, so ``int(N r)`` and ``int(1/r)`` are those of exact arithmetic
+    (equal to the code's float64 ones for 576 tokens). Every kept token absorbs its 32 most
+    key-similar other tokens weighted by their (unnormalised) CLS attention; one summary
+    token ``sum_j a_j x_j`` over the dropped tokens is appended (``merge_map``: a dropped token
+    absorbed by several centres is shown with the first of them in keep order; one absorbed by
+    none is only in the summary, -1). The count adapts per image: the budget is only a cap
     (``adaptive=True``, the official behaviour); ``adaptive=False`` uses the budget's
     ratio ``(budget - 1) / N`` instead of the outlier share (a budget-matched variant,
     ours), which gives about ``budget`` tokens; a fraction budget becomes a count with
