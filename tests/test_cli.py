@@ -43,9 +43,9 @@ def test_methods_table_is_readable(capsys):
 def test_run_without_embedded_model_uses_a_tiny_model_and_says_so(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_load", lambda path: (None, None, None))
     cli.main(["run", "--method", "divprune", "--budget", "64", "--max-new-tokens", "2", "--repeats", "1", "--json"])
-    out = capsys.readouterr().out
-    assert "random weights" in out
-    report = json.loads(out[out.index("{") :])
+    captured = capsys.readouterr()
+    assert "random weights" in captured.err
+    report = json.loads(captured.out)  # stdout is the JSON alone
     assert report["visual_tokens"] == {"before": [576], "llm": [64], "after_last_point": [64]}
     assert report["llm_prefill_flops_ratio"] < 1 and len(report["answer_pruned"]) == 2
     assert report["timing"] == "median of 1 generate() calls of 2 new tokens after one warm-up"

@@ -153,7 +153,8 @@ def _run_tiny(args) -> None:
     print(
         "note: no embedded model in assets/embedded_vlm (build it with `vlmprune train-embedded`); "
         "running a tiny LLaVA with random weights instead: its answers are meaningless token ids, "
-        "the token counts, FLOPs and KV bytes are real"
+        "the token counts, FLOPs and KV bytes are real",
+        file=sys.stderr,
     )
     model = build("tiny", "cpu", torch.float32)
     inputs = inputs_for(model, 1)
