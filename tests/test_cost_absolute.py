@@ -103,3 +103,26 @@ def test_qwen2_vl_fastv_by_hand():
         model(**inputs)
         stats = handle.stats
     check(stats, cfg, [24], [[24, 24, 13, 13]])
+
+
+def test_progressive_points_by_hand(llava):
+    """AdaToken-3D before layers 1 and 3, keeping 78 then 26 of 256 (ratios 0.3 / 0.1, budget
+    0.1): layer 0 sees 262 tokens, layers 1-2 see 262 - 178 = 84, layer 3 sees 262 - 230 = 32."""
+    inputs = batch([TEXT])
+    with vlmprune.wrap(llava, "adatoken3d", budget=0.1, layers=(1, 3), layers_of=0, ratios=(0.3, 0.1)) as handle:
+        with torch.no_grad():
+            llava(**inputs)
+        stats = handle.stats
+    check(stats, llava.config.text_config, [262], [[262, 84, 84, 32]])
+
+
+def test_kv_bytes_follow_the_model_dtype():
+    """A bfloat16 model stores 2 bytes per cached value, not 4."""
+    model = tiny_llava("clip", "sdpa").to(torch.bfloat16)
+    inputs = batch([TEXT])
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with vlmprune.wrap(model, "fastv", budget=40, k_layer=2) as handle, torch.no_grad():
+        model(**inputs)
+        stats = handle.stats
+    lengths = [262, 262, 46, 46]
+    assert stats["kv_cache_bytes"] == by_hand(model.config.text_config, lengths, bytes_per_value=2)[1]
