@@ -127,3 +127,16 @@ def test_bench_prints_ratios(capsys):
     assert [row[2] for row in lines] == ["1.000", "0.333", "0.111"]
     assert [row[3] for row in lines] == ["576", "192", "64"]
     assert float(lines[-1][-1]) < 0.2  # KV bytes ratio at 11 % of the visual tokens
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "uniform,nosuch"], r"^vlmprune bench: --methods: unknown method 'nosuch'; valid choices"),
+    (["--batch", "1,x"], r"^vlmprune bench: --batch must be comma-separated integers"),
+    (["--repeats", "0"], r"^vlmprune bench: --repeats and --batch must be >= 1"),
+])
+def test_bench_checks_arguments_before_building_a_model(monkeypatch, argv, message):
+    from vlmprune import bench
+
+    monkeypatch.setattr(bench, "run", lambda **kwargs: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["bench", *argv])

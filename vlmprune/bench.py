@@ -171,11 +171,23 @@ def main(argv=None) -> None:
     parser.add_argument("--llm-layers", type=int, default=None, help="override the LLM depth (smoke tests)")
     parser.add_argument("--vision-layers", type=int, default=None, help="override the vision depth (smoke tests)")
     args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    for name in methods:  # before any model is built: one line, exit status 1
+        try:
+            vlmprune.get_method(name)
+        except ValueError as e:
+            raise SystemExit(f"vlmprune bench: --methods: {e}")
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise SystemExit(f"vlmprune bench: --batch must be comma-separated integers, got {args.batch!r}")
+    if args.repeats < 1 or min(batches) < 1:
+        raise SystemExit("vlmprune bench: --repeats and --batch must be >= 1")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     run(
         size=args.size,
-        methods=[m for m in args.methods.split(",") if m],
-        batches=[int(b) for b in args.batch.split(",")],
+        methods=methods,
+        batches=batches,
         device=args.device,
         dtype=dtype,
         repeats=args.repeats,
