@@ -401,7 +401,7 @@ def load_model(spec: str | None = None, device: str = "auto") -> DemoModel:
         raise DemoError(f"Could not load {spec!r}: {describe_error(exc)}") from None
     missing = info.get("missing_keys") or []
     if missing:
-        raise DemoError(f"{spec!r} lacks {len(missing)} weights (e.g. {sorted(missing)[0]}), which transformers would "
+        raise DemoError(f"{spec!r} lacks {len(missing)} weights (e.g. {min(missing)}), which transformers would "
                         "initialise randomly: give a complete checkpoint.")
     model = model.to(device)
     try:
