@@ -179,9 +179,14 @@ class LlavaNextAdapter(LlavaAdapter):
             stages=self.stages,
         )
 
-    def max_visual(self) -> None:
-        """No fixed count: tiles and un-padding depend on each image (checked at the first forward)."""
-        return None
+    def max_visual(self) -> int:
+        """The most visual tokens one image can bring: the base crop plus the tiles of the largest
+        ``image_grid_pinpoints`` resolution, ``side**2 * (1 + tiles)`` (un-padding only removes
+        tokens; each image's own count is checked again at the first forward)."""
+        vc = self.config.vision_config
+        side = vc.image_size // vc.patch_size
+        tiles = max((h // vc.image_size) * (w // vc.image_size) for h, w in self.config.image_grid_pinpoints)
+        return side * side * (1 + tiles)
 
     def install(self, plan: Plan) -> Installed:
         name = plan.method.name

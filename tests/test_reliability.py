@@ -100,8 +100,8 @@ def test_concurrent_generate_and_forward_give_each_caller_its_own_answer(clip):
 
 # -- budgets refused at wrap() ---------------------------------------------------------------------
 BAD_BUDGETS = [
-    (0, ValueError, "at least 1|in \\[1, 256\\]"),
-    (-5, ValueError, "at least 1|in \\[1, 256\\]"),
+    (0, ValueError, r"at least 1 token per image, got 0|in \[1, (256|320)\] tokens per image .*got 0"),
+    (-5, ValueError, r"at least 1 token per image, got -5|in \[1, (256|320)\] tokens per image .*got -5"),
     (float("nan"), ValueError, r"fraction must be in \(0, 1\], got nan"),
     (float("inf"), ValueError, r"fraction must be in \(0, 1\], got inf"),
     (1.5, ValueError, r"fraction must be in \(0, 1\]"),
@@ -118,12 +118,12 @@ def dino():
 
 
 @pytest.mark.parametrize("budget,error,match", BAD_BUDGETS + [
-    (10000, ValueError, r"budget must be in \[1, 256\] tokens per image \(the vision config's image_size / patch_size give 256\)"),
+    (10000, ValueError, r"budget must be in \[1, 256\] tokens per image \(the model's config allows at most 256\), got 10000"),
     (257, ValueError, r"in \[1, 256\]"),
 ])
 def test_bad_budget_refused_at_wrap_on_a_dinov2_tower(dino, budget, error, match):
     with pytest.raises(error, match=match):
-        vlmprune.wrap(dino, "divprune", budget=budget)
+        vlmprune.wrap(dino, "divprune", budget=budget).unwrap()  # (a wrap that succeeds is undone)
     assert getattr(dino, "_vlmprune_handle", None) is None  # nothing was installed
 
 
@@ -133,6 +133,25 @@ def test_good_budgets_on_a_dinov2_tower_still_run(dino, budget, kept):
         with torch.no_grad():
             dino(**batch([[5, 6]]))
         assert handle.stats["points"][0]["out"] == [kept]
+
+
+@pytest.mark.parametrize("budget,error,match", BAD_BUDGETS[:4] + BAD_BUDGETS[5:] + [
+    (10000, ValueError, r"budget must be in \[1, 320\] tokens per image \(the model's config allows at most 320\)"),
+    (321, ValueError, r"in \[1, 320\]"),
+])
+def test_bad_budget_refused_at_wrap_on_llava_next(budget, error, match):
+    from tests.test_truth_next import model_for
+
+    with pytest.raises(error, match=match):  # 64 per crop, the base crop and at most 2x2 tiles
+        vlmprune.wrap(model_for(), "divprune", budget=budget).unwrap()  # (a wrap that succeeds is undone)
+
+
+def test_llava_next_budget_of_every_token_of_the_largest_image_is_accepted():
+    from tests.test_truth_next import model_for
+
+    # a 64 x 64 image (the largest pinpoint) brings the base crop and 2 x 2 tiles: 5 x 64 tokens
+    with vlmprune.wrap(model_for(), "divprune", budget=320) as handle:
+        assert handle.budget.target == 320
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +164,7 @@ def qwen():
 @pytest.mark.parametrize("budget,error,match", BAD_BUDGETS[:4] + BAD_BUDGETS[5:])
 def test_bad_budget_refused_at_wrap_on_qwen(qwen, budget, error, match):
     with pytest.raises(error, match=match):
-        vlmprune.wrap(qwen, "divprune", budget=budget)
+        vlmprune.wrap(qwen, "divprune", budget=budget).unwrap()  # (a wrap that succeeds is undone)
 
 
 @pytest.mark.parametrize("budget,method,match", [
@@ -157,7 +176,7 @@ def test_bad_budget_refused_at_wrap_on_qwen(qwen, budget, error, match):
 def test_schedule_naming_a_point_the_method_does_not_act_at_is_refused(clip, dino, budget, method, match):
     for model in (clip, dino):
         with pytest.raises(ValueError, match=match):
-            vlmprune.wrap(model, method, budget=budget)
+            vlmprune.wrap(model, method, budget=budget).unwrap()  # (a wrap that succeeds is undone)
 
 
 # -- copy.deepcopy of a wrapped model ------------------------------------------------------------

@@ -95,10 +95,11 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     ``budget``: an int (visual tokens kept per image), a float in (0, 1] (fraction kept)
     or a schedule dict (see :class:`vlmprune.budget.Budget`) whose keys must name points the
     method acts at. Checked here on every tower: type, sign, NaN/inf, fraction range, and ints
-    against the tokens per image (where the count comes from ``pixel_values``, as with a DINOv2
-    tower, against ``(image_size / patch_size)**2`` of the vision config, the count a LLaVA
-    processor at that size puts in the prompt; a smaller run-time count is checked again at the
-    first forward; LLaVA-NeXT and Qwen-VL images have no fixed count). ``weights``: trained module
+    against the tokens per image; where the count comes from ``pixel_values``, against the most
+    the config allows (a DINOv2 tower: ``(image_size / patch_size)**2`` of the vision config,
+    the count a LLaVA processor at that size puts in the prompt; LLaVA-NeXT: the base crop plus
+    the largest ``image_grid_pinpoints`` tiles; Qwen-VL: no bound, its image size is the
+    processor's), and each image's own count again at the first forward. ``weights``: trained module
     weights for the methods that have some (``vlmprune.methods()`` lists them with
     ``accepts_weights``): a path written by the method's training command, or an object the
     method documents; without it such a method loads its shipped default (if any) for this
@@ -140,7 +141,7 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     if info.n_visual is not None:
         parsed.check(points, instance.name, info.n_visual)
     else:
-        parsed.check(points, instance.name, adapter.max_visual(), "the vision config's image_size / patch_size give")
+        parsed.check(points, instance.name, adapter.max_visual(), "the model's config allows at most")
     if positions is not None:
         if positions not in POSITIONS:
             raise ValueError(f"parameter 'positions' must be one of {list(POSITIONS)} or None, got {positions!r}")
