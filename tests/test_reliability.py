@@ -98,6 +98,28 @@ def test_concurrent_generate_and_forward_give_each_caller_its_own_answer(clip):
         assert handle.stats["points"][0]["out"] in ([16], [16, 16, 16])
 
 
+def test_unwrap_waits_for_a_call_in_flight(clip):
+    handle = vlmprune.wrap(clip, "fastv", budget=16)
+    in_call, finish = threading.Event(), threading.Event()
+
+    def call_in_flight():
+        with handle._lock:  # what a running model(...) / generate() holds
+            in_call.set()
+            finish.wait(5)
+
+    caller = threading.Thread(target=call_in_flight)
+    caller.start()
+    in_call.wait(5)
+    unwrapper = threading.Thread(target=handle.unwrap)
+    unwrapper.start()
+    unwrapper.join(0.3)
+    assert unwrapper.is_alive() and handle.active and vlmprune.Handle.of(clip) is handle
+    finish.set()
+    caller.join()
+    unwrapper.join(5)
+    assert not handle.active and vlmprune.Handle.of(clip) is None
+
+
 # -- budgets refused at wrap() ---------------------------------------------------------------------
 BAD_BUDGETS = [
     (0, ValueError, r"at least 1 token per image, got 0|in \[1, (256|320)\] tokens per image .*got 0"),

@@ -71,10 +71,12 @@ class Handle:
         return self._stats.as_dict()
 
     def unwrap(self) -> nn.Module:
-        """Remove every hook and attribute this wrap added; the model is exactly as before."""
-        if self.active:
-            self._installed.remove()
-            self.active = False
+        """Remove every hook and attribute this wrap added; the model is exactly as before.
+        Waits for calls in flight in other threads to finish."""
+        with self._lock:
+            if self.active:
+                self._installed.remove()
+                self.active = False
         return self.model
 
     def __enter__(self) -> "Handle":
