@@ -6,6 +6,7 @@ tokens}``; real tokens fill the first ``count`` slots of the image's span."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -127,6 +128,9 @@ class VLMRuntime(Runtime):
         order = [i for row in range(image_mask.shape[0]) for _ in range(size) for i, r in enumerate(rows) if r == row]
         self.images = [self.images[i] for i in order]
         self.slots = [self.slots[i] for i in order]
+        # what a method kept per image at the vision side (VFlowOpt's importance map, read again
+        # inside the LLM) follows its image into every copy, each copy with its own state
+        self.image_states = {j: copy.deepcopy(self.image_states[i]) for j, i in enumerate(order) if i in self.image_states}
         if getattr(self, "image_grids", None) is not None:  # LLaVA-NeXT's, Qwen-VL's
             self.image_grids = [self.image_grids[i] for i in order]
 

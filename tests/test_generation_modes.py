@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vlmprune
+from tests import test_truth as truth
 from tests import test_truth_next as nxt
 from tests.tiny import (
     IMAGE_TOKEN,
@@ -162,3 +163,22 @@ def test_decode_step_on_another_prefills_cache_is_refused():
         mask_b = torch.cat([b["attention_mask"], torch.ones_like(nxt_b)], 1)
         step = model(input_ids=nxt_b, attention_mask=mask_b, **{name: out_b[name]})
         assert [int(nxt_b), int(step.logits[0, -1].argmax())] == expected.tolist()
+
+
+@pytest.mark.parametrize("row", sorted(truth.METHODS))
+def test_every_method_through_beam_search_static_and_no_cache(row):
+    """Every method of the truth table on LLaVA (state carried from the vision side into the LLM
+    included, VFlowOpt's importance map): no cache and a static cache equal greedy, and, where
+    the selection does not depend on the other images, a batch's beams equal each prompt's own."""
+    model, inputs, image_id = family("llava")
+    spec = truth.METHODS[row]
+    two = inputs()
+    with vlmprune.wrap(model, spec.get("method", row), budget=0.25, **spec["options"]):
+        greedy = generate(model, two, image_id, **MODES["greedy"])
+        for mode in ("static", "no_cache"):
+            assert torch.equal(generate(model, two, image_id, **MODES[mode]), greedy), mode
+        beams = generate(model, two, image_id, **MODES["beam"])
+        assert beams.shape[0] == 4
+        if spec["batch"]:
+            for r in (0, 1):
+                assert torch.equal(beams[2 * r : 2 * r + 2], generate(model, inputs((r,)), image_id, **MODES["beam"])), r
