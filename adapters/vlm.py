@@ -15,7 +15,7 @@ from torch import nn
 from vlmprune.context import ModelInfo
 
 from .base import Installed, Plan
-from .llm import Decoder, DecoderPruner, VisualLayout
+from .llm import Decoder, DecoderPruner, VisualLayout, _mask_4d, _padding_of
 from .runtime import Runtime
 
 
@@ -142,6 +142,9 @@ class VLMRuntime(Runtime):
         pre_encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
         self.input_ids = input_ids
         self.attention_mask = kwargs.get("attention_mask")
+        mask4d = _mask_4d(self.attention_mask)
+        if mask4d is not None:  # a static cache's prefill (transformers 5.17): its padding, in 2-D
+            self.attention_mask = _padding_of(mask4d, mask4d.shape[-2])
         self.image_mask = None
         if kwargs.get(self.pixel_key) is None and not pre_encoded:
             self.images = None  # no image this call: an image-token id here is an ordinary token
