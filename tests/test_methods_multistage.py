@@ -19,7 +19,7 @@ from vlmprune import calibrate_vflowopt
 from vlmprune.context import ModelInfo
 from vlmprune.method import scale_llm_layers
 from vlmprune.methods.vflowopt import RELEASED, layer_average, solve_ratios
-from vlmprune.methods.zeroth_order import minmax_normalise
+from vlmprune.methods.zoo_prune import minmax_normalise
 from vlmprune.primitives.merging import recycle_by_cell
 from vlmprune.primitives.scoring import (
     context_relevance,
