@@ -13,7 +13,7 @@ same way.
 
 **Stages.** ``encoder`` (between vision blocks, per crop), ``projector`` (on the vision features
 of each crop, before the projector maps them) and ``llm`` (before decoder layer K in prefill, with
-the shared decoder machinery of :mod:`adapters.llm`).
+the shared decoder machinery of :mod:`adapters.decoder`).
 
 *Encoder stage: one image row per crop.* Every crop (the base image, each tile) goes through the
 CLIP tower as one row of the batch, on its full ``side x side`` grid (un-padding comes later):

@@ -64,7 +64,7 @@ from vlmprune.context import ModelInfo, Point, Signals
 from vlmprune.stats import LLMShape
 
 from .base import Adapter, Installed, Plan, check_selection, llm_shape, register_adapter
-from .llm import Decoder
+from .decoder import Decoder
 from .qwen_vision import (
     AttentionCapture,
     PackedGroups,

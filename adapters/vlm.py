@@ -15,7 +15,7 @@ from torch import nn
 from vlmprune.context import ModelInfo
 
 from .base import Installed, Plan
-from .llm import Decoder, DecoderPruner, VisualLayout, _mask_4d, _padding_of
+from .decoder import Decoder, DecoderPruner, VisualLayout, _mask_4d, _padding_of
 from .runtime import Runtime
 
 
