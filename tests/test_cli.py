@@ -135,7 +135,7 @@ def test_bench_prints_ratios(capsys):
     (["--repeats", "0"], r"^vlmprune bench: --repeats and --batch must be >= 1"),
 ])
 def test_bench_checks_arguments_before_building_a_model(monkeypatch, argv, message):
-    from vlmprune import bench
+    from vlmprune.tools import bench
 
     monkeypatch.setattr(bench, "run", lambda **kwargs: pytest.fail("a model was built"))
     with pytest.raises(SystemExit, match=message):

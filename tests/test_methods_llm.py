@@ -15,7 +15,7 @@ import vlmprune
 from tests.contexts import make_context
 from tests.tiny import IMAGE_TOKEN, batch, n_patches, qwen_batch, tiny_llava, tiny_qwen
 from tests.truth import Replay, greedy_no_cache, manual_multistage, positions_from_mask, record_selections
-from vlmprune import calibrate_adatoken3d as cal
+from vlmprune.tools import calibrate_adatoken3d as cal
 from vlmprune.adapters.decoder import SublayerIO
 from vlmprune.budget import Budget, progressive_count
 from vlmprune.context import ModelInfo

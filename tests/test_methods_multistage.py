@@ -15,7 +15,7 @@ import vlmprune
 from tests.contexts import make_context
 from tests.tiny import batch, n_patches, tiny_llava
 from tests.truth import positions_from_mask, record_selections
-from vlmprune import calibrate_vflowopt
+from vlmprune.tools import calibrate_vflowopt
 from vlmprune.context import ModelInfo
 from vlmprune.method import scale_llm_layers
 from vlmprune.methods.vflowopt import RELEASED, layer_average, solve_ratios

@@ -148,7 +148,7 @@ def _run_tiny(args) -> None:
     import torch
 
     import vlmprune
-    from .bench import build, inputs_for
+    from .tools.bench import build, inputs_for
 
     print(
         "note: no embedded model in assets/embedded_vlm (build it with `vlmprune train-embedded`); "
@@ -255,7 +255,7 @@ def cmd_methods(args) -> None:
 
 #: sub-commands whose own argument parser lives in another module
 FORWARDED = {
-    "bench": ("vlmprune.bench", "prefill time wrapped vs unwrapped"),
+    "bench": ("vlmprune.tools.bench", "prefill time wrapped vs unwrapped"),
     "eval": ("vlmprune.eval.runner", "accuracy vs tokens kept on the offline tasks"),
     "demo": ("vlmprune.demo.app", "the Gradio demo"),
     "train-embedded": ("vlmprune.eval.train_embedded", "rebuild the embedded model"),

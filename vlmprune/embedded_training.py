@@ -1,5 +1,5 @@
 """Shared machinery of the training commands that run on the embedded model
-(``python -m vlmprune.train_covipal``, ``python -m vlmprune.train_atp``).
+(``python -m vlmprune.tools.train_covipal``, ``python -m vlmprune.tools.train_atp``).
 
 * Data: easy-VQA questions (and easyvqa-grid mosaics) with their *cached* vision features, the
   ``[N, 256, 384]`` arrays ``python -m vlmprune.eval.train_embedded`` keeps under

@@ -15,7 +15,7 @@ from ..primitives.selection import topk_keep_order
 from ..registry import register
 from .transprune import check_ratios
 
-#: Keys of a schedule file written by ``python -m vlmprune.calibrate_adatoken3d``.
+#: Keys of a schedule file written by ``python -m vlmprune.tools.calibrate_adatoken3d``.
 SCHEDULE_KEYS = ("method", "layers", "ratios", "llm_layers", "calibration")
 
 
@@ -35,7 +35,7 @@ class AdaToken3D(Method):
     scaled as ``K -> floor(K L / 32 + 0.5)`` (1, 2, 3 of 4).
 
     **Offline schedule**: ``schedule`` loads the pruning layers and ratios fitted by
-    ``python -m vlmprune.calibrate_adatoken3d`` (attention information flow and the
+    ``python -m vlmprune.tools.calibrate_adatoken3d`` (attention information flow and the
     exponential-decay fit, for this model; used as given, so the model's depth must match).
 
     **Budget**: the tokens kept after the last point; earlier counts follow the ratios rescaled
@@ -64,7 +64,7 @@ class AdaToken3D(Method):
     layers: tuple = option((8, 16, 24), "pruning points, before these 0-based decoder layers (built-in layer_list=[8,16,24], 1-based 'after')")
     layers_of: int = option(32, "depth the layers refer to (LLaVA-3D-7B's Vicuna: 32); 0: use them as given")
     ratios: tuple = option((0.5, 0.25, 0.125), "fraction of the original tokens kept after each point (built-in image_token_ratio_list)")
-    schedule: str = option("", "JSON file written by python -m vlmprune.calibrate_adatoken3d (layers and ratios fitted for this model)")
+    schedule: str = option("", "JSON file written by python -m vlmprune.tools.calibrate_adatoken3d (layers and ratios fitted for this model)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,7 +110,7 @@ class AdaToken3D(Method):
         if self._depth is not None and self._depth != info.llm_layers:
             raise ValueError(
                 f"option 'schedule' of method 'adatoken3d': {self.schedule!r} was calibrated for a {self._depth}-layer LLM, "
-                f"this model has {info.llm_layers}; run python -m vlmprune.calibrate_adatoken3d on this model"
+                f"this model has {info.llm_layers}; run python -m vlmprune.tools.calibrate_adatoken3d on this model"
             )
         where = f"option 'schedule' of method 'adatoken3d' ({self.schedule!r})" if self.schedule else "option 'layers' of method 'adatoken3d'"
         return scale_llm_layers(self.layers, self.layers_of, info.llm_layers, where, spread=True)

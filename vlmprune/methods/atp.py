@@ -4,7 +4,7 @@ Two variants share one method, ``"atp"``:
 
 * **ATP-TF** (default, training-free, the method card's approximation): cumulative-mass thresholds.
 * **ATP (learned thresholds)**: the paper's instance-wise threshold heads, trained by
-  ``python -m vlmprune.train_atp`` and loaded with ``vlmprune.wrap(model, "atp", weights=path)``.
+  ``python -m vlmprune.tools.train_atp`` and loaded with ``vlmprune.wrap(model, "atp", weights=path)``.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class ThresholdHeads(nn.Module):
     def load(cls, path) -> "ThresholdHeads":
         return load_module(
             path, lambda cfg: cls(cfg["layers"], cfg["hidden"], cfg["tau"]), fmt=WEIGHTS_FORMAT, method="atp",
-            kind="an ATP threshold-head", train="python -m vlmprune.train_atp",
+            kind="an ATP threshold-head", train="python -m vlmprune.tools.train_atp",
         )
 
 
@@ -204,14 +204,14 @@ class ATP(Method):
     reports. A budget of every token keeps everything. A schedule dict
     ``{"llm:K": count, ...}`` sets the flat-case count at a point (``p = count / n``).
 
-    **Learned thresholds** (``weights=`` a file from ``python -m vlmprune.train_atp``, or a
+    **Learned thresholds** (``weights=`` a file from ``python -m vlmprune.tools.train_atp``, or a
     :class:`ThresholdHeads`): per point a tiny MLP maps pooled score statistics
     (:func:`head_features`, including the target ratio ``budget / N``, so one set of heads
     serves several budgets) to ``theta_r, theta_s`` in (0, 1); a token is kept iff its
     min-max normalised ``S_red > theta_r`` or its spatial score (1 on the stride grid, 0.5 on
     the twice finer grid, :func:`spatial_score`) ``> theta_s``, at least ``min_keep`` tokens.
     Training (soft masks ``sigmoid((S - theta) tau)`` as a float key mask inside attention,
-    LVLM frozen, LM loss + budget loss) is in :mod:`vlmprune.train_atp`. A budget of every
+    LVLM frozen, LM loss + budget loss) is in :mod:`vlmprune.tools.train_atp`. A budget of every
     token keeps everything.
 
     **Deviations**: the LVLM is frozen during head training (the paper fine-tunes it with the
@@ -249,7 +249,7 @@ class ATP(Method):
 
     # -- weights -------------------------------------------------------------------------------------
     def load_weights(self, weights) -> None:
-        """``weights``: a path written by ``python -m vlmprune.train_atp`` or a :class:`ThresholdHeads`."""
+        """``weights``: a path written by ``python -m vlmprune.tools.train_atp`` or a :class:`ThresholdHeads`."""
         if isinstance(weights, ThresholdHeads):
             self.heads = weights.eval()
         elif isinstance(weights, (str, Path)):
@@ -267,7 +267,7 @@ class ATP(Method):
         if self.heads is not None and tuple(k for k, _, _ in pts) != self.heads.layers:
             raise ValueError(
                 f"parameter 'weights' of method 'atp': the heads were trained at LLM layers {self.heads.layers}, "
-                f"this model's points are {tuple(k for k, _, _ in pts)}; train heads for it (python -m vlmprune.train_atp)"
+                f"this model's points are {tuple(k for k, _, _ in pts)}; train heads for it (python -m vlmprune.tools.train_atp)"
             )
         return pts
 

@@ -20,7 +20,7 @@ from ..weights import build_module, load_module, save_module
 
 #: what a PPM weights file records in its safetensors metadata
 WEIGHTS_FORMAT = "vlmprune-covipal-ppm-1"
-#: the shipped PPM for the embedded model (written by ``python -m vlmprune.train_covipal``)
+#: the shipped PPM for the embedded model (written by ``python -m vlmprune.tools.train_covipal``)
 EMBEDDED_WEIGHTS = "covipal_embedded.safetensors"
 
 
@@ -89,7 +89,7 @@ class PPM(nn.Module):
     def load(cls, path) -> "PPM":
         return load_module(
             path, lambda cfg: cls(**cfg), fmt=WEIGHTS_FORMAT, method="covipal", kind="a CoViPAL PPM",
-            train="python -m vlmprune.train_covipal",
+            train="python -m vlmprune.tools.train_covipal",
         )
 
     def n_parameters(self) -> int:
@@ -139,12 +139,12 @@ class CoViPAL(Method):
     attention kernel works. The budget applies per image.
 
     **Weights**: ``vlmprune.wrap(model, "covipal", budget=..., weights=path)`` with a file from
-    ``python -m vlmprune.train_covipal`` (or a :class:`PPM` instance). Without ``weights=``
+    ``python -m vlmprune.tools.train_covipal`` (or a :class:`PPM` instance). Without ``weights=``
     the shipped PPM (``assets/covipal_embedded.safetensors``) is loaded when the model is the
     embedded one (:func:`vlmprune.embedded.load_embedded`); any other model needs weights
     trained for it (a clear error otherwise).
 
-    **Training** (:mod:`vlmprune.train_covipal`, LVLM frozen): stage 1, attention-guided
+    **Training** (:mod:`vlmprune.tools.train_covipal`, LVLM frozen): stage 1, attention-guided
     distillation: KL from the teacher distribution, the attention a deep LLM layer ``l_g``'s
     text tokens after the image (default; ``--teacher-query last``: the last prompt token) pay
     the visual tokens (head-mean, renormalised over the visual tokens), to ``softmax`` of the
@@ -165,7 +165,7 @@ class CoViPAL(Method):
         self.ppm: PPM | None = None
 
     def load_weights(self, weights) -> None:
-        """``weights``: a path written by ``python -m vlmprune.train_covipal``, a :class:`PPM`, or
+        """``weights``: a path written by ``python -m vlmprune.tools.train_covipal``, a :class:`PPM`, or
         a ``(config, state_dict)`` pair."""
         if isinstance(weights, PPM):
             self.ppm = weights.eval()
@@ -190,13 +190,13 @@ class CoViPAL(Method):
             if trained_on and current.is_file() and file_digest(current) != trained_on:
                 warnings.warn(
                     f"method 'covipal': the shipped PPM {path.name} was trained on another embedded checkpoint "
-                    "(sha256 differs); re-run python -m vlmprune.train_covipal",
+                    "(sha256 differs); re-run python -m vlmprune.tools.train_covipal",
                     stacklevel=3,
                 )
             return
         raise ValueError(
             "method 'covipal' needs a trained PPM: pass wrap(model, 'covipal', budget=..., weights='ppm.safetensors') "
-            "(train one with python -m vlmprune.train_covipal); shipped weights exist only for the embedded model "
+            "(train one with python -m vlmprune.tools.train_covipal); shipped weights exist only for the embedded model "
             f"({'missing: ' + str(path) if is_embedded(model) else 'this is another model'})"
         )
 

@@ -101,7 +101,7 @@ class VFlowOpt(Method):
     :func:`solve_ratios`; with no ratio given, ``r_1, r_2, t, m`` come from the released config
     (``preset``) nearest the budget and ``r_v`` is solved, which reproduces the released
     ``r_v`` at their budgets. ``config`` loads hyper-parameters found by
-    ``python -m vlmprune.calibrate_vflowopt`` (the flow-guided search). A fraction budget
+    ``python -m vlmprune.tools.calibrate_vflowopt`` (the flow-guided search). A fraction budget
     becomes ``round(N f)``; the code rounds its counts too (``round(N * (1 - r_v))`` removed).
 
     **Mapping to other models**: ``llm_layers`` are given for a ``llm_layers_of``-layer LLM and
@@ -148,7 +148,7 @@ class VFlowOpt(Method):
         "arxiv": "2508.05211",
     }
 
-    config: str = option("", "JSON file written by python -m vlmprune.calibrate_vflowopt (searched r_v, r_1, t, m, alpha_v)")
+    config: str = option("", "JSON file written by python -m vlmprune.tools.calibrate_vflowopt (searched r_v, r_1, t, m, alpha_v)")
     preset: str = option(
         "auto",
         "released config (LLaVA-OV-7B, average budget 50/25/10 %) supplying r_1, r_2, t, m when not given; "
