@@ -54,7 +54,7 @@ def tiny_demo_model(tower: str = "dinov2", seed: int = 0, name: str = "tiny") ->
         LlavaProcessor,
         SiglipVisionConfig,
     )
-    from vlmprune.eval.train_embedded import SPECIALS, build_processor, build_tokenizer
+    from vlmprune.embedded.training import SPECIALS, build_processor, build_tokenizer
 
     from vlmprune.embedded import build_prompt
 

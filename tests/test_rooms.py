@@ -18,6 +18,8 @@ MOVED = {
     "vlmprune.calibrate_vflowopt": "vlmprune.tools.calibrate_vflowopt",
     "vlmprune.train_atp": "vlmprune.tools.train_atp",
     "vlmprune.train_covipal": "vlmprune.tools.train_covipal",
+    "vlmprune.embedded_training": "vlmprune.embedded.harness",
+    "vlmprune.eval.train_embedded": "vlmprune.embedded.training",
 }
 
 
@@ -38,6 +40,29 @@ def test_each_method_class_lives_in_the_file_named_for_its_key():
 
 def test_listing_methods_does_not_import_eval():
     assert _python("import sys, vlmprune; vlmprune.methods(); print('vlmprune.eval' in sys.modules)") == "False"
+
+
+def test_importing_the_embedded_package_does_not_import_eval_or_its_tools():
+    loaded = json.loads(_python(
+        "import json, sys, vlmprune.embedded; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('vlmprune.eval', 'vlmprune.embedded')))))"))
+    assert loaded == ["vlmprune.embedded", "vlmprune.embedded.model"]
+
+
+def test_the_embedded_package_keeps_the_names_of_the_old_module():
+    import vlmprune.embedded
+    from vlmprune.embedded import model
+
+    public = {name for name in vars(model) if name.isupper() and not name.startswith("_")} | set(model.__all__)
+    assert public - set(vlmprune.embedded.__all__) == set()
+    assert all(getattr(vlmprune.embedded, name) is getattr(model, name) for name in vlmprune.embedded.__all__)
+
+
+def test_train_embedded_command_runs_the_moved_module():
+    done = subprocess.run([sys.executable, "-m", "vlmprune.cli", "train-embedded", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m vlmprune.embedded.training ")
 
 
 @pytest.mark.parametrize("old", sorted(MOVED))

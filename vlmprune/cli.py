@@ -258,7 +258,7 @@ FORWARDED = {
     "bench": ("vlmprune.tools.bench", "prefill time wrapped vs unwrapped"),
     "eval": ("vlmprune.eval.runner", "accuracy vs tokens kept on the offline tasks"),
     "demo": ("vlmprune.demo.app", "the Gradio demo"),
-    "train-embedded": ("vlmprune.eval.train_embedded", "rebuild the embedded model"),
+    "train-embedded": ("vlmprune.embedded.training", "rebuild the embedded model"),
 }
 
 

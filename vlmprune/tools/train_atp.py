@@ -6,9 +6,9 @@ writes ``assets/atp_embedded.safetensors`` (``--out``); ``vlmprune.wrap(model, "
 budget=..., weights=path)`` then uses the learned thresholds instead of ATP-TF's mass rule.
 
 1. **Data**: ``--plain`` easy-VQA and ``--grid`` easyvqa-grid train questions (seeded), one
-   question per sequence, with the cached vision features of ``python -m
-   vlmprune.eval.train_embedded`` (``<cache>/embedded-features``, read only).
-2. **Soft pruning** (the LVLM is frozen; :class:`vlmprune.embedded_training.FrozenLM` runs its
+   question per sequence, with the cached vision features of ``vlmprune train-embedded``
+   (``<cache>/embedded-features``, read only).
+2. **Soft pruning** (the LVLM is frozen; :class:`vlmprune.embedded.harness.FrozenLM` runs its
    layers on eager attention with its own modules): before each ATP point ``K`` (those of
    ``ATP()``'s defaults on this model: 1, 2, 3 of 4) the scores of layer ``K - 1``
    (``S_self``: column means of the visual -> visual block; ``S_cross``: the last prompt token's
@@ -37,7 +37,7 @@ import torch
 
 from vlmprune import embedded
 from vlmprune.context import ModelInfo, Signals, TokenContext
-from vlmprune.embedded_training import (
+from vlmprune.embedded.harness import (
     Batcher,
     Clock,
     FrozenLM,
@@ -158,7 +158,7 @@ def hard_eval(lm: FrozenLM, batcher: Batcher, items, method: ATP | None, ratio: 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmprune.tools.train_atp", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache-dir", default=None, help="feature cache of vlmprune.eval.train_embedded (default: $VLMPRUNE_CACHE or ~/.cache/vlmprune)")
+    p.add_argument("--cache-dir", default=None, help="feature cache of vlmprune train-embedded (default: $VLMPRUNE_CACHE or ~/.cache/vlmprune)")
     p.add_argument("--out", default=None, help="weights file (default: assets/atp_embedded.safetensors)")
     p.add_argument("--plain", type=int, default=200, help="easy-VQA train questions (default 200)")
     p.add_argument("--grid", type=int, default=200, help="easyvqa-grid train questions (default 200)")

@@ -7,10 +7,10 @@ writes ``assets/covipal_embedded.safetensors`` (``--out``), which
 
 1. **Data**: ``--plain`` easy-VQA train images and ``--grid`` easyvqa-grid train mosaics (seeded),
    up to ``--max-q`` questions each, with the cached vision features of
-   ``python -m vlmprune.eval.train_embedded`` (``<cache>/embedded-features``, read only).
+   ``vlmprune train-embedded`` (``<cache>/embedded-features``, read only).
 2. **Teacher** (the LVLM is frozen): one packed forward per image (all its questions share the
    image prefix, exactly), on eager attention through the model's own modules
-   (:class:`vlmprune.embedded_training.FrozenLM`); the target of a question is the head-mean
+   (:class:`vlmprune.embedded.harness.FrozenLM`); the target of a question is the head-mean
    attention that every question token (``--teacher-query text``, default: the card leaves
    the query rows [unverified], and on the embedded model these targets make a far better
    pruner, 91.7 % against 70.3 % at 64 tokens on the held-out slice; ``last``: the last prompt
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from vlmprune import embedded
-from vlmprune.embedded_training import (
+from vlmprune.embedded.harness import (
     Batcher,
     Clock,
     FrozenLM,
@@ -117,7 +117,7 @@ def keep_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmprune.tools.train_covipal", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache-dir", default=None, help="feature cache of vlmprune.eval.train_embedded (default: $VLMPRUNE_CACHE or ~/.cache/vlmprune)")
+    p.add_argument("--cache-dir", default=None, help="feature cache of vlmprune train-embedded (default: $VLMPRUNE_CACHE or ~/.cache/vlmprune)")
     p.add_argument("--out", default=None, help="weights file (default: assets/covipal_embedded.safetensors)")
     p.add_argument("--plain", type=int, default=200, help="easy-VQA train images (default 200)")
     p.add_argument("--grid", type=int, default=200, help="easyvqa-grid train mosaics (default 200)")

@@ -9,8 +9,8 @@ Anatomy (a stock ``transformers.LlavaForConditionalGeneration``):
   ``~/.cache/vlmprune``). 224x224 input -> CLS + 16x16 = 256 patch tokens, width 384.
 * **projector**: LLaVA's 2-layer MLP (GELU), trained here.
 * **language model**: a small Llama (4 layers, width 256) with a word-level tokenizer over the
-  easy-VQA vocabulary, trained here (``python -m vlmprune.eval.train_embedded``) on easy-VQA and
-  on 2x2 mosaics of easy-VQA images ("easyvqa-grid").
+  easy-VQA vocabulary, trained by :mod:`vlmprune.embedded.training` (``vlmprune train-embedded``)
+  on easy-VQA and on 2x2 mosaics of easy-VQA images ("easyvqa-grid").
 
 The committed files live in ``assets/embedded_vlm/`` (config, tokenizer, processor, and the
 projector + language-model weights only). :func:`load_embedded` assembles the full model offline;
@@ -49,6 +49,7 @@ __all__ = [
     "load_embedded",
     "load_vision_tower",
     "materialize_embedded",
+    "question_ids",
     "vision_config",
 ]
 
@@ -63,6 +64,8 @@ VIT_CONFIG = dict(
     layerscale_value=1.0,
 )
 IMAGE_SIZE = 224
+#: visual tokens of one image: (224 / patch 14)^2 patches, CLS dropped ("default" strategy)
+N_IMAGE_TOKENS = (IMAGE_SIZE // VIT_CONFIG["patch_size"]) ** 2
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 #: ONNX tensor holding the backbone's final layer-norm output (used by the conversion check).
@@ -88,10 +91,15 @@ def build_prompt(question: str) -> str:
     return "<image>" + question.strip() + " Answer:"
 
 
+def question_ids(tokenizer, question: str) -> list[int]:
+    """Token ids that follow the image in :func:`build_prompt`'s prompt (question + " Answer:")."""
+    return tokenizer(build_prompt(question)[len("<image>"):], add_special_tokens=False)["input_ids"]
+
+
 def embedded_path() -> Path:
     """The committed assets directory of the embedded model (``assets/embedded_vlm``)."""
-    here = Path(__file__).resolve().parent
-    candidates = [here.parent / "assets" / "embedded_vlm"]  # source checkout / editable install
+    root = Path(__file__).resolve().parents[2]
+    candidates = [root / "assets" / "embedded_vlm"]  # source checkout / editable install
     spec = importlib.util.find_spec("vlmprune.assets")  # regular install: vlmprune/assets
     if spec is not None and spec.submodule_search_locations:
         candidates += [Path(p) / "embedded_vlm" for p in spec.submodule_search_locations]
@@ -321,7 +329,7 @@ def load_embedded(path=None, device="cpu", dtype=torch.float32, attn_implementat
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"no embedded model at {path} (expected config.json); build it with "
-            "`python -m vlmprune.eval.train_embedded`"
+            "`vlmprune train-embedded` (python -m vlmprune.embedded.training)"
         )
     full = _has_vision_weights(path)
     vision_sd = None
