@@ -12,7 +12,7 @@ from torch import nn
 from vlmprune.budget import Budget
 from vlmprune.context import ModelInfo, Point
 from vlmprune.method import Method
-from vlmprune.stats import LLMShape
+from vlmprune.stats import LLMShape, Stats
 
 ADAPTERS: list[type["Adapter"]] = []
 
@@ -22,10 +22,15 @@ def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
     return cls
 
 
+def adapter_class(model: nn.Module) -> "type[Adapter] | None":
+    """The registered adapter class that serves ``model`` (None: none does)."""
+    return next((cls for cls in ADAPTERS if cls.matches(model)), None)
+
+
 def find_adapter(model: nn.Module) -> "Adapter":
-    for cls in ADAPTERS:
-        if cls.matches(model):
-            return cls(model)
+    cls = adapter_class(model)
+    if cls is not None:
+        return cls(model)
     known = sorted({fam for cls in ADAPTERS for fam in cls.model_types})
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     raise ValueError(
@@ -43,11 +48,9 @@ class Plan:
     points: list[Point]
     capture: dict[str, tuple[int, ...]]
     stats: "Any"
-    #: ``wrap(positions=...)``: how tokens removed before the LLM are numbered, overriding the
-    #: method's own ``positions`` (None: the method's)
-    positions: str | None = None
-    #: ``wrap(llm_positions=...)``: the same for tokens kept at ``llm`` points (None: the method's)
-    llm_positions: str | None = None
+    #: the adapter's options (:attr:`Adapter.options`) as ``wrap()`` got them, every declared
+    #: name present (None: not given)
+    adapter_options: dict[str, Any] = field(default_factory=dict)
     #: lists that ``Handle.record()`` is filling: every ``select`` call is appended to each
     recorders: list = field(default_factory=list)
 
@@ -110,19 +113,39 @@ class Installed:
         self._attributes.clear()
 
 
+@dataclass(frozen=True)
+class AdapterOption:
+    """One keyword of ``wrap()`` that an adapter takes (an entry of :attr:`Adapter.options`).
+    Its default is always None: the method's (or the adapter's) own choice."""
+
+    #: the values the option may name
+    choices: tuple[str, ...]
+    doc: str
+    #: the choices this adapter implements (None: all); another choice is refused naming these
+    offered: tuple[str, ...] | None = None
+    #: the stages whose points the option concerns: refused for a method with none there
+    stages: tuple[str, ...] = ()
+    #: the reason given then, formatted with ``method`` (the method's name)
+    unused: str = ""
+
+    @property
+    def available(self) -> tuple[str, ...]:
+        """The choices this adapter gives."""
+        return self.choices if self.offered is None else self.offered
+
+
 class Adapter:
     """Base class of model adapters.
 
     Subclasses set ``model_types`` (``config.model_type`` values they serve), return
-    :class:`ModelInfo` from :meth:`info` and implement :meth:`install`.
+    :class:`ModelInfo` from :meth:`info` and implement :meth:`install`; they may declare
+    ``wrap()`` keywords of their own in :attr:`options` and report costs from :meth:`cost`.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
     stages: ClassVar[tuple[str, ...]] = ()
-    #: the numberings of kept tokens the adapter can give (``wrap(positions=...)``)
-    positions_modes: ClassVar[tuple[str, ...]] = ("compact", "original")
-    #: the same after ``llm``-stage points (``wrap(llm_positions=...)``)
-    llm_positions_modes: ClassVar[tuple[str, ...]] = ("compact", "original")
+    #: ``wrap()`` keywords this adapter takes besides the method's options (name -> declaration)
+    options: ClassVar[dict[str, AdapterOption]] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -136,6 +159,31 @@ class Adapter:
 
     def install(self, plan: Plan) -> Installed:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check_options(self, values: dict[str, Any], method: Method, points: list[Point]) -> dict[str, Any]:
+        """Validate the adapter options ``wrap()`` got for ``method`` acting at ``points``:
+        each value is one of its choices, concerns a stage the method acts at, and is one this
+        adapter offers. Returns every declared option, None where not given."""
+        out = {}
+        for name, opt in self.options.items():
+            value = values.get(name)
+            if value is not None:
+                if value not in opt.choices:
+                    raise ValueError(f"parameter {name!r} must be one of {list(opt.choices)} or None, got {value!r}")
+                if opt.stages and not any(p.stage in opt.stages for p in points):
+                    raise ValueError(f"parameter {name!r} " + opt.unused.format(method=method.name))
+                if value not in opt.available:
+                    raise ValueError(
+                        f"parameter {name!r}: the {self.info().family} adapter offers {list(opt.available)}, "
+                        f"not {value!r}"
+                    )
+            out[name] = value
+        return out
+
+    def cost(self, stats: Stats) -> dict[str, Any]:
+        """What the last forward cost, as this family counts it (merged into ``handle.stats``):
+        nothing by default; the VLM adapters give LLM prefill FLOPs and KV-cache bytes."""
+        return {}
 
     def max_visual(self) -> int | None:
         """The most visual tokens one image can bring, as far as the config fixes it, for
@@ -202,6 +250,11 @@ def check_selection(sel, ctx, method: str, allow_extra: bool) -> None:
             raise RuntimeError(f"method {method!r} returned extra tokens at stage {ctx.stage!r}, where none can be added")
     if sel.keep_cls and not allow_extra:
         raise RuntimeError(f"method {method!r} asked to keep CLS at stage {ctx.stage!r}; only the projector stage can")
+
+
+def llm_cost(decoder, text_config, stats: Stats) -> dict[str, Any]:
+    """:meth:`Adapter.cost` of a VLM: LLM prefill FLOPs and KV bytes of the last prefill."""
+    return llm_shape(decoder, text_config).cost(stats)
 
 
 def llm_shape(decoder, text_config) -> LLMShape:

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from vlmprune.context import ModelInfo, Point, Signals
-from vlmprune.stats import LLMShape
+from vlmprune.stats import Stats
 
-from .base import Adapter, Installed, Plan, check_selection, llm_shape, register_adapter
+from .base import Adapter, Installed, Plan, check_selection, llm_cost, register_adapter
 from .decoder import Decoder
 from .vision import (
     EncoderCapture,
@@ -30,7 +30,7 @@ from .vision import (
     install_capture,
     install_encoder_pruning,
 )
-from .vlm import VLMRuntime
+from .vlm import VLMRuntime, position_options
 
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -50,6 +50,7 @@ def _pixel_patches(pixel_values: torch.Tensor, patch: int, raster: torch.Tensor)
 class LlavaAdapter(Adapter):
     model_types = ("llava",)
     stages = ("encoder", "projector", "llm")
+    options = position_options()
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -91,8 +92,8 @@ class LlavaAdapter(Adapter):
             stages=self.stages,
         )
 
-    def llm_shape(self) -> LLMShape:
-        return llm_shape(self.decoder, self.config.text_config)
+    def cost(self, stats: Stats) -> dict:
+        return llm_cost(self.decoder, self.config.text_config, stats)
 
     # -- install -----------------------------------------------------------------------------------
     def make_runtime(self, plan: Plan, info: ModelInfo) -> "LlavaRuntime":

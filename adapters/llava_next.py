@@ -196,7 +196,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 "does not support (its projector stage runs per un-padded crop, not per surviving token set)"
             )
         packing = packing_of(plan.method)
-        if packing == "spatial" and (plan.positions or plan.method.positions) == "original":
+        if packing == "spatial" and (plan.adapter_options.get("positions") or plan.method.positions) == "original":
             raise ValueError(
                 f"method {name!r} with next_packing='spatial' keeps tokens of the letterbox padding, which have no "
                 "placeholder to take an original position from; use positions='compact' (the official code "

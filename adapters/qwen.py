@@ -61,9 +61,9 @@ import torch
 from torch import nn
 
 from vlmprune.context import ModelInfo, Point, Signals
-from vlmprune.stats import LLMShape
+from vlmprune.stats import Stats
 
-from .base import Adapter, Installed, Plan, check_selection, llm_shape, register_adapter
+from .base import Adapter, Installed, Plan, check_selection, llm_cost, register_adapter
 from .decoder import Decoder
 from .qwen_vision import (
     AttentionCapture,
@@ -76,7 +76,7 @@ from .qwen_vision import (
     install_qwen_capture,
     install_qwen_encoder,
 )
-from .vlm import VLMRuntime
+from .vlm import VLMRuntime, position_options
 
 SIGNALS = (
     "hidden", "projected", "projector", "projector_input", "pixels", "encoder_attention", "encoder_qkv",
@@ -88,8 +88,7 @@ SIGNALS = (
 class QwenVLAdapter(Adapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     stages = ("encoder", "projector", "llm")
-    positions_modes = ("original",)  # 3-D M-RoPE positions are gathered, never renumbered
-    llm_positions_modes = ("original",)
+    options = position_options(offered=("original",))  # 3-D M-RoPE positions are gathered, never renumbered
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -114,8 +113,8 @@ class QwenVLAdapter(Adapter):
             patches_per_token=self.tower.unit,
         )
 
-    def llm_shape(self) -> LLMShape:
-        return llm_shape(self.decoder, self.config.text_config)
+    def cost(self, stats: Stats) -> dict:
+        return llm_cost(self.decoder, self.config.text_config, stats)
 
     def install(self, plan: Plan) -> Installed:
         info = self.info()

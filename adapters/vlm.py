@@ -14,9 +14,39 @@ from torch import nn
 
 from vlmprune.context import ModelInfo
 
-from .base import Installed, Plan
+from .base import AdapterOption, Installed, Plan
 from .decoder import Decoder, DecoderPruner, VisualLayout, _mask_4d, _padding_of
 from .runtime import Runtime
+
+#: numberings of kept visual tokens (the ``positions`` and ``llm_positions`` options)
+POSITIONS = ("compact", "original")
+
+
+def position_options(offered: tuple[str, ...] | None = None) -> dict[str, AdapterOption]:
+    """The LLaVA-family adapter options (``wrap(model, m, budget, positions=..., llm_positions=...)``);
+    ``offered``: the numberings the adapter gives (None: both)."""
+    return {
+        "positions": AdapterOption(
+            POSITIONS,
+            "how the tokens a method removes before the LLM leave the others numbered: 'compact' "
+            "(renumbered, as LLaVA implementations of VisionZip and the like do) or 'original' (each "
+            "kept token keeps its unpruned position id); None: the method's choice (Method.positions)",
+            offered=offered,
+            stages=("encoder", "projector"),
+            unused="numbers tokens removed before the LLM; method {method!r} prunes only inside the LLM; "
+            "number the tokens it keeps there with parameter 'llm_positions'",
+        ),
+        "llm_positions": AdapterOption(
+            POSITIONS,
+            "the same for the tokens kept at points inside the LLM, from each point on ('compact': "
+            "renumbered, with the new tokens' positions shifted at decode as TransPrune's and "
+            "AdaToken-3D's code do; 'original': FastV's); None: the method's choice (Method.llm_positions)",
+            offered=offered,
+            stages=("llm",),
+            unused="numbers tokens kept inside the LLM; method {method!r} has no point inside the LLM "
+            "(see parameter 'positions')",
+        ),
+    }
 
 
 class VLMRuntime(Runtime):
@@ -39,13 +69,13 @@ class VLMRuntime(Runtime):
         self._encoded: tuple | None = None
 
     def positions_mode(self) -> str:
-        return self.plan.positions or self.method.positions
+        return self.plan.adapter_options.get("positions") or self.method.positions
 
     def llm_positions_mode(self) -> str:
         """Numbering after ``llm`` points: ``wrap(llm_positions=...)``, else the method's choice
         where the adapter offers it, else original positions."""
-        mode = self.plan.llm_positions or self.method.llm_positions
-        return mode if mode in self.adapter.llm_positions_modes else "original"
+        mode = self.plan.adapter_options.get("llm_positions") or self.method.llm_positions
+        return mode if mode in self.adapter.options["llm_positions"].available else "original"
 
     def install_common(self, installed: Installed, decoder: Decoder, core: nn.Module, top: nn.Module) -> None:
         """What every VLM adapter installs: the decoder hooks for ``llm`` points, the model-level

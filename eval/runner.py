@@ -342,8 +342,17 @@ def parse_method_spec(spec: str) -> tuple[str, str, dict]:
     return label, name, options
 
 
-#: ``wrap()`` parameters a method spec may carry besides the method's own options
-WRAP_PARAMETERS = ("weights", "positions", "llm_positions")
+def wrap_parameters() -> dict:
+    """The ``wrap()`` parameters a method spec may carry besides the method's own options:
+    ``weights`` and every registered adapter's options (name -> its ``AdapterOption``; the
+    model's own adapter checks them again at ``wrap()``)."""
+    from vlmprune.adapters import ADAPTERS
+
+    out = {"weights": None}
+    for adapter in ADAPTERS:
+        for key, opt in adapter.options.items():
+            out.setdefault(key, opt)
+    return out
 
 
 def validate_methods(specs: list[str]) -> list[tuple[str, str, dict]]:
@@ -351,8 +360,8 @@ def validate_methods(specs: list[str]) -> list[tuple[str, str, dict]]:
     one of the method's (or a ``wrap()`` parameter) with a valid value, and ``weights=`` loads.
     Returns ``(label, name, options)`` per spec; the first bad spec exits with its reason."""
     import vlmprune
-    from vlmprune.wrap import POSITIONS
 
+    wrap_options = wrap_parameters()
     out = []
     for spec in specs:
         label, name, options = parse_method_spec(spec)
@@ -361,8 +370,8 @@ def validate_methods(specs: list[str]) -> list[tuple[str, str, dict]]:
             cls = vlmprune.get_method(name)
         except ValueError as e:
             raise SystemExit(f"{where}: {e}")
-        own = {k: v for k, v in options.items() if k not in WRAP_PARAMETERS}
-        valid = list(cls.options()) + list(WRAP_PARAMETERS)
+        own = {k: v for k, v in options.items() if k not in wrap_options}
+        valid = list(cls.options()) + list(wrap_options)
         unknown = sorted(set(own) - set(cls.options()))
         if unknown:
             raise SystemExit(f"{where}: unknown option(s) {unknown} for method {name!r}; valid options: {valid}")
@@ -370,9 +379,9 @@ def validate_methods(specs: list[str]) -> list[tuple[str, str, dict]]:
             instance = cls(**own)
         except (TypeError, ValueError) as e:
             raise SystemExit(f"{where}: {e}")
-        for key in ("positions", "llm_positions"):
-            if key in options and options[key] not in POSITIONS:
-                raise SystemExit(f"{where}: {key} must be one of {list(POSITIONS)}, got {options[key]!r}")
+        for key, opt in wrap_options.items():
+            if opt is not None and key in options and options[key] not in opt.choices:
+                raise SystemExit(f"{where}: {key} must be one of {list(opt.choices)}, got {options[key]!r}")
         if "weights" in options:
             if not cls.accepts_weights:
                 raise SystemExit(f"{where}: method {name!r} takes no weights (weights= is for "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch.compiler import is_compiling
@@ -34,6 +35,24 @@ class LLMShape:
 
     def kv_bytes(self, lengths: list[int]) -> int:
         return sum(2 * self.kv_heads * self.head_dim * self.bytes_per_value * n for n in lengths)
+
+    def cost(self, stats: "Stats") -> dict[str, Any]:
+        """Prefill FLOPs and KV-cache bytes of ``stats``' last prefill, pruned and unpruned
+        (nothing before the first prefill)."""
+        if not stats.layer_lengths:
+            return {}
+        full = sum(self.prefill_flops([n] * self.layers) for n in stats.full_lengths)
+        pruned = sum(self.prefill_flops(lengths) for lengths in stats.layer_lengths)
+        kv_full = sum(self.kv_bytes([n] * self.layers) for n in stats.full_lengths)
+        kv_pruned = sum(self.kv_bytes(lengths) for lengths in stats.layer_lengths)
+        return dict(
+            llm_prefill_flops=pruned,
+            llm_prefill_flops_unpruned=full,
+            flops_saved=full - pruned,
+            kv_cache_bytes=kv_pruned,
+            kv_cache_bytes_unpruned=kv_full,
+            kv_bytes_saved=kv_full - kv_pruned,
+        )
 
 
 class SelectTimer:
@@ -101,7 +120,8 @@ class SelectTimer:
 class Stats:
     """Filled by the adapter at every prefill; ``wrap().stats`` returns :meth:`as_dict`."""
 
-    llm: LLMShape | None = None
+    #: the adapter's :meth:`~vlmprune.adapters.Adapter.cost`, whose figures :meth:`as_dict` adds
+    cost: Callable[["Stats"], dict[str, Any]] | None = None
     prefills: int = 0
     points: list[dict] = field(default_factory=list)
     llm_visual_tokens: list[int] = field(default_factory=list)
@@ -135,17 +155,6 @@ class Stats:
             "llm_visual_tokens": list(self.llm_visual_tokens),
             "select_seconds": self.select_seconds,
         }
-        if self.llm is not None and self.layer_lengths:
-            full = sum(self.llm.prefill_flops([n] * self.llm.layers) for n in self.full_lengths)
-            pruned = sum(self.llm.prefill_flops(lengths) for lengths in self.layer_lengths)
-            kv_full = sum(self.llm.kv_bytes([n] * self.llm.layers) for n in self.full_lengths)
-            kv_pruned = sum(self.llm.kv_bytes(lengths) for lengths in self.layer_lengths)
-            out.update(
-                llm_prefill_flops=pruned,
-                llm_prefill_flops_unpruned=full,
-                flops_saved=full - pruned,
-                kv_cache_bytes=kv_pruned,
-                kv_cache_bytes_unpruned=kv_full,
-                kv_bytes_saved=kv_full - kv_pruned,
-            )
+        if self.cost is not None:
+            out.update(self.cost(self))
         return out

@@ -18,8 +18,6 @@ from .registry import get_method
 from .stats import Stats
 
 _HANDLE_ATTR = "_vlmprune_handle"
-#: numberings of kept visual tokens (``wrap(positions=...)``)
-POSITIONS = ("compact", "original")
 
 
 class Handle:
@@ -66,8 +64,9 @@ class Handle:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Tokens in/out per pruning point and image at the last prefill, LLM prefill FLOPs and
-        KV-cache bytes with and without pruning (estimates from the config), time in ``select``."""
+        """Tokens in/out per pruning point and image at the last prefill, time in ``select``, and
+        the adapter's cost figures (:meth:`~vlmprune.adapters.Adapter.cost`; the VLM adapters: LLM
+        prefill FLOPs and KV-cache bytes with and without pruning, estimates from the config)."""
         return self._stats.as_dict()
 
     def unwrap(self) -> nn.Module:
@@ -90,8 +89,7 @@ class Handle:
         return f"Handle(method={self.method.name!r}, budget={self.budget}, {state})"
 
 
-def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=None, positions: str | None = None,
-         llm_positions: str | None = None, **options) -> Handle:
+def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=None, **options) -> Handle:
     """Make ``model`` prune its visual tokens with ``method`` at ``budget``.
 
     ``budget``: an int (visual tokens kept per image), a float in (0, 1] (fraction kept)
@@ -105,24 +103,23 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     weights for the methods that have some (``vlmprune.methods()`` lists them with
     ``accepts_weights``): a path written by the method's training command, or an object the
     method documents; without it such a method loads its shipped default (if any) for this
-    model. ``positions``: how the tokens a method removes *before* the LLM leave the others
-    numbered: ``"compact"`` (renumbered, as LLaVA implementations of VisionZip and the like do)
-    or ``"original"`` (each kept token keeps its unpruned position id); ``None``: the method's
-    own choice (``vlmprune.methods()`` lists it). ``llm_positions``: the same for the tokens
-    kept at points inside the LLM, from each point on (``"compact"``: renumbered, with the new
-    tokens' positions shifted at decode as TransPrune's and AdaToken-3D's code do;
-    ``"original"``, FastV's); ``None``: the method's choice (Qwen-VL: always original, its 3-D
-    positions are never renumbered). ``options`` are the method's options (``vlmprune.methods()`` lists them with
-    defaults). The model is patched in place; ``handle.unwrap()`` (or leaving a ``with``
+    model. ``options`` go to the method (its options: ``vlmprune.methods()`` lists them with
+    defaults) or to the model's adapter (``Adapter.options``: the LLaVA and Qwen-VL adapters take
+    ``positions``, how the tokens a method removes *before* the LLM leave the others numbered,
+    ``"compact"`` or ``"original"``, and ``llm_positions``, the same inside the LLM; None: the
+    method's choice; Qwen-VL offers ``"original"`` only, its 3-D positions are never renumbered);
+    a name both take is refused. The model is patched in place; ``handle.unwrap()`` (or leaving a ``with``
     block) restores it. Calls from several threads run one at a time (a per-model lock held
     for the whole ``model(...)``, ``forward`` or ``generate`` call); ``copy.deepcopy(model)``
     gives a copy wrapped on its own (see :class:`Handle`).
     """
     from .adapters import Plan, find_adapter
+    from .adapters.base import adapter_class
 
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise RuntimeError("this model is already wrapped by vlmprune; call handle.unwrap() first")
-    instance = _instantiate(method, options)
+    method_options, adapter_options = _route(method, adapter_class(model), options)
+    instance = _instantiate(method, method_options)
     if weights is not None:
         if not instance.accepts_weights:
             from .registry import methods as _methods
@@ -144,32 +141,7 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
         parsed.check(points, instance.name, info.n_visual)
     else:
         parsed.check(points, instance.name, adapter.max_visual(), "the model's config allows at most")
-    if positions is not None:
-        if positions not in POSITIONS:
-            raise ValueError(f"parameter 'positions' must be one of {list(POSITIONS)} or None, got {positions!r}")
-        if not any(p.stage in ("encoder", "projector") for p in points):
-            raise ValueError(
-                f"parameter 'positions' numbers tokens removed before the LLM; method {instance.name!r} prunes "
-                "only inside the LLM; number the tokens it keeps there with parameter 'llm_positions'"
-            )
-        if positions not in adapter.positions_modes:
-            raise ValueError(
-                f"parameter 'positions': the {info.family} adapter offers {list(adapter.positions_modes)}, "
-                f"not {positions!r}"
-            )
-    if llm_positions is not None:
-        if llm_positions not in POSITIONS:
-            raise ValueError(f"parameter 'llm_positions' must be one of {list(POSITIONS)} or None, got {llm_positions!r}")
-        if not any(p.stage == "llm" for p in points):
-            raise ValueError(
-                f"parameter 'llm_positions' numbers tokens kept inside the LLM; method {instance.name!r} has no "
-                "point inside the LLM (see parameter 'positions')"
-            )
-        if llm_positions not in adapter.llm_positions_modes:
-            raise ValueError(
-                f"parameter 'llm_positions': the {info.family} adapter offers {list(adapter.llm_positions_modes)}, "
-                f"not {llm_positions!r}"
-            )
+    adapter_options = adapter.check_options(adapter_options, instance, points)
     if any(p.stage == "llm" for p in points):
         impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
         text_impl = getattr(getattr(model.config, "text_config", None), "_attn_implementation", None) or impl
@@ -178,9 +150,9 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
                 f"method {instance.name!r} prunes inside the LLM, which vlmprune supports with "
                 f"attn_implementation 'sdpa' or 'eager'; this model uses {text_impl!r}"
             )
-    stats = Stats(llm=adapter.llm_shape())
+    stats = Stats(cost=adapter.cost)
     plan = Plan(method=instance, budget=parsed, points=points, capture=instance.capture_layers(info), stats=stats,
-                positions=positions, llm_positions=llm_positions)
+                adapter_options=adapter_options)
     return _install(model, adapter, plan)
 
 
@@ -204,8 +176,7 @@ def _deepcopy_wrapped(handle: Handle, memo: dict) -> nn.Module:
         adapter = find_adapter(new)
         _install(new, adapter, Plan(
             method=copy.deepcopy(plan.method, memo), budget=plan.budget, points=list(plan.points),
-            capture=dict(plan.capture), stats=Stats(llm=adapter.llm_shape()), positions=plan.positions,
-            llm_positions=plan.llm_positions,
+            capture=dict(plan.capture), stats=Stats(cost=adapter.cost), adapter_options=dict(plan.adapter_options),
         ))
     return new
 
@@ -254,14 +225,32 @@ class _CallLock:
         return serialised
 
 
+def _route(method: str | Method, adapter_cls, options: dict) -> tuple[dict, dict]:
+    """Split ``wrap()``'s keyword arguments into the method's options and the adapter's
+    (``adapter_cls.options``; None: no adapter serves the model, refused later): a name both
+    take is refused, as is a name neither takes (naming both lists)."""
+    cls = type(method) if isinstance(method, Method) else get_method(method)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    offered = list(adapter_cls.options) if adapter_cls is not None else []
+    where = f"the {adapter_cls.__name__} adapter's options: {offered}" if adapter_cls is not None else "no adapter"
+    both = sorted(set(options) & set(valid) & set(offered))
+    if both and not isinstance(method, Method):
+        raise TypeError(
+            f"option(s) {both} are both options of method {cls.name!r} and of the {adapter_cls.__name__} adapter; "
+            f"set the method's on an instance (wrap(model, vlmprune.get_method({cls.name!r})(...), ...)) and pass "
+            "the adapter's to wrap()"
+        )
+    adapter_options = {k: v for k, v in options.items() if k in offered}
+    method_options = {k: v for k, v in options.items() if k not in offered}
+    unknown = sorted(set(method_options) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for method {cls.name!r}; valid options: {valid}; {where}")
+    return method_options, adapter_options
+
+
 def _instantiate(method: str | Method, options: dict) -> Method:
     if isinstance(method, Method):
         if options:
             raise TypeError("pass options either to the Method instance or to wrap(), not both")
         return method
-    cls = get_method(method)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for method {cls.name!r}; valid options: {valid}")
-    return cls(**options)
+    return get_method(method)(**options)
