@@ -7,46 +7,169 @@ from typing import Any, Callable
 
 import torch
 
+#: the stage names of the vision-language adapters (budget schedule keys are checked against them
+#: before a model is known); other families name their own stages (:class:`StageSpec`)
 STAGES = ("encoder", "projector", "llm", "cache")
+ROLES = ("boundary", "inside", "output")
 
 
 @dataclass(frozen=True)
 class Point:
-    """Where a method acts: a stage and, for ``encoder``/``llm``, a layer index.
+    """Where a method acts: a stage the adapter offers (:attr:`ModelInfo.stages`) and, for
+    stages between blocks, a layer index.
 
-    ``encoder`` layer ``l`` means *before* vision-encoder layer ``l`` runs (so the
-    signals of layer ``l - 1`` are available); ``llm`` layer ``K`` means before
-    decoder layer ``K`` in prefill (signals of layer ``K - 1`` available);
+    On VLMs ``encoder`` layer ``l`` means *before* vision-encoder layer ``l`` runs (so the
+    signals of layer ``l - 1`` are available); ``llm`` layer ``K`` means before decoder
+    layer ``K`` in prefill (signals of layer ``K - 1`` available);
     ``projector`` means on the vision features the projector is about to map.
+    The stage name is checked against the model's stages by :meth:`Method.check`.
     """
 
     stage: str
     layer: int | None = None
 
     def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if not isinstance(self.stage, str) or not self.stage:
+            raise ValueError(f"stage must be a non-empty stage name (e.g. one of {STAGES}), got {self.stage!r}")
 
     def __str__(self) -> str:
         return self.stage if self.layer is None else f"{self.stage}:{self.layer}"
 
 
+@dataclass(frozen=True)
+class StageSpec:
+    """What an adapter's stage allows, so the core never tests a stage's name.
+
+    ``role``: ``"boundary"`` (between two modules, e.g. a VLM's projector), ``"inside"``
+    (between blocks) or ``"output"``. ``layers``: valid ``Point.layer`` values (None: the adapter
+    checks them). ``signals``: the signals offered there (empty: not declared, the model-wide
+    :attr:`ModelInfo.signals` applies). ``prefix``: tokens outside ``ctx.tokens`` that are never
+    pruned (a CLS token). ``ordered``: keep must ascend and merges stay in place. ``ragged``: rows
+    may keep different counts (per-image keep lists). ``extra``: a selection may append tokens and
+    keep the prefix (``Selection.extra``, ``keep_cls``). ``spaces``: the ``Selection.merged_space``
+    values accepted. ``restore``: where removed tokens come back (``"exit"``, ``"head"``), or None.
+    """
+
+    name: str
+    role: str
+    layers: range | None = None
+    signals: frozenset[str] = frozenset()
+    prefix: int = 0
+    ordered: bool = False
+    ragged: bool = False
+    extra: bool = False
+    spaces: tuple[str, ...] = ("tokens",)
+    restore: str | None = None
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"StageSpec {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
+        if self.restore not in (None, "exit", "head"):
+            raise ValueError(f"StageSpec {self.name!r}: restore must be one of [None, 'exit', 'head'], got {self.restore!r}")
+        if not self.spaces or "tokens" not in self.spaces:
+            raise ValueError(f"StageSpec {self.name!r}: spaces must include 'tokens', got {self.spaces!r}")
+
+
+def vlm_stages(names, has_cls: bool = False) -> dict[str, StageSpec]:
+    """The stage specs of the vision-language adapters (LLaVA, LLaVA-NeXT, Qwen-VL): ``encoder``
+    between vision blocks, ``projector`` at the boundary (per-image keep lists, appended tokens,
+    CLS kept, merges in the projected space) and ``llm`` between decoder layers (per-image
+    counts); ``has_cls``: the tower's CLS token is the prefix of the vision stages."""
+    known = {
+        "encoder": StageSpec("encoder", "inside", prefix=int(has_cls)),
+        "projector": StageSpec(
+            "projector", "boundary", prefix=int(has_cls), ragged=True, extra=True, spaces=("tokens", "projected")
+        ),
+        "llm": StageSpec("llm", "inside", ragged=True),
+        "cache": StageSpec("cache", "inside", ragged=True),
+    }
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown VLM stage(s) {unknown}; valid choices: {list(known)}")
+    return {n: known[n] for n in names}
+
+
 @dataclass
 class ModelInfo:
-    """What an adapter tells a method about the model before anything runs."""
+    """What an adapter tells a method about the model before anything runs, for any family.
+
+    ``stages``: name -> :class:`StageSpec` (``"llm" in info.stages`` reads as before).
+    ``default_points``: the point each role maps to on this model (VLMs: ``boundary`` ->
+    ``Point("projector")``), for methods that name a role rather than a stage. ``grid``: rows,
+    cols of the patch grid (None: per input); ``n_tokens``: tokens per input at the first stage
+    (None: per input); ``signals``: signal names the adapter can provide (empty: all).
+
+    Called the old way, with the VLM facts positionally or by keyword
+    (``ModelInfo(family, n_visual, grid, has_cls, ...)``), it builds a :class:`VLMInfo`.
+    """
 
     family: str
-    n_visual: int  # visual tokens per image reaching the projector (patches, CLS excluded)
-    grid: tuple[int, int]  # rows, cols of the patch grid
-    has_cls: bool
-    encoder_layers: int
-    feature_layer: int  # index of the encoder layer whose output feeds the projector
-    llm_layers: int
-    stages: tuple[str, ...]
-    signals: tuple[str, ...] = ()  # signal names the adapter can provide; empty = all
-    #: vision-encoder patches per visual token (Qwen-VL's 2x2 merge groups: 4); encoder-stage
-    #: ``encoder_qkv`` rows are patches, this many consecutive rows per token
-    patches_per_token: int = 1
+    stages: dict[str, StageSpec] = field(default_factory=dict)
+    default_points: dict[str, Point] = field(default_factory=dict)
+    grid: tuple[int, int] | None = None
+    n_tokens: int | None = None
+    signals: tuple[str, ...] = ()
+
+    def __new__(cls, *args, **kwargs):
+        if cls is ModelInfo and (
+            (len(args) > 1 and not isinstance(args[1], dict)) or any(k in VLM_FIELDS for k in kwargs)
+        ):
+            return super().__new__(VLMInfo)  # __init__ then runs as VLMInfo's
+        return super().__new__(cls)
+
+    def spec(self, stage: str) -> StageSpec | None:
+        """The spec of ``stage``, or None if this model has no such stage."""
+        return self.stages.get(stage)
+
+
+#: the VLM facts that make ``ModelInfo(...)`` build a :class:`VLMInfo`
+VLM_FIELDS = ("n_visual", "has_cls", "encoder_layers", "feature_layer", "llm_layers", "patches_per_token")
+
+
+class VLMInfo(ModelInfo):
+    """A vision-language model's info: :class:`ModelInfo` plus the VLM facts methods read.
+
+    ``n_visual``: visual tokens per image reaching the projector (patches, CLS excluded; also
+    ``n_tokens``); ``has_cls``: the tower has a CLS token; ``encoder_layers``, ``feature_layer``
+    (the encoder layer whose output feeds the projector), ``llm_layers``; ``patches_per_token``:
+    vision-encoder patches per visual token (Qwen-VL's 2x2 merge groups: 4; encoder-stage
+    ``encoder_qkv`` rows are patches, this many consecutive rows per token). ``stages`` may be
+    given as names (the VLM specs of :func:`vlm_stages`); ``default_points`` defaults to
+    ``boundary`` -> ``Point("projector")`` when the model has a projector stage.
+    """
+
+    def __init__(
+        self,
+        family: str,
+        n_visual: int | None,
+        grid: tuple[int, int] | None,
+        has_cls: bool,
+        encoder_layers: int,
+        feature_layer: int,
+        llm_layers: int,
+        stages=(),
+        signals: tuple[str, ...] = (),
+        patches_per_token: int = 1,
+        default_points: dict[str, Point] | None = None,
+    ):
+        if not isinstance(stages, dict):
+            stages = vlm_stages(stages, has_cls)
+        if default_points is None:
+            default_points = {"boundary": Point("projector")} if "projector" in stages else {}
+        super().__init__(family, stages, default_points, grid, n_visual, signals)
+        self.n_visual = n_visual
+        self.has_cls = has_cls
+        self.encoder_layers = encoder_layers
+        self.feature_layer = feature_layer
+        self.llm_layers = llm_layers
+        self.patches_per_token = patches_per_token
+
+    def __repr__(self) -> str:
+        facts = ", ".join(f"{k}={getattr(self, k)!r}" for k in VLM_FIELDS)
+        return f"VLMInfo(family={self.family!r}, {facts}, stages={list(self.stages)}, signals={self.signals!r})"
+
+    def __eq__(self, other) -> bool:
+        return ModelInfo.__eq__(self, other) and all(getattr(self, k) == getattr(other, k) for k in VLM_FIELDS)
 
 
 @dataclass

@@ -8,6 +8,9 @@ from typing import Any, ClassVar
 
 from .context import ModelInfo, Point, Selection, TokenContext
 
+#: the role of each VLM stage, from which a method's ``roles`` default derives
+VLM_STAGE_ROLES = {"encoder": "inside", "projector": "boundary", "llm": "inside", "cache": "inside"}
+
 #: Signals a method may declare in ``needs``.
 SIGNALS = frozenset(
     {
@@ -71,8 +74,14 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    #: declared metadata (``vlmprune.methods()``) and the default of :meth:`points`: the VLM
+    #: stages the method acts at
     stages: ClassVar[tuple[str, ...]] = ()
+    #: declared metadata and the default of :meth:`needs_for`: the signals the method may read
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: the roles (``"boundary"``, ``"inside"``, ``"output"``) the method can act at; default:
+    #: derived from ``stages`` (``projector`` -> ``boundary``, ``encoder``/``llm`` -> ``inside``)
+    roles: ClassVar[tuple[str, ...]] = ()
     training_free: ClassVar[bool] = True
     requires_cls: ClassVar[bool] = False
     paper: ClassVar[dict[str, str]] = {}
@@ -98,14 +107,35 @@ class Method:
 
     seed: int = option(0, "seed of the random generator handed to select() (determinism under a seed)")
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "roles" not in vars(cls):
+            cls.roles = tuple(dict.fromkeys(VLM_STAGE_ROLES[s] for s in cls.stages if s in VLM_STAGE_ROLES))
+
     def __post_init__(self):
         for f in dataclasses.fields(self):
             _check_option(self.name, f, getattr(self, f.name))
 
     # -- what the adapter asks before installing -------------------------------------------------
     def points(self, info: ModelInfo) -> list[Point]:
-        """Pruning points, in the order they run. Default: one per declared stage."""
+        """Pruning points, in the order they run. Default: a method acting at one boundary
+        (``roles == ("boundary",)``) acts at the model's boundary point
+        (``info.default_points["boundary"]``, VLMs: the projector); otherwise one point per
+        declared stage."""
+        if tuple(self.roles) == ("boundary",) and "boundary" in info.default_points:
+            return [info.default_points["boundary"]]
         return [Point(stage) for stage in self.stages]
+
+    def needs_for(self, info: ModelInfo) -> frozenset[str]:
+        """The signals this instance reads on this model. Default: the declared ``needs`` (the
+        instance's, if its options narrowed them). :meth:`check` records the answer as
+        ``self.needs``, which adapters read."""
+        return frozenset(self.needs)
+
+    def requires_prefix(self, info: ModelInfo) -> bool:
+        """Whether this instance needs a prefix token (a CLS token) at its points. Default: the
+        class attribute ``requires_cls``."""
+        return self.requires_cls
 
     def capture_layers(self, info: ModelInfo) -> dict[str, tuple[int, ...]]:
         """Which encoder / LLM layers' attention projections the signals will read.
@@ -131,24 +161,38 @@ class Method:
         return False
 
     def check(self, info: ModelInfo) -> None:
-        """Raise a clear error if this model cannot serve the method."""
-        if self.requires_cls and not info.has_cls:
+        """Raise a clear error if this model cannot serve the method: every point of
+        :meth:`points` must name a stage the adapter offers, a prefix token must be there if
+        :meth:`requires_prefix`, and :meth:`needs_for` must be among the signals the model (and
+        the stages, where their specs declare signals) provide. Records ``self.needs``."""
+        points = self.points(info)
+        specs = [info.stages[p.stage] for p in points if p.stage in info.stages]
+        if self.requires_prefix(info) and not any(spec.prefix for spec in specs):
             raise ValueError(
                 f"method {self.name!r} needs a CLS token in the vision tower, and this model's "
                 f"({info.family}) has none; choose a CLS-free method (see vlmprune.methods())"
             )
-        lacking = set(self.needs) - set(info.signals) if info.signals else set()
+        needs = self.needs_for(info)
+        lacking = set(needs) - set(info.signals) if info.signals else set()
         if lacking:
             raise ValueError(
                 f"method {self.name!r} needs signal(s) {sorted(lacking)}, which the {info.family} adapter "
                 f"cannot provide (it provides {list(info.signals)})"
             )
-        missing = set(self.stages) - set(info.stages)
+        missing = sorted({p.stage for p in points} - set(info.stages))
         if missing:
             raise ValueError(
-                f"method {self.name!r} acts at stage(s) {sorted(missing)}, which the {info.family} adapter "
+                f"method {self.name!r} acts at stage(s) {missing}, which the {info.family} adapter "
                 f"does not offer (it offers {list(info.stages)})"
             )
+        if specs and all(spec.signals for spec in specs):
+            offered = frozenset().union(*(spec.signals for spec in specs))
+            if set(needs) - offered:
+                raise ValueError(
+                    f"method {self.name!r} needs signal(s) {sorted(set(needs) - offered)}, which the {info.family} "
+                    f"adapter does not offer at stage(s) {sorted({p.stage for p in points})} (it offers {sorted(offered)})"
+                )
+        self.needs = needs
 
     def select(self, ctx: TokenContext) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -43,6 +43,7 @@ def methods(filter: str = "*", stage: str | None = None) -> list[dict[str, Any]]
             {
                 "name": name,
                 "stages": list(cls.stages),
+                "roles": list(cls.roles),
                 "needs": sorted(cls.needs),
                 "training_free": cls.training_free,
                 "requires_cls": cls.requires_cls,

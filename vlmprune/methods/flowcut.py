@@ -186,11 +186,13 @@ class FlowCut(Method):
         """``S`` of ``rpl = S - t - 1``: the tower's depth on Qwen, else the feature layer."""
         return info.encoder_layers if self._qwen(info) else info.feature_layer
 
-    def check(self, info):
+    def needs_for(self, info):
         relay = self.relay if self.relay != "auto" else ("cls" if info.has_cls else "mean_query")
-        self.needs = frozenset(  # what this instance reads on this model
+        return frozenset(
             {"encoder_qkv"} | ({"cls_attention"} if relay == "cls" else set()) | ({"relay_qkv"} if self._with_llm(info) else set())
         )
+
+    def check(self, info):
         super().check(info)
         if self.relay == "cls" and not info.has_cls:
             raise ValueError(

@@ -93,13 +93,15 @@ class FoPru(Method):
             raise ValueError(f"option 'layer' of method 'fopru' must be in [0, {info.encoder_layers}], got {self.layer}")
         return self.layer - 1
 
+    def needs_for(self, info):
+        return frozenset({"cls_attention" if self.significance == "cls" else "encoder_attention"})
+
     def check(self, info):
         if self.significance == "cls" and not info.has_cls:
             raise ValueError(
                 f"method 'fopru' with significance='cls' needs a CLS token, and this model's ({info.family}) vision "
                 "tower has none; use significance='received'"
             )
-        self.needs = frozenset({"cls_attention" if self.significance == "cls" else "encoder_attention"})  # this instance
         super().check(info)
         self.vision_layer(info)
 

@@ -155,11 +155,13 @@ class HoloV(Method):
                 f"method 'holov' with saliency='cls' needs a CLS token, and this model's ({info.family}) vision tower "
                 "has none; use saliency='auto' or 'received'"
             )
-        # what this instance reads on this model: CLS attention, or (CLS-free towers such as
-        # Qwen-VL's, or saliency="received") the full encoder attention
-        use_cls = self.saliency == "cls" or (self.saliency == "auto" and info.has_cls)
-        self.needs = type(self).needs - {"encoder_attention" if use_cls else "cls_attention"}
         super().check(info)
+
+    def needs_for(self, info):
+        """CLS attention, or (CLS-free towers such as Qwen-VL's, or saliency="received") the full
+        encoder attention."""
+        use_cls = self.saliency == "cls" or (self.saliency == "auto" and info.has_cls)
+        return type(self).needs - {"encoder_attention" if use_cls else "cls_attention"}
 
     def crop_count(self, ctx: TokenContext) -> int:
         """``P`` for this call: the option, else 16 or the Qwen port's rule."""

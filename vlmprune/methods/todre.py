@@ -129,8 +129,10 @@ class ToDRE(Method):
         llm = (self.layer(info) - 1,) if self.stage2 == "relevance" else ()
         return {"encoder": enc, "llm": llm}
 
+    def needs_for(self, info):
+        return self._needs(self.seed_rule(info) == "cls_attention")
+
     def check(self, info) -> None:
-        self.needs = self._needs(self.seed_rule(info) == "cls_attention")
         super().check(info)
         if self.seed_token == "cls_attention" and not info.has_cls:
             raise ValueError(
