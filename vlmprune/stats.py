@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.compiler import is_compiling
@@ -45,14 +46,14 @@ class LLMShape:
         pruned = sum(self.prefill_flops(lengths) for lengths in stats.layer_lengths)
         kv_full = sum(self.kv_bytes([n] * self.layers) for n in stats.full_lengths)
         kv_pruned = sum(self.kv_bytes(lengths) for lengths in stats.layer_lengths)
-        return dict(
-            llm_prefill_flops=pruned,
-            llm_prefill_flops_unpruned=full,
-            flops_saved=full - pruned,
-            kv_cache_bytes=kv_pruned,
-            kv_cache_bytes_unpruned=kv_full,
-            kv_bytes_saved=kv_full - kv_pruned,
-        )
+        return {
+            "llm_prefill_flops": pruned,
+            "llm_prefill_flops_unpruned": full,
+            "flops_saved": full - pruned,
+            "kv_cache_bytes": kv_pruned,
+            "kv_cache_bytes_unpruned": kv_full,
+            "kv_bytes_saved": kv_full - kv_pruned,
+        }
 
 
 class SelectTimer:
