@@ -74,8 +74,9 @@ def test_old_path_warns_and_stands_for_the_new_module(old, monkeypatch):
     assert sys.modules[old] is module
 
 
-def test_old_command_runs_the_new_one():
-    done = subprocess.run([sys.executable, "-m", "vlmprune.train_atp", "--help"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("old", ["vlmprune.train_atp", "vlmprune.eval.train_embedded"])
+def test_old_command_runs_the_new_one(old):
+    done = subprocess.run([sys.executable, "-m", old, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("usage: python -m vlmprune.tools.train_atp ")
-    assert "vlmprune.train_atp moved to vlmprune.tools.train_atp" in done.stderr
+    assert done.stdout.startswith(f"usage: python -m {MOVED[old]} ")
+    assert f"{old} moved to {MOVED[old]}" in done.stderr
