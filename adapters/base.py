@@ -222,18 +222,20 @@ def new_generator(seed: int, device: torch.device) -> torch.Generator:
 
 
 
-def check_selection(sel, ctx, method: str, allow_extra: bool) -> None:
-    """Refuse a malformed selection with an error naming the method (never prune silently wrong)."""
+def check_selection(sel, ctx, method: str) -> None:
+    """Refuse a malformed selection with an error naming the method (never prune silently wrong).
+    What the stage allows (per-image keep lists, appended tokens and CLS, merge spaces) is read
+    from its :class:`~vlmprune.context.StageSpec` in ``ctx.info.stages``."""
     b, n = ctx.tokens.shape[:2]
-    ragged = isinstance(sel.keep, (list, tuple))
-    if ragged and not allow_extra and ctx.stage != "llm":  # llm-stage rows are left-filled per count
+    spec = ctx.info.stages[ctx.stage]
+    if isinstance(sel.keep, (list, tuple)) and not spec.ragged:
         raise RuntimeError(f"method {method!r} returned per-image keep lists at stage {ctx.stage!r}; use a [B, k] tensor")
     if len(sel.keep) != b:
         raise RuntimeError(f"method {method!r} returned keep for {len(sel.keep)} images, expected {b}")
-    if sel.merged_space not in ("tokens", "projected") or (sel.merged_space == "projected" and ctx.stage != "projector"):
+    if sel.merged_space not in spec.spaces:
         raise RuntimeError(
-            f"method {method!r} returned merged_space={sel.merged_space!r} at stage {ctx.stage!r}; 'tokens' anywhere, "
-            "'projected' at the projector stage only"
+            f"method {method!r} returned merged_space={sel.merged_space!r} at stage {ctx.stage!r}, which accepts "
+            f"{list(spec.spaces)}"
         )
     for i, (keep, merged, extra) in enumerate(sel.per_image()):
         if keep.dtype != torch.long or keep.dim() != 1:
@@ -246,9 +248,9 @@ def check_selection(sel, ctx, method: str, allow_extra: bool) -> None:
             raise RuntimeError(f"method {method!r} returned duplicate indices in keep")
         if merged is not None and merged.shape[0] != keep.shape[0]:
             raise RuntimeError(f"method {method!r}: merged must have one row per kept token")
-        if extra is not None and not allow_extra:
+        if extra is not None and not spec.extra:
             raise RuntimeError(f"method {method!r} returned extra tokens at stage {ctx.stage!r}, where none can be added")
-    if sel.keep_cls and not allow_extra:
+    if sel.keep_cls and not spec.extra:
         raise RuntimeError(f"method {method!r} asked to keep CLS at stage {ctx.stage!r}; only the projector stage can")
 
 

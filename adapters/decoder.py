@@ -502,7 +502,7 @@ class DecoderPruner:
             signals = self._llm_signals(idx, group, pos, tokens, lambda: self._project_ahead(idx, hidden, args, kwargs, ahead))
             ctx = self.rt.context(point, tokens, raster, signals, group)
             sel: Selection = self.rt.run_method(ctx)
-            check_selection(sel, ctx, self.rt.method.name, allow_extra=False)
+            check_selection(sel, ctx, self.rt.method.name)
             for j, (keep, merged, _) in enumerate(sel.per_image()):  # counts may differ per image
                 row = int(layout.row[group[j]])
                 order = torch.argsort(keep)

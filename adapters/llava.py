@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmprune.context import ModelInfo, Point, Signals
+from vlmprune.context import ModelInfo, Point, Signals, VLMInfo, vlm_stages
 from vlmprune.stats import Stats
 
 from .base import Adapter, Installed, Plan, check_selection, llm_cost, register_adapter
@@ -75,13 +75,13 @@ class LlavaAdapter(Adapter):
         vc = self.config.vision_config
         return (vc.image_size // vc.patch_size) ** 2
 
-    def info(self) -> ModelInfo:
+    def info(self) -> VLMInfo:
         vc = self.config.vision_config
         side = vc.image_size // vc.patch_size
         # DINOv2 towers interpolate their position grid: the run-time grid comes from pixel_values
         known = getattr(vc, "model_type", "") != "dinov2"
         tc = self.config.text_config
-        return ModelInfo(
+        return VLMInfo(
             family="llava",
             n_visual=side * side if known else None,
             grid=(side, side) if known else None,
@@ -89,7 +89,7 @@ class LlavaAdapter(Adapter):
             encoder_layers=self.tower.depth,
             feature_layer=self._feature_layer(),
             llm_layers=tc.num_hidden_layers,
-            stages=self.stages,
+            stages=vlm_stages(self.stages, has_cls=self.tower.has_cls),
         )
 
     def cost(self, stats: Stats) -> dict:
@@ -172,7 +172,7 @@ class LlavaRuntime(VLMRuntime):
             )
             ctx = self.context(Point("projector"), feats, raster, signals, cls_token=cls_tok)
             sel = self.run_method(ctx)
-            check_selection(sel, ctx, self.method.name, allow_extra=True)
+            check_selection(sel, ctx, self.method.name)
             if sel.keep_cls and cls_tok is None:
                 raise RuntimeError(f"method {self.method.name!r} asked to keep CLS, but the tower has none")
             per_image = []
@@ -248,7 +248,7 @@ class LlavaRuntime(VLMRuntime):
             Point("encoder", layer), patches, self.alive, signals, images=self.image_ids, cls_token=hidden[:, 0] if off else None
         )
         sel = self.run_method(ctx)
-        check_selection(sel, ctx, self.method.name, allow_extra=False)
+        check_selection(sel, ctx, self.method.name)
         kept = _gather_tokens(patches, sel.keep) if sel.merged is None else sel.merged.to(hidden.dtype)
         self.alive = self.alive.gather(1, sel.keep)
         return torch.cat([hidden[:, :off], kept], dim=1)

@@ -125,7 +125,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmprune.context import ImagePart, ModelInfo, Point, Signals
+from vlmprune.context import ImagePart, ModelInfo, Point, Signals, VLMInfo, vlm_stages
 
 from .base import Installed, Plan, check_selection, new_generator, register_adapter
 from .llava import LlavaAdapter, LlavaRuntime, _pixel_patches
@@ -166,9 +166,9 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
     stages = ("encoder", "projector", "llm")
 
-    def info(self) -> ModelInfo:
+    def info(self) -> VLMInfo:
         tc = self.config.text_config
-        return ModelInfo(
+        return VLMInfo(
             family="llava_next",
             n_visual=None,  # depends on each image's size (tiles, un-padding)
             grid=None,
@@ -176,7 +176,7 @@ class LlavaNextAdapter(LlavaAdapter):
             encoder_layers=self.tower.depth,
             feature_layer=self._feature_layer(),
             llm_layers=tc.num_hidden_layers,
-            stages=self.stages,
+            stages=vlm_stages(self.stages, has_cls=self.tower.has_cls),
         )
 
     def max_visual(self) -> int:
@@ -525,7 +525,7 @@ class LlavaNextRuntime(VLMRuntime):
                     for g, r in zip(members, enc_raster)
                 ]
                 sel = self.run_method(ctx)
-                check_selection(sel, ctx, self.method.name, allow_extra=True)
+                check_selection(sel, ctx, self.method.name)
                 if sel.keep_cls and cls_tok is None:
                     raise RuntimeError(f"method {self.method.name!r} asked to keep CLS, but the tower has none")
                 for j, (keep, merged, extra) in enumerate(sel.per_image()):
@@ -575,7 +575,7 @@ class LlavaNextRuntime(VLMRuntime):
                 )
                 ctx = self.context(point, tokens, (crop * n + raster)[None], signals, images=[i])
                 sel = self.run_method(ctx)
-                check_selection(sel, ctx, self.method.name, allow_extra=False)
+                check_selection(sel, ctx, self.method.name)
                 ((keep, merged, _),) = sel.per_image()
                 in_llm = merged is not None and sel.merged_space == "projected"
                 for c, part in enumerate(lay["parts"]):

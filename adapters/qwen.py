@@ -60,7 +60,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmprune.context import ModelInfo, Point, Signals
+from vlmprune.context import ModelInfo, Point, Signals, VLMInfo, vlm_stages
 from vlmprune.stats import Stats
 
 from .base import Adapter, Installed, Plan, check_selection, llm_cost, register_adapter
@@ -97,10 +97,10 @@ class QwenVLAdapter(Adapter):
         self.tower = QwenTower(self.core.visual)
         self.config = model.config
 
-    def info(self) -> ModelInfo:
+    def info(self) -> VLMInfo:
         vc, tc = self.config.vision_config, self.config.text_config
         depth = vc.depth
-        return ModelInfo(
+        return VLMInfo(
             family=self.config.model_type,
             n_visual=None,  # depends on each image's size
             grid=None,
@@ -108,7 +108,7 @@ class QwenVLAdapter(Adapter):
             encoder_layers=depth,
             feature_layer=depth - 1,
             llm_layers=tc.num_hidden_layers,
-            stages=self.stages,
+            stages=vlm_stages(self.stages, has_cls=False),
             signals=SIGNALS,
             patches_per_token=self.tower.unit,
         )
@@ -218,7 +218,7 @@ class QwenRuntime(VLMRuntime):
                 )
                 ctx = self.context(Point("projector"), feats, raster, signals, images=members)
                 sel = self.run_method(ctx)
-                check_selection(sel, ctx, self.method.name, allow_extra=True)
+                check_selection(sel, ctx, self.method.name)
                 if sel.keep_cls:
                     raise RuntimeError(f"method {self.method.name!r} asked to keep CLS; Qwen-VL's tower has none")
                 for j, (keep, merged, extra) in enumerate(sel.per_image()):
@@ -264,7 +264,7 @@ class QwenRuntime(VLMRuntime):
             )
             ctx = self.context(Point("encoder", layer), tokens, raster, signals, images=members)
             sel = self.run_method(ctx)
-            check_selection(sel, ctx, self.method.name, allow_extra=False)
+            check_selection(sel, ctx, self.method.name)
             for j, (k, merged, _) in enumerate(sel.per_image()):
                 chosen = pos[j, k]
                 keep[chosen] = True

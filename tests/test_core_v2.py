@@ -109,3 +109,30 @@ def test_vlm_info_carries_the_vlm_facts_and_the_vlm_stage_specs():
     assert by_name == VLMInfo("llava", 16, (4, 4), True, 4, 2, 4, ("llm",)) != VLMInfo("llava", 16, (4, 4), False, 4, 2, 4, ("llm",))
     with pytest.raises(ValueError, match=r"unknown VLM stage\(s\) \['vit'\]"):
         ModelInfo("test", 16, (4, 4), True, 4, 2, 4, ("vit",))
+
+
+def test_check_selection_reads_what_the_stage_allows_from_its_spec():
+    """Per-image keep lists, appended tokens, CLS and merge spaces are allowed where the stage's
+    spec says so, whatever the stage's name."""
+    import torch
+
+    from adapters.base import check_selection
+    from tests.contexts import make_context
+    from vlmprune.context import Selection
+
+    x = torch.randn(2, 6, 3)
+    strict = ModelInfo("vit", {"vit": StageSpec("vit", "boundary")}, {"boundary": Point("vit")}, grid=(2, 3))
+    loose = ModelInfo(
+        "vit", {"vit": StageSpec("vit", "boundary", ragged=True, extra=True, spaces=("tokens", "projected"))}, grid=(2, 3)
+    )
+    ragged = Selection(keep=[torch.tensor([0, 2]), torch.tensor([1])])
+    summary = Selection(keep=torch.tensor([[0, 1], [2, 3]]), extra=torch.zeros(2, 1, 3))
+    projected = Selection(keep=torch.tensor([[0, 1], [2, 3]]), merged=torch.zeros(2, 2, 5), merged_space="projected")
+    for sel, match in ((ragged, "per-image keep lists"), (summary, "extra tokens"), (projected, r"accepts \['tokens'\]")):
+        with pytest.raises(RuntimeError, match=match):
+            check_selection(sel, make_context(x, 2, {}, info=strict, stage="vit"), "m")
+        assert check_selection(sel, make_context(x, 2, {}, info=loose, stage="vit"), "m") is None
+    llava = ModelInfo("test", 6, (2, 3), True, 4, 2, 4, ("encoder", "projector", "llm"))
+    check_selection(ragged, make_context(x, 2, {}, info=llava, stage="llm", layer=2), "m")
+    with pytest.raises(RuntimeError, match="per-image keep lists at stage 'encoder'"):
+        check_selection(ragged, make_context(x, 2, {}, info=llava, stage="encoder", layer=2), "m")
