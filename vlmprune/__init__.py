@@ -6,7 +6,7 @@
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .budget import Budget
-from .context import ModelInfo, Point, Selection, SelectionRecord, Signals, TokenContext
+from .context import ModelInfo, Point, Selection, SelectionRecord, Signals, StageSpec, TokenContext, VLMInfo
 from .method import Method, option
 from .registry import get_method, methods, register
 from .wrap import Handle, wrap
@@ -22,7 +22,9 @@ __all__ = [
     "Selection",
     "SelectionRecord",
     "Signals",
+    "StageSpec",
     "TokenContext",
+    "VLMInfo",
     "get_method",
     "methods",
     "option",
