@@ -17,10 +17,11 @@ questions: they are there to show which tokens each method keeps on a natural im
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
+
+from vlmprune.assets_dir import assets_dir
 
 __all__ = ["generate", "samples", "samples_dir"]
 
@@ -35,15 +36,7 @@ PHOTOS = (
 
 def samples_dir() -> Path:
     """``assets/samples`` of a source checkout / editable install, or of the installed package."""
-    here = Path(__file__).resolve().parent
-    candidates = [here.parent / "assets" / "samples"]
-    spec = importlib.util.find_spec("vlmprune.assets")
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(p) / "samples" for p in spec.submodule_search_locations]
-    for c in candidates:
-        if (c / "samples.json").exists():
-            return c
-    return candidates[0]
+    return assets_dir("samples", "samples.json")
 
 
 def samples(directory: str | Path | None = None) -> list[dict]:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from vlmprune.assets_dir import assets_dir
+
 __all__ = [
     "VIT_CONFIG",
     "build_prompt",
@@ -98,15 +100,7 @@ def question_ids(tokenizer, question: str) -> list[int]:
 
 def embedded_path() -> Path:
     """The committed assets directory of the embedded model (``assets/embedded_vlm``)."""
-    root = Path(__file__).resolve().parents[2]
-    candidates = [root / "assets" / "embedded_vlm"]  # source checkout / editable install
-    spec = importlib.util.find_spec("vlmprune.assets")  # regular install: vlmprune/assets
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(p) / "embedded_vlm" for p in spec.submodule_search_locations]
-    for c in candidates:
-        if (c / "config.json").exists():
-            return c
-    return candidates[0]
+    return assets_dir("embedded_vlm", "config.json")
 
 
 def cache_root() -> Path:
