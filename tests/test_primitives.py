@@ -13,14 +13,16 @@ from hypothesis import strategies as st
 from vlmprune.primitives import (
     allocate_budget,
     bipartite_soft_matching,
+    check_ratios,
     contextual_merge,
     greedy_k_center,
     max_min_diversity,
     similarity_merge,
+    stride_grid_mask,
     topk_keep_order,
     uniform_grid,
 )
-from vlmprune.primitives.selection import cosine_distance, strided_grid
+from vlmprune.primitives.selection import cosine_distance
 
 shapes = st.tuples(st.integers(1, 3), st.integers(2, 40), st.integers(1, 8))
 
@@ -101,7 +103,42 @@ def test_uniform_grid_exact_count(rows, cols, data):
 
 def test_uniform_grid_lattice():
     assert uniform_grid(4, 4, 4).tolist() == [5, 7, 13, 15]
-    assert strided_grid(6, 6, 3).tolist() == [0, 3, 18, 21]
+
+
+def test_stride_grid_mask_planted():
+    """``grid[::s, ::s]`` from (0, 0) on raster indices: square and non-square grids, a pruned
+    subset of tokens in any order, a CLS slot (raster -1), stride 1 = every token."""
+    on = lambda idx, cols, s: stride_grid_mask(torch.tensor(idx), cols, s).nonzero().flatten().tolist()  # noqa: E731
+    assert on(list(range(36)), 6, 3) == [0, 3, 18, 21]
+    assert on(list(range(20)), 5, 2) == [0, 2, 4, 10, 12, 14]  # 4 x 5 grid
+    assert stride_grid_mask(torch.tensor([[-1, 21, 1, 3, 20, 18], [0, 4, 6, -1, 9, 35]]), 6, 3).tolist() == [
+        [False, True, False, True, False, True],
+        [True, False, False, False, False, False],
+    ]
+    assert stride_grid_mask(torch.tensor([-1, 0, 7]), 6, 1).tolist() == [False, True, True]
+    with pytest.raises(ValueError, match="stride must be >= 1, got 0"):
+        stride_grid_mask(torch.arange(4), 2, 0)
+
+
+def test_check_ratios():
+    check_ratios("transprune", (0.875, 0.625, 0.125), (7, 9, 12))
+    check_ratios("adatoken3d", (1.0, 1.0), (1, 2))  # equal ratios are non-increasing
+    with pytest.raises(ValueError, match=r"option 'ratios' of method 'adatoken3d' needs one ratio per pruning layer \(8, 16\), got \(0.5,\)"):
+        check_ratios("adatoken3d", (0.5,), (8, 16))
+    with pytest.raises(ValueError, match="needs one ratio per pruning layer"):
+        check_ratios("transprune", (), ())
+    for bad in ((0.5, 0.6), (0.5, 0.0), (1.5, 0.5), (-0.1, -0.2)):
+        with pytest.raises(ValueError, match=r"option 'ratios' of method 'transprune' must be non-increasing in \(0, 1\]"):
+            check_ratios("transprune", bad, (1, 2))
+
+
+def test_shared_helpers_written_once():
+    """The methods that share a helper call the primitive, not a copy of their own."""
+    from vlmprune import primitives
+    from vlmprune.methods import adatoken3d, atp, feather, transprune
+
+    assert feather.stride_grid_mask is atp.stride_grid_mask is primitives.stride_grid_mask
+    assert transprune.check_ratios is adatoken3d.check_ratios is primitives.check_ratios
 
 
 @settings(max_examples=60, deadline=None)

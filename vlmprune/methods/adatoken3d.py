@@ -11,9 +11,9 @@ import torch
 from ..budget import progressive_count_at
 from ..context import Point, Selection, TokenContext
 from ..method import Method, option, scale_llm_layers
+from ..primitives.schedule import check_ratios
 from ..primitives.selection import topk_keep_order
 from ..registry import register
-from .transprune import check_ratios
 
 #: Keys of a schedule file written by ``python -m vlmprune.tools.calibrate_adatoken3d``.
 SCHEDULE_KEYS = ("method", "layers", "ratios", "llm_layers", "calibration")

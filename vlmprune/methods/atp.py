@@ -18,9 +18,9 @@ from torch import nn
 
 from ..context import Point, Selection, TokenContext
 from ..method import Method, option
+from ..primitives.selection import stride_grid_mask
 from ..registry import register
 from ..weights import load_module, save_module
-from .feather import stride_grid_mask
 
 #: what a weights file of the learned variant records in its safetensors metadata
 WEIGHTS_FORMAT = "vlmprune-atp-heads-1"

@@ -8,15 +8,8 @@ import torch
 
 from ..context import Point, Selection, TokenContext
 from ..method import Method, option, scale_llm_layers
-from ..primitives.selection import topk_keep_order
+from ..primitives.selection import stride_grid_mask, topk_keep_order
 from ..registry import register
-
-
-def stride_grid_mask(token_index: torch.Tensor, cols: int, stride: int) -> torch.Tensor:
-    """``[B, N]`` True for the tokens whose raster index lies on every ``stride``-th row and
-    column of a ``cols``-wide grid, starting at (0, 0) (FEATHER's ``grid[::s, ::s]``); tokens
-    with no grid origin (raster -1, e.g. a CLS token the model feeds to the LLM) are not on it."""
-    return (token_index >= 0) & (token_index // cols % stride == 0) & (token_index % cols % stride == 0)
 
 
 @register

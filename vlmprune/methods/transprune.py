@@ -9,17 +9,10 @@ import torch
 from ..budget import progressive_count_at
 from ..context import Point, Selection, TokenContext
 from ..method import Method, option, scale_llm_layers
+from ..primitives.schedule import check_ratios
 from ..primitives.scoring import transition_variation
 from ..primitives.selection import topk_keep_order
 from ..registry import register
-
-
-def check_ratios(method: str, ratios: tuple, layers: tuple) -> None:
-    """Keep ratios of a progressive schedule: one per layer, in (0, 1], non-increasing."""
-    if len(ratios) != len(layers) or not ratios:
-        raise ValueError(f"option 'ratios' of method {method!r} needs one ratio per pruning layer {tuple(layers)}, got {tuple(ratios)}")
-    if any(not 0 < r <= 1 for r in ratios) or any(a < b for a, b in zip(ratios, ratios[1:])):
-        raise ValueError(f"option 'ratios' of method {method!r} must be non-increasing in (0, 1], got {tuple(ratios)}")
 
 
 @register

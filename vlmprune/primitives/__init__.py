@@ -1,4 +1,5 @@
-"""Pure tensor primitives shared by the methods: scorers, selectors and mergers.
+"""Pure tensor primitives shared by the methods: scorers, selectors and mergers, and the
+checks of progressive schedules (:mod:`.schedule`).
 
 Nothing here imports a model family. Every function works on batched tensors
 (``[B, N]`` scores, ``[B, N, C]`` tokens) and returns indices or tensors of the
@@ -6,6 +7,7 @@ same batch size, so a method is mostly a composition of these.
 """
 
 from .merging import bipartite_soft_matching, contextual_merge, recycle_by_cell, similarity_merge
+from .schedule import check_ratios
 from .scoring import (
     attention_rows,
     cls_attention,
@@ -25,6 +27,7 @@ from .selection import (
     max_min_diversity,
     pairwise_distance,
     rank_within_groups,
+    stride_grid_mask,
     tile_groups,
     topk_keep_order,
     topk_per_group,
@@ -37,6 +40,7 @@ __all__ = [
     "allocate_budget",
     "attention_rows",
     "bipartite_soft_matching",
+    "check_ratios",
     "chunk_groups",
     "cls_attention",
     "context_relevance",
@@ -52,6 +56,7 @@ __all__ = [
     "received_attention",
     "recycle_by_cell",
     "similarity_merge",
+    "stride_grid_mask",
     "tile_groups",
     "topk_keep_order",
     "topk_per_group",

@@ -127,13 +127,14 @@ def uniform_grid(rows: int, cols: int, k: int, device: torch.device | str | None
     return torch.sort(lattice).values.to(device)
 
 
-def strided_grid(rows: int, cols: int, stride: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Raster indices of every ``stride``-th row and column (offset 0), sorted."""
+def stride_grid_mask(token_index: torch.Tensor, cols: int, stride: int) -> torch.Tensor:
+    """True where a token's raster index (``token_index``, any shape) lies on every
+    ``stride``-th row and column of a ``cols``-wide grid, starting at (0, 0) (``grid[::s, ::s]``:
+    FEATHER's stage-1 grid, ATP's SAP grid); a token with no grid origin (raster -1, e.g. a CLS
+    token fed to the LLM) is never on it."""
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
-    ys = torch.arange(0, rows, stride)
-    xs = torch.arange(0, cols, stride)
-    return (ys[:, None] * cols + xs[None, :]).flatten().to(device)
+    return (token_index >= 0) & (token_index // cols % stride == 0) & (token_index % cols % stride == 0)
 
 
 def allocate_budget(weights: torch.Tensor, total: int, capacity: torch.Tensor | None = None) -> torch.Tensor:
