@@ -43,15 +43,14 @@ training questions, once ``assets/embedded_vlm/config.json`` exists.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from vlmprune.method import scale_llm_layers
+from vlmprune.tools._common import add_model_argument, fail, model_and_batches, write_json
 
 #: the official analysis weights: ``q``/``k`` of the inter term, ``alpha/beta/gamma`` of the
 #: contribution and the accumulation factor of ``M``
@@ -229,7 +228,7 @@ def calibrate(model, batches: list[dict], final: float = 10.0, stages: int = 3, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmprune.tools.calibrate_adatoken3d", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("tiny", "embedded"), default="embedded", help="model to calibrate (default: embedded)")
+    add_model_argument(p)
     p.add_argument("--samples", type=int, default=8, help="calibration samples (default 8)")
     p.add_argument("--final", type=float, default=10.0, help="retention at the last LLM layer, percent (official a = 10)")
     p.add_argument("--stages", type=int, default=3, help="pruning points (default 3, as the built-in layer_list)")
@@ -242,23 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from vlmprune.tools.calibrate_vflowopt import embedded_model_and_batches, tiny_model_and_batches
-
     args = build_parser().parse_args(argv)
     if args.samples < 1 or args.pool < 1:
         print("error: --samples and --pool must be >= 1", file=sys.stderr)
         return 2
-    loader = tiny_model_and_batches if args.model == "tiny" else embedded_model_and_batches
     try:
-        model, batches = loader(args.samples, args.seed, args.batch_size)
+        model, batches = model_and_batches(args)
         schedule = calibrate(model, batches, args.final, args.stages, args.orientation, args.pool)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
     schedule["calibration"].update(model=args.model, seed=args.seed)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(schedule, indent=2) + "\n")
+    out = write_json(args.out, schedule)
     print(f"layers {schedule['layers']} ratios {schedule['ratios']} (B = {schedule['calibration']['fit']['B']:.4g}); wrote {out}")
     return 0
 

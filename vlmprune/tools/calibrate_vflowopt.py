@@ -27,15 +27,14 @@ random training samples), available once ``assets/embedded_vlm/config.json`` exi
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
-from pathlib import Path
 
 import torch
 
 import vlmprune
 from vlmprune.methods.vflowopt import SEARCHED, VFlowOpt
+from vlmprune.tools._common import add_model_argument, fail, model_and_batches, write_json
 
 
 def search_space(rho: float) -> dict[str, tuple[float, float]]:
@@ -131,55 +130,6 @@ def calibrate(model, batches: list[dict], budget, trials: int, seed: int = 0, lo
     }
 
 
-# ----------------------------------------------------------------------------------- models and data
-def tiny_model_and_batches(samples: int, seed: int, batch_size: int):
-    """A seeded random-weight tiny LLaVA (CLIP tower 64 px / patch 4 -> 16 x 16 patches, 4 layers,
-    feature layer 2; a 4-layer Llama of width 64) and random prompts with random images."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=64, patch_size=4)
-    text = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=3)).eval()
-    n_img, gen = 256, torch.Generator().manual_seed(seed)
-    batches = []
-    for start in range(0, samples, batch_size):
-        b = min(batch_size, samples - start)
-        text_ids = torch.randint(4, 96, (b, 8), generator=gen)
-        ids = torch.cat([torch.ones(b, 1, dtype=torch.long), torch.full((b, n_img), 3), text_ids], 1)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(b, 3, 64, 64, generator=gen)})
-    return model, batches
-
-
-def embedded_model_and_batches(samples: int, seed: int, batch_size: int):
-    """The embedded VLM on ``samples`` seeded easy-VQA training questions."""
-    from vlmprune.embedded import build_prompt, embedded_path, load_embedded
-    from vlmprune.eval.easyvqa import load_task
-
-    if not (embedded_path() / "config.json").exists():
-        raise FileNotFoundError(
-            f"--model embedded: the embedded VLM is not built yet ({embedded_path() / 'config.json'} is missing); "
-            "use --model tiny"
-        )
-    model, processor = load_embedded()
-    tokenizer = getattr(processor, "tokenizer", processor)
-    tokenizer.padding_side = "left"
-    data = load_task("easyvqa", split="train", n=samples, seed=seed)
-    batches = []
-    for start in range(0, samples, batch_size):
-        chunk = data[start : start + batch_size]
-        inputs = processor(
-            images=[s.image for s in chunk], text=[build_prompt(s.question) for s in chunk], return_tensors="pt", padding=True
-        )
-        batches.append({k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")})
-    return model, batches
-
-
 def _budget(text: str):
     value = float(text)
     if value >= 1 and value == math.floor(value) and "." not in text:
@@ -189,7 +139,7 @@ def _budget(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmprune.tools.calibrate_vflowopt", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("tiny", "embedded"), default="embedded", help="model to calibrate (default: embedded)")
+    add_model_argument(p)
     p.add_argument("--budget", type=_budget, default=0.25, help="average keep fraction (float) or tokens (int); default 0.25")
     p.add_argument("--trials", type=int, default=20, help="configurations evaluated, the default one first (default 20)")
     p.add_argument("--samples", type=int, default=30, help="calibration samples (the paper: 30)")
@@ -201,13 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    loader = tiny_model_and_batches if args.model == "tiny" else embedded_model_and_batches
-    model, batches = loader(args.samples, args.seed, args.batch_size)
-    config = calibrate(model, batches, args.budget, args.trials, args.seed)
+    try:
+        model, batches = model_and_batches(args)
+        config = calibrate(model, batches, args.budget, args.trials, args.seed)
+    except (FileNotFoundError, ValueError) as err:
+        return fail(err)
     config["calibration"]["model"] = args.model
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(config, indent=2) + "\n")
+    out = write_json(args.out, config)
     cal = config["calibration"]
     print(f"best objective {cal['objective']:.6f} (default {cal['objective_default']:.6f}); wrote {out}")
     return 0
