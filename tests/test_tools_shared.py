@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import vlmprune.embedded
 from vlmprune.tools import _common, calibrate_adatoken3d, calibrate_vflowopt
@@ -38,3 +39,90 @@ def test_write_json(tmp_path):
     assert out == tmp_path / "a" / "b.json"
     assert out.read_text() == '{\n  "method": "x",\n  "layers": [\n    1,\n    2\n  ]\n}\n'
     assert json.loads(out.read_text()) == {"method": "x", "layers": [1, 2]}
+
+
+# ================================================================ the training commands' harness
+def test_training_commands_share_run_options():
+    from vlmprune.tools import train_atp, train_covipal
+
+    for command, weights in ((train_atp, "atp_embedded.safetensors"), (train_covipal, "covipal_embedded.safetensors")):
+        parser = command.build_parser()
+        args = vars(parser.parse_args([]))
+        assert {k: args[k] for k in ("cache_dir", "out", "seed", "threads")} == {"cache_dir": None, "out": None, "seed": 0, "threads": 2}
+        assert f"weights file (default: assets/{weights})" in " ".join(parser.format_help().split())
+
+
+def test_training_record_and_save(tmp_path, monkeypatch):
+    from vlmprune.embedded import harness, model
+    from vlmprune.methods.atp import ThresholdHeads
+    from vlmprune.tools import train_atp
+
+    parser = train_atp.build_parser()
+    args = parser.parse_args(["--steps", "3", "--seed", "1"])
+    record = harness.training_record(parser, ["--steps", "3", "--seed", "1"], args, lambda: 12.345, schedule=[[1, 0.5, 2]], heldout={"a": 1})
+    assert list(record) == ["command", "args", "schedule", "heldout", "wall_time_s"]
+    assert record["command"] == "python -m vlmprune.tools.train_atp --steps 3 --seed 1"
+    assert record["args"]["steps"] == 3 and record["args"]["seed"] == 1 and record["wall_time_s"] == 12.3
+    heads = ThresholdHeads([1, 2], hidden=4, tau=5.0)
+    monkeypatch.setattr(model, "embedded_path", lambda: tmp_path / "assets" / "embedded_vlm")
+    path = harness.save_trained(heads, None, "atp_embedded.safetensors", record, lambda: 0.0)
+    assert path == tmp_path / "assets" / "atp_embedded.safetensors"
+    loaded = ThresholdHeads.load(path)
+    assert loaded.training_info == record
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), heads.state_dict().values(), strict=True))
+    assert harness.save_trained(heads, str(tmp_path / "x" / "h.safetensors"), "unused", record, lambda: 0.0).is_file()
+
+
+def _tiny_batch(b: int = 2, text: int = 5):
+    """A :class:`~vlmprune.embedded.harness.Batch` for ``tests.tiny.tiny_llava`` (256 image tokens,
+    vision width 32), one question per row, no padding."""
+    from vlmprune.embedded import harness
+
+    gen = torch.Generator().manual_seed(0)
+    n = harness.N_IMAGE_TOKENS
+    ids = torch.cat([torch.ones(b, 1, dtype=torch.long), torch.full((b, n), 3), torch.randint(4, 96, (b, text), generator=gen)], 1)
+    length = ids.shape[1]
+    return harness.Batch(
+        ids=ids, allowed=torch.ones(length, length, dtype=torch.bool).tril().expand(b, -1, -1),
+        pos=torch.arange(length).expand(b, -1), feats=torch.randn(b, n, 32, generator=gen),
+        query=(torch.arange(b), torch.full((b,), length - 1)), answers=torch.zeros(b, dtype=torch.long), visual=slice(1, 1 + n),
+    )
+
+
+def test_frozen_lm_on_a_batch_record():
+    """The harness's layer-by-layer LLM on a :class:`Batch` equals the model's own forward (also on
+    eager attention, where :meth:`FrozenLM.check` passed a bool mask that masked nothing), and a
+    hard key mask from layer 0 equals removing those visual tokens (original positions)."""
+    from tests.tiny import tiny_llava
+    from vlmprune.embedded import harness
+
+    lm = harness.FrozenLM(tiny_llava(attn="eager"))
+    batch = _tiny_batch()
+    assert lm.check(batch) < 1e-4
+    keep = torch.zeros(2, harness.N_IMAGE_TOKENS, dtype=torch.bool)
+    keep[:, ::5] = True
+    masked, _ = lm.run(batch, at_layer=lambda i, probs, hidden: harness.hard_key_mask(batch, keep) if i == 0 else None)
+    cols = torch.cat([torch.tensor([0]), 1 + keep[0].nonzero().flatten(), torch.arange(1 + harness.N_IMAGE_TOKENS, batch.ids.shape[1])])
+    x = lm.embed(batch)[:, cols]  # the visual tokens removed by hand, the others at their positions
+    # an explicit causal mask: without one, transformers reads the gaps in the positions as packed sequences
+    causal = torch.full((cols.numel(), cols.numel()), float("-inf")).triu(1).expand(2, 1, -1, -1)
+    out = lm.lm(inputs_embeds=x, attention_mask=causal, position_ids=batch.pos[:, cols], use_cache=False)
+    torch.testing.assert_close(masked, lm.head(out.last_hidden_state[:, -1]), atol=1e-4, rtol=1e-4)
+
+
+def test_atp_soft_step_on_a_batch_record():
+    """One soft-masked training step of ``train_atp`` on the harness: the answer logits and a
+    soft kept fraction in (0, 1) per row, with gradients reaching the threshold heads only."""
+    from tests.tiny import tiny_llava
+    from vlmprune.embedded import harness
+    from vlmprune.methods.atp import ThresholdHeads
+    from vlmprune.tools import train_atp
+
+    lm = harness.FrozenLM(tiny_llava(attn="eager"))
+    schedule = [(1, 0.5, 2), (2, 0.5, 4)]
+    heads = ThresholdHeads([1, 2], hidden=4, tau=20.0)
+    logits, frac = train_atp.soft_step(lm, heads, _tiny_batch(), schedule, 0.25, 0.5)
+    assert logits.shape == (2, 96) and frac.shape == (2,) and bool(((frac > 0) & (frac < 1)).all())
+    (logits.logsumexp(-1).sum() + frac.sum()).backward()
+    assert all(p.grad is not None for p in heads.parameters())
+    assert all(p.grad is None for p in lm.model.parameters())

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 import time
@@ -41,6 +42,20 @@ class Item:
     index: int  # row in it
     question: str
     answer: str
+
+
+@dataclass
+class Batch:
+    """Token rows for :class:`FrozenLM`, built by :class:`Batcher` (one question per row, or
+    several packed into one row per image)."""
+
+    ids: torch.Tensor  # [B, L] token ids, right-padded
+    allowed: torch.Tensor  # [B, L, L] bool: query (row) may attend to key (column)
+    pos: torch.Tensor  # [B, L] position ids
+    feats: torch.Tensor  # [B, 256, D] the images' cached vision features
+    query: tuple[torch.Tensor, torch.Tensor]  # (row, column) of each question's last prompt token
+    answers: torch.Tensor  # [Q] the answer word's token id, per question
+    visual: slice  # the columns of the image tokens
 
 
 class Features:
@@ -178,7 +193,7 @@ class Batcher:
         if ref != mine:
             raise RuntimeError(f"prompt ids differ from the processor's: {mine[:3]}..{mine[-6:]} vs {ref[:3]}..{ref[-6:]}")
 
-    def __call__(self, items: list[Item]) -> dict:
+    def __call__(self, items: list[Item]) -> Batch:
         rows = [[self.bos] + [self.image_id] * N_IMAGE_TOKENS + self.prompt_ids(it.question) for it in items]
         ids, mask = pad_right(rows, self.pad)
         length = ids.shape[1]
@@ -186,11 +201,10 @@ class Batcher:
         last = mask.sum(1) - 1
         answers = torch.tensor([self.answer(it.answer) for it in items])
         causal = torch.ones(length, length, dtype=torch.bool).tril()
-        return {"ids": ids, "allowed": causal[None] & mask[:, None, :], "pos": torch.arange(length)[None].expand(len(rows), -1),
-                "feats": feats, "query": (torch.arange(len(rows)), last), "answers": answers,
-                "visual": slice(1, 1 + N_IMAGE_TOKENS), "mask": mask}
+        return Batch(ids=ids, allowed=causal[None] & mask[:, None, :], pos=torch.arange(length)[None].expand(len(rows), -1),
+                     feats=feats, query=(torch.arange(len(rows)), last), answers=answers, visual=slice(1, 1 + N_IMAGE_TOKENS))
 
-    def packed(self, groups: list[list[Item]]) -> dict:
+    def packed(self, groups: list[list[Item]]) -> Batch:
         """One sequence per image holding all its questions: ``<s> <image>x256 q1 q2 ...``, each
         question seeing the image prefix and itself only, positions restarting after the prefix
         (the same computation as one sequence per question, for every question token)."""
@@ -219,9 +233,8 @@ class Batcher:
         allowed = causal & ((sk == 0) | (sq == sk)) & (sk >= 0)
         allowed |= torch.eye(length, dtype=torch.bool)
         feats = torch.cat([self.features.get(g[0].store, [g[0].index]) for g in groups])
-        return {"ids": ids, "allowed": allowed, "pos": pos, "feats": feats,
-                "query": (torch.tensor(q_rows), torch.tensor(q_pos)), "answers": torch.tensor(answers),
-                "visual": slice(1, 1 + N_IMAGE_TOKENS), "mask": seg >= 0}
+        return Batch(ids=ids, allowed=allowed, pos=pos, feats=feats, query=(torch.tensor(q_rows), torch.tensor(q_pos)),
+                     answers=torch.tensor(answers), visual=slice(1, 1 + N_IMAGE_TOKENS))
 
 
 class FrozenLM:
@@ -242,14 +255,14 @@ class FrozenLM:
         for p in model.parameters():
             p.requires_grad_(False)
 
-    def embed(self, batch: dict) -> torch.Tensor:
-        x = self.lm.embed_tokens(batch["ids"]).clone()
-        x[:, batch["visual"]] = self.projector(batch["feats"]).to(x.dtype)
+    def embed(self, batch: Batch) -> torch.Tensor:
+        x = self.lm.embed_tokens(batch.ids).clone()
+        x[:, batch.visual] = self.projector(batch.feats).to(x.dtype)
         return x
 
     def run(
         self,
-        batch: dict,
+        batch: Batch,
         at_layer: Callable[[int, torch.Tensor | None, torch.Tensor], torch.Tensor | None] | None = None,
         keep_probs: tuple[int, ...] = (),
     ):
@@ -260,9 +273,9 @@ class FrozenLM:
         ``[B, L]`` (0 = untouched, negative = suppressed), used from layer ``i`` on.
         """
         x = self.embed(batch)
-        b, length = batch["ids"].shape
-        cos, sin = self.lm.rotary_emb(x, batch["pos"])
-        base = torch.zeros(b, 1, length, length).masked_fill(~batch["allowed"][:, None], float("-inf"))
+        b, length = batch.ids.shape
+        cos, sin = self.lm.rotary_emb(x, batch.pos)
+        base = torch.zeros(b, 1, length, length).masked_fill(~batch.allowed[:, None], float("-inf"))
         key_mask = None
         probs_prev, kept = None, {}
         for i, layer in enumerate(self.lm.layers):
@@ -291,27 +304,39 @@ class FrozenLM:
             if i in keep_probs:
                 kept[i] = probs
         x = self.lm.norm(x)
-        rows, cols = batch["query"]
+        rows, cols = batch.query
         return self.head(x[rows, cols]), kept
 
     @torch.no_grad()
-    def check(self, batch: dict) -> float:
+    def check(self, batch: Batch) -> float:
         """Max |logit difference| between this path and the model's own forward (no masks)."""
         ours, _ = self.run(batch)
         x = self.embed(batch)
-        out = self.lm(inputs_embeds=x, attention_mask=batch["allowed"][:, None], position_ids=batch["pos"], use_cache=False).last_hidden_state
-        rows, cols = batch["query"]
+        # an additive float mask: eager attention adds a 4-D mask to the logits (a bool one masks nothing there)
+        mask = torch.zeros(batch.allowed.shape, dtype=x.dtype).masked_fill(~batch.allowed, float("-inf"))[:, None]
+        out = self.lm(inputs_embeds=x, attention_mask=mask, position_ids=batch.pos, use_cache=False).last_hidden_state
+        rows, cols = batch.query
         ref = self.head(out[rows, cols])
         return float((ours - ref).abs().max())
 
 
-def hard_key_mask(batch: dict, keep_visual: torch.Tensor) -> torch.Tensor:
+def hard_key_mask(batch: Batch, keep_visual: torch.Tensor) -> torch.Tensor:
     """``[B, L]`` additive mask: ``-inf`` on the dropped visual tokens, 0 elsewhere."""
-    b, length = batch["ids"].shape
+    b, length = batch.ids.shape
     m = torch.zeros(b, length)
     vis = torch.zeros(b, length, dtype=torch.bool)
-    vis[:, batch["visual"]] = ~keep_visual
+    vis[:, batch.visual] = ~keep_visual
     return m.masked_fill(vis, float("-inf"))
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, weights: str) -> None:
+    """The options every training command takes: ``--cache-dir``, ``--out`` (default
+    ``assets/<weights>``, see :func:`save_trained`), ``--seed`` and ``--threads`` (read by
+    :func:`start_run`)."""
+    parser.add_argument("--cache-dir", default=None, help="feature cache of vlmprune train-embedded (default: $VLMPRUNE_CACHE or ~/.cache/vlmprune)")
+    parser.add_argument("--out", default=None, help=f"weights file (default: assets/{weights})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
 
 
 def start_run(cache_dir: str | None, threads: int, seed: int):
@@ -338,3 +363,21 @@ class Clock:
 
     def __call__(self) -> float:
         return time.time() - self.t0
+
+
+def training_record(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace, clock: Clock, **facts) -> dict:
+    """What a training command writes into its weights file's ``training`` metadata: the command
+    line (``parser.prog`` and ``argv``, default ``sys.argv[1:]``), its arguments, ``facts`` and
+    the wall time so far."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {"command": parser.prog + " " + " ".join(argv), "args": vars(args), **facts, "wall_time_s": round(clock(), 1)}
+
+
+def save_trained(module, out: str | None, weights: str, record: dict, clock: Clock) -> Path:
+    """``module.save`` to ``out`` (default: ``weights`` beside the embedded model's folder,
+    ``assets/<weights>``) with ``record`` as its training metadata; logs and returns the path."""
+    path = Path(out) if out else embedded.embedded_path().parent / weights
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module.save(path, extra=record)
+    log(f"[{clock():.0f}s] wrote {path} ({path.stat().st_size / 1e3:.1f} kB)")
+    return path

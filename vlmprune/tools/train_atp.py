@@ -31,19 +31,21 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from pathlib import Path
 
 import torch
 
-from vlmprune import embedded
 from vlmprune.context import ModelInfo, Signals, TokenContext
 from vlmprune.embedded.harness import (
+    Batch,
     Batcher,
     Clock,
     FrozenLM,
+    add_run_arguments,
     load_items,
     log,
+    save_trained,
     start_run,
+    training_record,
 )
 from vlmprune.methods.atp import (
     ATP,
@@ -55,13 +57,15 @@ from vlmprune.methods.atp import (
 
 GRID = (16, 16)
 N = 256
+#: the weights file written by default, beside the embedded model (assets/)
+WEIGHTS = "atp_embedded.safetensors"
 
 
-def layer_scores(probs: torch.Tensor, batch: dict, alive: torch.Tensor | None = None):
+def layer_scores(probs: torch.Tensor, batch: Batch, alive: torch.Tensor | None = None):
     """``(S_self, S_cross)`` ``[B, 256]`` from attention probabilities ``[B, H, L, L]``: column
     means over the (alive) visual queries, and the last prompt token's row; head means."""
-    vis = batch["visual"]
-    rows, last = batch["query"]
+    vis = batch.visual
+    rows, last = batch.query
     p = probs.mean(1)
     cross = p[rows, last][:, vis]
     block = p[:, vis, vis]  # [B, Nq, Nk]
@@ -73,9 +77,9 @@ def layer_scores(probs: torch.Tensor, batch: dict, alive: torch.Tensor | None = 
     return self_, cross
 
 
-def soft_step(lm: FrozenLM, heads: ThresholdHeads, batch: dict, schedule, ratio: float, self_weight: float):
+def soft_step(lm: FrozenLM, heads: ThresholdHeads, batch: Batch, schedule, ratio: float, self_weight: float):
     """One soft-masked forward: logits and the soft kept fraction after the last point."""
-    b = batch["ids"].shape[0]
+    b = batch.ids.shape[0]
     raster = torch.arange(N).expand(b, -1)
     layers = {k: t for t, (k, _, _) in enumerate(schedule)}
     state = {"m": torch.ones(b, N)}
@@ -91,8 +95,8 @@ def soft_step(lm: FrozenLM, heads: ThresholdHeads, batch: dict, schedule, ratio:
         m_r = torch.sigmoid((red - theta[:, :1]) * heads.tau)
         m_s = torch.sigmoid((spatial_score(raster, GRID[1], schedule[t][2]) - theta[:, 1:]) * heads.tau)
         state["m"] = state["m"] * torch.maximum(m_r, m_s)
-        mask = torch.zeros(batch["ids"].shape)
-        mask[:, batch["visual"]] = torch.log(state["m"] + 1e-6)
+        mask = torch.zeros(batch.ids.shape)
+        mask[:, batch.visual] = torch.log(state["m"] + 1e-6)
         return mask
 
     logits, _ = lm.run(batch, at_layer=at_layer)
@@ -110,7 +114,7 @@ def hard_eval(lm: FrozenLM, batcher: Batcher, items, method: ATP | None, ratio: 
         b = len(chunk)
         if method is None:
             logits, _ = lm.run(batch)
-            correct += int((logits.argmax(-1) == batch["answers"]).sum())
+            correct += int((logits.argmax(-1) == batch.answers).sum())
             continue
         points = [p.layer for p in method.points(info)]
         alive = torch.ones(b, N, dtype=torch.bool)
@@ -138,13 +142,13 @@ def hard_eval(lm: FrozenLM, batcher: Batcher, items, method: ATP | None, ratio: 
                 new[idx[keep]] = True
                 alive[r] = new
                 per_row[r].append(int(new.sum()))
-            mask = torch.zeros(batch["ids"].shape)
-            vis = torch.zeros(batch["ids"].shape, dtype=torch.bool)
-            vis[:, batch["visual"]] = ~alive
+            mask = torch.zeros(batch.ids.shape)
+            vis = torch.zeros(batch.ids.shape, dtype=torch.bool)
+            vis[:, batch.visual] = ~alive
             return mask.masked_fill(vis, float("-inf"))
 
         logits, _ = lm.run(batch, at_layer=at_layer)
-        correct += int((logits.argmax(-1) == batch["answers"]).sum())
+        correct += int((logits.argmax(-1) == batch.answers).sum())
         counts += per_row
     acc = correct / max(len(items), 1)
     if method is None:
@@ -158,8 +162,7 @@ def hard_eval(lm: FrozenLM, batcher: Batcher, items, method: ATP | None, ratio: 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmprune.tools.train_atp", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache-dir", default=None, help="feature cache of vlmprune train-embedded (default: $VLMPRUNE_CACHE or ~/.cache/vlmprune)")
-    p.add_argument("--out", default=None, help="weights file (default: assets/atp_embedded.safetensors)")
+    add_run_arguments(p, WEIGHTS)
     p.add_argument("--plain", type=int, default=200, help="easy-VQA train questions (default 200)")
     p.add_argument("--grid", type=int, default=200, help="easyvqa-grid train questions (default 200)")
     p.add_argument("--test-plain", type=int, default=48, help="held-out easy-VQA test questions")
@@ -173,13 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-weight", type=float, default=50.0, help="weight of the budget loss (default 50)")
     p.add_argument("--ratios", default="0.125,0.25,0.5", help="target keep ratios r drawn per step")
     p.add_argument("--eval-ratios", default="0.25,0.125", help="ratios of the held-out report")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     clock = Clock()
     rng = random.Random(args.seed)
     try:
@@ -211,14 +213,14 @@ def main(argv=None) -> int:
         chunk = [train[rng.randrange(len(train))] for _ in range(args.batch)]
         batch = batcher(chunk)
         logits, frac = soft_step(lm, heads, batch, schedule, ratio, tf.self_weight)
-        ce = torch.nn.functional.cross_entropy(logits, batch["answers"])
+        ce = torch.nn.functional.cross_entropy(logits, batch.answers)
         budget = (frac.mean() - ratio) ** 2
         loss = ce + args.budget_weight * budget
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 5 == 0 or step == args.steps - 1:
-            acc = float((logits.argmax(-1) == batch["answers"]).float().mean())
+            acc = float((logits.argmax(-1) == batch.answers).float().mean())
             log(f"[{clock():.0f}s] step {step:3d}  r {ratio:.3f}  CE {float(ce.detach()):.3f}  soft kept {float(frac.mean().detach()):.3f}  "
                 f"budget loss {float(budget.detach()):.4f}  batch acc {acc:.2f}")
     heads.eval()
@@ -234,12 +236,7 @@ def main(argv=None) -> int:
     for name, rec in report.items():
         log(f"    {name:22s} " + "  ".join(f"{k} {v}" for k, v in rec.items()))
 
-    out = Path(args.out) if args.out else embedded.embedded_path().parent / "atp_embedded.safetensors"
-    extra = {"command": "python -m vlmprune.tools.train_atp " + " ".join(sys.argv[1:] if argv is None else argv),
-             "args": vars(args), "schedule": schedule, "heldout": report, "wall_time_s": round(clock(), 1)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    heads.save(out, extra=extra)
-    log(f"[{clock():.0f}s] wrote {out} ({out.stat().st_size / 1e3:.1f} kB)")
+    save_trained(heads, args.out, WEIGHTS, training_record(parser, argv, args, clock, schedule=schedule, heldout=report), clock)
     return 0
 
 

@@ -36,7 +36,6 @@ import json
 import math
 import random
 import sys
-from pathlib import Path
 
 import torch
 
@@ -45,16 +44,19 @@ from vlmprune.embedded.harness import (
     Batcher,
     Clock,
     FrozenLM,
+    add_run_arguments,
     hard_key_mask,
     load_groups,
     log,
     pad_right,
+    save_trained,
     start_run,
+    training_record,
 )
 from vlmprune.methods.covipal import (
+    EMBEDDED_WEIGHTS,
     PPM,
     distill_loss,
-    embedded_weights_path,
     file_digest,
     topk_overlap,
 )
@@ -70,8 +72,8 @@ def teacher_targets(lm: FrozenLM, batcher: Batcher, groups, layer: int, query: s
             b = batcher.packed(chunk)
             _, probs = lm.run(b, keep_probs=(layer,))
             p = probs[layer].mean(1)  # [B, L, L]
-            rows, cols = b["query"]
-            vis = b["visual"]
+            rows, cols = b.query
+            vis = b.visual
             k = 0
             for g, items in enumerate(chunk):
                 for it in items:
@@ -106,7 +108,7 @@ def accuracy(lm: FrozenLM, batcher: Batcher, items, keep_fn=None, batch: int = 1
         b = batcher(chunk)
         mask = None if keep_fn is None else hard_key_mask(b, keep_fn(chunk, s))
         logits, _ = lm.run(b, at_layer=(lambda i, p, h: mask if i == 0 else None) if mask is not None else None)
-        correct += int((logits.argmax(-1) == b["answers"]).sum())
+        correct += int((logits.argmax(-1) == b.answers).sum())
     return correct / max(len(items), 1)
 
 
@@ -117,8 +119,7 @@ def keep_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmprune.tools.train_covipal", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache-dir", default=None, help="feature cache of vlmprune train-embedded (default: $VLMPRUNE_CACHE or ~/.cache/vlmprune)")
-    p.add_argument("--out", default=None, help="weights file (default: assets/covipal_embedded.safetensors)")
+    add_run_arguments(p, EMBEDDED_WEIGHTS)
     p.add_argument("--plain", type=int, default=200, help="easy-VQA train images (default 200)")
     p.add_argument("--grid", type=int, default=200, help="easyvqa-grid train mosaics (default 200)")
     p.add_argument("--max-q", type=int, default=8, help="questions per image (default 8)")
@@ -136,13 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage2-steps", type=int, default=0, help="stage-2 steps (LM loss through a soft top-k mask; default 0: off)")
     p.add_argument("--stage2-ratio", type=float, default=0.25, help="keep ratio r of stage 2")
     p.add_argument("--stage2-tau", type=float, default=0.5, help="soft top-k temperature (logit units)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     clock = Clock()
     run = start_run(args.cache_dir, args.threads, args.seed)
     if run is None:
@@ -224,10 +224,10 @@ def main(argv=None) -> int:
             top = scores.detach().topk(k + 1, -1).values
             thr = 0.5 * (top[:, k - 1] + top[:, k])
             soft = torch.nn.functional.logsigmoid((scores - thr[:, None]) / args.stage2_tau)
-            mask = torch.zeros(b["ids"].shape)
+            mask = torch.zeros(b.ids.shape)
             mask = mask.index_put((torch.arange(mask.shape[0])[:, None], torch.arange(1, 257)[None]), soft)
             logits, _ = lm.run(b, at_layer=lambda i, p, h: mask if i == 0 else None)
-            loss = torch.nn.functional.cross_entropy(logits, b["answers"])
+            loss = torch.nn.functional.cross_entropy(logits, b.answers)
             opt2.zero_grad()
             loss.backward()
             opt2.step()
@@ -265,20 +265,13 @@ def main(argv=None) -> int:
     for name, a in acc.items():
         log(f"    answer accuracy, {name:28s} {a:.3f}")
 
-    out = Path(args.out) if args.out else embedded_weights_path()
     ckpt = embedded.embedded_path() / "model.safetensors"
-    info = {
-        "command": "python -m vlmprune.tools.train_covipal " + " ".join(sys.argv[1:] if argv is None else argv),
-        "args": vars(args),
-        "teacher_layer": layer,
-        "checkpoint_sha256": file_digest(ckpt) if ckpt.is_file() else None,
-        "train_questions": n_train,
-        "heldout": {"questions": len(test_items), "kl": kl, "top64_overlap": o25, "top32_overlap": o125, "accuracy": acc},
-        "wall_time_s": round(clock(), 1),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ppm.save(out, extra=info)
-    log(f"[{clock():.0f}s] wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    heldout = {"questions": len(test_items), "kl": kl, "top64_overlap": o25, "top32_overlap": o125, "accuracy": acc}
+    info = training_record(
+        parser, argv, args, clock, teacher_layer=layer, checkpoint_sha256=file_digest(ckpt) if ckpt.is_file() else None,
+        train_questions=n_train, heldout=heldout,
+    )
+    save_trained(ppm, args.out, EMBEDDED_WEIGHTS, info, clock)
     print(json.dumps(info["heldout"], indent=1))
     return 0
 
