@@ -222,10 +222,10 @@ class VlmpruneLlava(lmms):
                 for i, answer, n, (doc_id, doc) in zip(chunk, answers, tokens, docs):
                     results[i] = answer
                     qid = doc.get("id") if hasattr(doc, "get") else None
-                    self.visual_tokens.append({"task": task, "doc_id": doc_id, "id": qid, "visual_tokens": n["kept"],
-                                               "visual_tokens_final": n["final"], "llm_input_tokens": n["llm_input"]})
+                    self.visual_tokens.append({"task": task, "doc_id": doc_id, "id": qid, "visual_tokens": n.kept,
+                                               "visual_tokens_final": n.final, "llm_input_tokens": n.llm_input})
                     if qid is not None:
-                        record_visual_tokens(qid, n["kept"])
+                        record_visual_tokens(qid, n.kept)
                     self.cache_hook.add_partial("generate_until", (requests[i].args[0], gen_kwargs), answer)
                 bar.update(len(chunk))
         bar.close()

@@ -57,6 +57,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -201,6 +202,16 @@ def visual_token_counts(stats: dict, n_layers: int) -> dict[str, list[float]] | 
     }
 
 
+@dataclass
+class VisualTokens:
+    """Visual tokens per image of one question (the mean over its images), as
+    :func:`visual_token_counts` defines them."""
+
+    kept: float  # mean over the LLM's layers
+    final: float  # left after the method's last pruning point
+    llm_input: float  # entering the language model
+
+
 class Predictor:
     """Greedy batched answers of a LLaVA-family model, with the visual tokens each image kept.
 
@@ -238,10 +249,9 @@ class Predictor:
 
     @torch.inference_mode()
     def generate(self, images: list, texts: list[str], max_new_tokens: int | None = None,
-                 until: list[str] | None = None) -> tuple[list[str], list[dict[str, float]]]:
+                 until: list[str] | None = None) -> tuple[list[str], list[VisualTokens]]:
         """``images[i]``: a PIL image or a list of them for ``texts[i]``. Returns the decoded
-        answers and, per question, the visual tokens per image (``kept``, ``final``,
-        ``llm_input``: see :func:`visual_token_counts`)."""
+        answers and, per question, the visual tokens per image."""
         per_row = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
         prompts = [self.prompt(t, len(ims)) for t, ims in zip(texts, per_row)]
         flat = [im for ims in per_row for im in ims]
@@ -262,8 +272,8 @@ class Predictor:
             answers = [_cut(a, until) for a in answers]
         return answers, self._tokens(inputs["input_ids"], per_row)
 
-    def _tokens(self, input_ids, per_row) -> list[dict[str, float]]:
-        """Per question: ``kept`` / ``final`` / ``llm_input`` visual tokens (mean per image)."""
+    def _tokens(self, input_ids, per_row) -> list[VisualTokens]:
+        """Per question: its visual tokens per image."""
         counts = [len(ims) for ims in per_row]
         per_image = None
         if self.handle is not None:
@@ -271,19 +281,19 @@ class Predictor:
             per_image = visual_token_counts(self.last_stats, self.n_layers)
         if per_image is None:  # unwrapped: every placeholder token reaches every layer
             if self.image_token_id is None:
-                return [dict.fromkeys(("kept", "final", "llm_input"), math.nan) for _ in counts]
+                return [VisualTokens(math.nan, math.nan, math.nan) for _ in counts]
             total = (input_ids == self.image_token_id).sum(1).tolist()
-            n = [t / c if c else 0.0 for t, c in zip(total, counts)]
-            return [{"kept": v, "final": v, "llm_input": v} for v in n]
+            return [VisualTokens(v, v, v) for v in (t / c if c else 0.0 for t, c in zip(total, counts))]
         out = []
         aligned = len(per_image["kept"]) == sum(counts)
         i = 0
         for c in counts:
-            row = {}
-            for key, values in per_image.items():
+
+            def mean(values, i=i, c=c):
                 part = values[i:i + c] if aligned else values
-                row[key] = sum(part) / len(part) if c and part else 0.0
-            out.append(row)
+                return sum(part) / len(part) if c and part else 0.0
+
+            out.append(VisualTokens(mean(per_image["kept"]), mean(per_image["final"]), mean(per_image["llm_input"])))
             i += c
         return out
 
@@ -435,7 +445,7 @@ def evaluate(predictor: Predictor, samples: list[dict], batch_size: int, bar=Non
     wall = time.perf_counter() - t0
 
     def mean(key):
-        return sum(t[key] for t in tokens) / len(tokens)
+        return sum(getattr(t, key) for t in tokens) / len(tokens)
 
     return {
         "accuracy": correct / len(samples),
