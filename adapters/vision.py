@@ -1,72 +1,199 @@
-"""Vision-encoder mechanics shared by adapters: finding layers, capturing q/k/v, pruning
-between encoder layers, and the encoder signals (CLS attention computed from q and k)."""
+"""Vision-encoder mechanics shared by adapters: the anatomy of ViT-like towers (as data), capturing
+per-head q/k/v, pruning between encoder blocks, and the encoder signals (CLS attention computed
+from q and k).
+
+Towers differ in names, not in kind. :data:`ANATOMY` holds one row per flavour: where its blocks
+are, how a block projects q/k/v (separate Linears, one fused ``qkv`` Linear, or
+``nn.MultiheadAttention``'s ``in_proj``), its head count, its prefix tokens (CLS, registers,
+distillation token) and the norm the sequence passes after the last block. Everything here works
+through hooks on the tower's own modules, so what lives inside a block (timm's and DINOv2's
+LayerScale, open_clip's ``ls_1``/``ls_2``) runs as the tower wrote it; no forward is copied.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmprune.primitives.scoring import attention_rows
 
 from .base import Installed, read_arg, write_arg
 
-#: vision towers without a CLS token
-CLS_FREE = {"siglip_vision_model", "siglip2_vision_model", "siglip", "siglip2"}
+
+@dataclass(frozen=True)
+class Anatomy:
+    """One flavour of ViT-like tower (a row of :data:`ANATOMY`).
+
+    A tower matches the row when its class (or a base class) is one of ``classes``
+    (``"module.Name"``) or its ``config.model_type`` is one of ``model_types``. Paths are dotted
+    attribute paths; where a tuple gives several, the first the tower has wins (transformers
+    renamed modules between versions). ``attention``: ``"separate"`` (``projections`` holds
+    alternative q, k, v path triples from a block), ``"fused"`` (one Linear whose output is q, k, v
+    one after another, then heads) or ``"mha"`` (an ``nn.MultiheadAttention`` with
+    ``in_proj_weight``). ``heads``: a path from the tower (``tower.``) or a block (``block.``).
+    ``prefix``: terms summed into the count of tokens before the patches (ints, or paths from the
+    tower). ``cls``: whether the first prefix token is a class token (a bool, or a path from the
+    tower that is not None when it is). ``qk_norm``: paths from a block to the norms applied to q
+    and k after the projection (timm's ``qk_norm=True``). ``final_norm``: paths from the tower to
+    the norm the whole sequence passes after the last block (empty: none does, e.g. CLIP, whose
+    ``post_layernorm`` sees the pooled CLS only).
+    """
+
+    flavour: str
+    blocks: tuple[str, ...]
+    attention: str
+    projections: tuple[tuple[str, ...], ...]
+    heads: str
+    prefix: tuple[int | str, ...]
+    cls: bool | str
+    model_types: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+    qk_norm: tuple[str, str] | None = None
+    final_norm: tuple[str, ...] = ()
+
+
+_HF_HEADS = "tower.config.num_attention_heads"
+_HF_ENCODER = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),)
+#: ViT-style HF towers: ``attention.q_proj`` since transformers 5.x (ViT, DeiT) or 5.2x (DINOv2),
+#: ``attention.attention.query`` before
+_HF_VIT = (
+    ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+    ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+)
+
+#: The ViT-like towers vlmprune knows, one row per flavour.
+ANATOMY: tuple[Anatomy, ...] = (
+    Anatomy("clip", ("encoder.layers",), "separate", _HF_ENCODER, _HF_HEADS, (1,), True,
+            model_types=("clip_vision_model",)),
+    Anatomy("siglip", ("encoder.layers",), "separate", _HF_ENCODER, _HF_HEADS, (0,), False,
+            model_types=("siglip_vision_model", "siglip2_vision_model"),
+            final_norm=("post_layernorm",)),
+    Anatomy("dinov2", ("encoder.layer",), "separate", _HF_VIT, _HF_HEADS, (1,), True,
+            model_types=("dinov2",), final_norm=("layernorm",)),
+    Anatomy("dinov2_with_registers", ("encoder.layer",), "separate", _HF_VIT, _HF_HEADS,
+            (1, "config.num_register_tokens"), True, model_types=("dinov2_with_registers",), final_norm=("layernorm",)),
+    Anatomy("vit", ("layers", "encoder.layer"), "separate", _HF_VIT, _HF_HEADS, (1,), True,
+            model_types=("vit",), final_norm=("layernorm",)),
+    Anatomy("deit", ("layers", "encoder.layer"), "separate", _HF_VIT, _HF_HEADS, (2,), True,  # CLS + distillation
+            model_types=("deit",), final_norm=("layernorm",)),
+    Anatomy("timm", ("blocks",), "fused", (("attn.qkv",),), "block.attn.num_heads", ("num_prefix_tokens",), "cls_token",
+            classes=("timm.models.vision_transformer.VisionTransformer",), qk_norm=("attn.q_norm", "attn.k_norm"),
+            final_norm=("norm",)),
+    Anatomy("open_clip", ("transformer.resblocks",), "mha", (("attn",),), "block.attn.num_heads", (1,), True,
+            classes=("open_clip.transformer.VisionTransformer",)),
+)
+
+
+def _path(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _first(obj, paths: tuple[str, ...]):
+    """The module at the first of ``paths`` that ``obj`` has (None: none)."""
+    for path in paths:
+        try:
+            return _path(obj, path)
+        except AttributeError:
+            continue
+    return None
+
+
+def anatomy_of(tower: nn.Module) -> Anatomy:
+    """The :data:`ANATOMY` row of ``tower``; a ValueError naming the supported flavours if none."""
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(tower).__mro__}
+    model_type = getattr(getattr(tower, "config", None), "model_type", None)
+    for row in ANATOMY:
+        if names & set(row.classes) or (model_type is not None and model_type in row.model_types):
+            return row
+    supported = "; ".join(f"{row.flavour} ({', '.join(row.model_types or row.classes)})" for row in ANATOMY)
+    raise ValueError(
+        f"unknown vision tower {type(tower).__name__} (model_type={model_type!r}); supported tower flavours: {supported}"
+    )
 
 
 class VisionTower:
-    """Anatomy of a ViT-style tower: its block list, each block's q/k/v projections, heads, CLS."""
+    """A ViT-like tower read through its :data:`ANATOMY` row: ``layers`` (its blocks), per block
+    the attention modules, ``heads``, ``head_dim``, ``prefix`` (tokens before the patches: CLS,
+    registers, distillation token), ``has_cls`` (the first prefix token is a class token; for
+    every flavour but a timm tower built without one, ``prefix > 0``) and ``final_norm``."""
 
     def __init__(self, tower: nn.Module):
         self.tower = tower
-        config = tower.config
-        self.model_type = getattr(config, "model_type", "")
-        self.has_cls = self.model_type not in CLS_FREE
-        self.heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // self.heads
-        self.layers = _find_blocks(tower)
-        self.projections = [_qkv_of(block) for block in self.layers]
+        self.anatomy = row = anatomy_of(tower)
+        self.flavour = row.flavour
+        self.model_type = getattr(getattr(tower, "config", None), "model_type", row.flavour)
+        blocks = _first(tower, row.blocks)
+        if blocks is None or not len(blocks):
+            raise ValueError(f"the {row.flavour} tower {type(tower).__name__} has no blocks at {list(row.blocks)}")
+        self.layers = blocks
+        self.attention = [self._attention_of(block) for block in blocks]
+        root, _, path = row.heads.partition(".")
+        self.heads = int(_path(tower if root == "tower" else blocks[0], path))
+        width = {"separate": lambda m: m[0].out_features, "fused": lambda m: m[0].out_features // 3,
+                 "mha": lambda m: m[0].embed_dim}[row.attention](self.attention[0])
+        self.head_dim = width // self.heads
+        self.prefix = sum(term if isinstance(term, int) else int(_path(tower, term)) for term in row.prefix)
+        self.has_cls = row.cls if isinstance(row.cls, bool) else _first(tower, (row.cls,)) is not None
+        self.final_norm = _first(tower, row.final_norm)
+        self.qk_norms = [self._qk_norms(block) for block in blocks]
+
+    def _attention_of(self, block: nn.Module) -> tuple[nn.Module, ...]:
+        row = self.anatomy
+        for paths in row.projections:
+            modules = tuple(_first(block, (p,)) for p in paths)
+            if all(m is not None for m in modules):
+                break
+        else:
+            raise ValueError(f"the {row.flavour} block {type(block).__name__} has none of the attention projections {row.projections}")
+        if row.attention == "mha":
+            if not isinstance(modules[0], nn.MultiheadAttention) or modules[0].in_proj_weight is None:
+                raise ValueError(
+                    f"the {row.flavour} block {type(block).__name__} attends with {type(modules[0]).__name__}; only "
+                    "nn.MultiheadAttention with one in_proj_weight is supported (not custom attention blocks)"
+                )
+        elif not all(isinstance(m, nn.Linear) for m in modules):
+            raise ValueError(f"the {row.flavour} block {type(block).__name__}: attention projections {paths} are not Linear")
+        return modules
+
+    def _qk_norms(self, block: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        norms = tuple(_first(block, (p,)) for p in self.anatomy.qk_norm or ())
+        return norms if norms and not all(m is None or isinstance(m, nn.Identity) for m in norms) else None
 
     @property
     def depth(self) -> int:
         return len(self.layers)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, H * d]`` -> ``[B, H, N, d]``."""
         b, n, _ = x.shape
         return x.view(b, n, self.heads, self.head_dim).transpose(1, 2)
 
+    def fused_qkv(self, layer: int, out: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-head q, k, v from a fused ``qkv`` Linear's output ``[B, N, 3 * H * d]`` (q, k, v one
+        after another, then heads, as timm splits it), q and k passed through the block's q/k norms."""
+        b, n, _ = out.shape
+        q, k, v = out.view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.qk_norms[layer] is not None:
+            q, k = self.qk_norms[layer][0](q), self.qk_norms[layer][1](k)
+        return {"q": q, "k": k, "v": v}
 
-def _find_blocks(tower: nn.Module) -> nn.ModuleList:
-    best = None
-    for module in tower.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(_has_qkv(m) for m in module):
-            if best is None or len(module) > len(best):
-                best = module
-    if best is None:
-        raise ValueError(f"cannot find the encoder blocks (with q/k/v projections) of {type(tower).__name__}")
-    return best
-
-
-def _has_qkv(block: nn.Module) -> bool:
-    try:
-        _qkv_of(block)
-        return True
-    except LookupError:
-        return False
-
-
-def _qkv_of(block: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-    found: dict[str, nn.Module] = {}
-    for name, module in block.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        for key, names in (("q", ("q_proj", "query")), ("k", ("k_proj", "key")), ("v", ("v_proj", "value"))):
-            if leaf in names and isinstance(module, nn.Linear):
-                found.setdefault(key, module)
-    if len(found) != 3:
-        raise LookupError("no q/k/v projections")
-    return found["q"], found["k"], found["v"]
+    def mha_qkv(self, mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """Per-head q, k, v that ``mha`` is about to compute from its inputs (``in_proj_weight``
+        and ``in_proj_bias``; ``batch_first`` or sequence first)."""
+        weights = mha.in_proj_weight.chunk(3)
+        biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
+        out = {}
+        for at, (key, name) in enumerate(zip("qkv", ("query", "key", "value"))):
+            x = read_arg(args, kwargs, name, at)
+            x = x if mha.batch_first else x.transpose(0, 1)
+            out[key] = self.split_heads(F.linear(x, weights[at], biases[at]))
+        return out
 
 
 class EncoderCapture:
@@ -88,23 +215,47 @@ def install_capture(
     store: Callable[[], EncoderCapture],
     alive: Callable[[], torch.Tensor],
 ) -> None:
-    """Forward hooks on q/k/v projections of ``layers`` that keep their outputs for one forward
-    in ``store()`` (the runtime's current store)."""
+    """Hooks that keep the per-head q, k, v ``[B, H, T, d]`` of the blocks ``layers`` (all ``T``
+    tokens, prefix first) for one forward in ``store()`` (the runtime's current store), with the
+    raster indices ``alive()`` of the patches there: forward hooks on separate q/k/v Linears or
+    on a fused ``qkv`` Linear (split), a forward pre-hook on ``nn.MultiheadAttention`` (q/k/v
+    computed from its inputs and ``in_proj`` weights)."""
+    kind = tower.anatomy.attention
     for layer in layers:
-        for key, proj in zip("qkv", tower.projections[layer]):
 
-            def hook(module, args, output, layer=layer, key=key):
-                current = store()
-                current.qkv.setdefault(layer, {})[key] = tower.split_heads(output)
-                if key == "q":
-                    current.alive[layer] = alive()
+        def keep(found: dict[str, torch.Tensor], layer=layer):
+            current = store()
+            current.qkv.setdefault(layer, {}).update(found)
+            if "q" in found:
+                current.alive[layer] = alive()
 
-            installed.hook(proj.register_forward_hook(hook))
+        modules = tower.attention[layer]
+        if kind == "separate":
+            for key, proj in zip("qkv", modules):
+
+                def hook(module, args, output, key=key, keep=keep):
+                    keep({key: tower.split_heads(output)})
+
+                installed.hook(proj.register_forward_hook(hook))
+        elif kind == "fused":
+
+            def fused(module, args, output, layer=layer, keep=keep):
+                keep(tower.fused_qkv(layer, output))
+
+            installed.hook(modules[0].register_forward_hook(fused))
+        else:
+
+            def mha(module, args, kwargs, keep=keep):
+                keep(tower.mha_qkv(module, args, kwargs))
+
+            installed.hook(modules[0].register_forward_pre_hook(mha, with_kwargs=True))
 
 
 def encoder_signals(tower: VisionTower, store: EncoderCapture, token_index: torch.Tensor, default_layer: int) -> dict:
-    """Signal providers aligned with the current tokens (``token_index``: their raster indices)."""
-    off = int(tower.has_cls)
+    """Signal providers aligned with the current tokens (``token_index``: their raster indices),
+    the CLS token first where a tensor includes it. Other prefix tokens (registers, a
+    distillation token) take part in each softmax but are not returned."""
+    off = tower.prefix
 
     def positions(layer: int) -> torch.Tensor:
         if layer not in store.qkv:
@@ -115,7 +266,7 @@ def encoder_signals(tower: VisionTower, store: EncoderCapture, token_index: torc
         alive = store.alive[layer]  # [B, N_l] raster indices alive at that layer
         match = alive.unsqueeze(1) == token_index.unsqueeze(2)  # [B, N_cur, N_l]
         pos = match.float().argmax(-1) + off
-        if off:
+        if tower.has_cls:
             pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
         return pos
 
@@ -161,7 +312,11 @@ def encoder_signals(tower: VisionTower, store: EncoderCapture, token_index: torc
 def install_encoder_pruning(
     installed: Installed, tower: VisionTower, layer: int, prune: Callable[[int, torch.Tensor], torch.Tensor]
 ) -> None:
-    """Pre-hook before block ``layer``: ``prune(layer, hidden)`` returns the shortened hidden states."""
+    """Pre-hook before block ``layer`` (``layer == depth``: before the tower's final norm):
+    ``prune(layer, hidden)`` returns the shortened hidden states."""
+    if layer == tower.depth and tower.final_norm is None:
+        raise ValueError(f"the {tower.flavour} tower has no norm after its last block to prune before")
+    module = tower.layers[layer] if layer < tower.depth else tower.final_norm
 
     def pre_hook(module, args, kwargs):
         hidden = read_arg(args, kwargs, "hidden_states", 0)
@@ -170,4 +325,4 @@ def install_encoder_pruning(
             raise NotImplementedError("encoder-stage pruning with an encoder attention mask is not supported")
         return write_arg(args, kwargs, "hidden_states", prune(layer, hidden), 0)
 
-    installed.hook(tower.layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True))
+    installed.hook(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
