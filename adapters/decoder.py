@@ -9,15 +9,19 @@ import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from vlmprune.context import Point, Selection, Signals
+from vlmprune.context import Point, Signals
 from vlmprune.primitives.scoring import attention_rows
 
-from .base import Installed, check_selection, read_arg, write_arg
+from .base import Installed, read_arg, write_arg
 from .sequence import SeqTransform
+
+if TYPE_CHECKING:
+    from .vlm import PrefillRecord
 
 CACHE_NAMES = ("cache", "past_key_values")  # transformers 5.24 renamed past_key_values to cache
 
@@ -308,13 +312,13 @@ class DecoderPruner:
             "without interleaving other prompts"
         )
 
-    def _prefill_input(self, kwargs, record, cache):
-        """``record``: keep [B, L] at the LM input, pos_source [B, L], the visual layout."""
-        st = DecoderState(positions_mode=record["positions"], llm_positions=self.rt.llm_positions_mode(), prefill=True)
+    def _prefill_input(self, kwargs, record: PrefillRecord, cache):
+        """``record``: the LM-input keep mask, position sources and visual layout."""
+        st = DecoderState(positions_mode=record.positions, llm_positions=self.rt.llm_positions_mode(), prefill=True)
         self.state = st
         embeds = kwargs["inputs_embeds"]
         b, length = embeds.shape[:2]
-        keep = record["keep"]
+        keep = record.keep
         if cache is None and self.generating:  # generate(use_cache=False)
             if self.first_step is None:
                 st.first = self.first_step = FirstStep(keep)
@@ -331,7 +335,7 @@ class DecoderPruner:
             pos = torch.arange(length, device=embeds.device)[None].expand(b, -1)
         elif pos.shape[-2] == 1 and b > 1:
             pos = pos.expand(*pos.shape[:-2], b, pos.shape[-1])
-        layout = record["layout"]
+        layout = record.layout
         n_layers = len(self.decoder.layers)
         if st.replay is None:  # a replayed step keeps the stats of the prompt's own prefill
             self.rt.stats.llm_visual_tokens = [int(p.numel()) for p in layout.positions]
@@ -354,7 +358,7 @@ class DecoderPruner:
         else:
             kwargs["attention_mask"] = t.mask2d(mask, length)
         if st.positions_mode == "original":
-            new_pos = _gather_last(pos, record["pos_source"].gather(1, t.index))
+            new_pos = _gather_last(pos, record.pos_source.gather(1, t.index))
         else:
             new_pos = _gather_last(pos, t.index) - t.dropped_before
         kwargs["position_ids"] = new_pos.masked_fill(~t.valid, 0)
@@ -500,9 +504,7 @@ class DecoderPruner:
             if grids is not None:
                 self.rt.grid = grids[group[0]]
             signals = self._llm_signals(idx, group, pos, tokens, lambda: self._project_ahead(idx, hidden, args, kwargs, ahead))
-            ctx = self.rt.context(point, tokens, raster, signals, group)
-            sel: Selection = self.rt.run_method(ctx)
-            check_selection(sel, ctx, self.rt.method.name)
+            sel = self.rt.run(point, tokens, raster, signals, group).selection
             for j, (keep, merged, _) in enumerate(sel.per_image()):  # counts may differ per image
                 row = int(layout.row[group[j]])
                 order = torch.argsort(keep)

@@ -21,7 +21,7 @@ from torch import nn
 from vlmprune.context import ModelInfo, Point, Signals, VLMInfo, vlm_stages
 from vlmprune.stats import Stats
 
-from .base import Adapter, Installed, Plan, check_selection, llm_cost, register_adapter
+from .base import Adapter, Installed, Plan, llm_cost, register_adapter
 from .decoder import Decoder
 from .vision import (
     EncoderCapture,
@@ -30,11 +30,7 @@ from .vision import (
     install_capture,
     install_encoder_pruning,
 )
-from .vlm import VLMRuntime, position_options
-
-
-def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+from .vlm import ImageRecord, VLMRuntime, position_options
 
 
 def _pixel_patches(pixel_values: torch.Tensor, patch: int, raster: torch.Tensor) -> torch.Tensor:
@@ -170,16 +166,15 @@ class LlavaRuntime(VLMRuntime):
                     "pixels": lambda: _pixel_patches(pixel_values, patch, raster),
                 }
             )
-            ctx = self.context(Point("projector"), feats, raster, signals, cls_token=cls_tok)
-            sel = self.run_method(ctx)
-            check_selection(sel, ctx, self.method.name)
+            red = self.run(Point("projector"), feats, raster, signals, cls_token=cls_tok)
+            sel = red.selection
             if sel.keep_cls and cls_tok is None:
                 raise RuntimeError(f"method {self.method.name!r} asked to keep CLS, but the tower has none")
             per_image = []
-            for i, (keep, merged, extra) in enumerate(sel.per_image()):
+            kept, kept_raster = red.tokens(feats), red.apply(raster)
+            for i, (_, merged, extra) in enumerate(sel.per_image()):
                 in_llm = merged is not None and sel.merged_space == "projected"
-                f = feats[i, keep] if merged is None or in_llm else merged.to(feats.dtype)
-                r = raster[i, keep]
+                f, r = kept[i], kept_raster[i]
                 if extra is not None:
                     f = torch.cat([f, extra.to(feats.dtype)])
                     r = torch.cat([r, r.new_full((extra.shape[0],), -1)])
@@ -203,9 +198,7 @@ class LlavaRuntime(VLMRuntime):
             if p.shape[0] > slots:
                 raise RuntimeError(f"method {self.method.name!r} produced {p.shape[0]} tokens for {slots} image slots")
             padded.append(torch.cat([p, p.new_zeros(slots - p.shape[0], p.shape[1])]))
-        self.images = [
-            {"count": f.shape[0], "raster": r, "slots": slots, "offset": int(cls_slot)} for f, r in zip(feats_list, rasters)
-        ]
+        self.images = [ImageRecord(f.shape[0], r, slots, int(cls_slot)) for f, r in zip(feats_list, rasters)]
         out.pooler_output = padded
         return out
 
@@ -244,11 +237,8 @@ class LlavaRuntime(VLMRuntime):
         off = int(tower.has_cls)
         patches = hidden[:, off:]
         signals = Signals({**encoder_signals(tower, self.capture, self.alive, layer - 1), "hidden": lambda: patches})
-        ctx = self.context(
+        red = self.run(
             Point("encoder", layer), patches, self.alive, signals, images=self.image_ids, cls_token=hidden[:, 0] if off else None
         )
-        sel = self.run_method(ctx)
-        check_selection(sel, ctx, self.method.name)
-        kept = _gather_tokens(patches, sel.keep) if sel.merged is None else sel.merged.to(hidden.dtype)
-        self.alive = self.alive.gather(1, sel.keep)
-        return torch.cat([hidden[:, :off], kept], dim=1)
+        self.alive = red.apply(self.alive)
+        return red.tokens(hidden)  # CLS (the stage's prefix) first

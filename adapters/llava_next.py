@@ -123,17 +123,31 @@ VFlowOpt's official code does) becomes one per crop: see the method's docstring.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from vlmprune.context import ImagePart, ModelInfo, Point, Signals, VLMInfo, vlm_stages
 
-from .base import Installed, Plan, check_selection, new_generator, register_adapter
+from .base import Installed, Plan, new_generator, register_adapter
 from .llava import LlavaAdapter, LlavaRuntime, _pixel_patches
 from .vision import (
     EncoderCapture,
     encoder_signals,
 )
-from .vlm import VLMRuntime
+from .vlm import ImageRecord, VLMRuntime
+
+
+@dataclass
+class PackedImageRecord(ImageRecord):
+    """An image record with newline tokens among its kept slots: ``source`` ``[count]``: each
+    slot's offset in the unpruned span (-1: none); ``visual`` ``[count]``: which slots are visual
+    tokens (not newlines); ``total``: the image's visual tokens before pruning."""
+
+    source: torch.Tensor = field(kw_only=True)
+    visual: torch.Tensor = field(kw_only=True)
+    total: int = field(kw_only=True)
+
 
 def split_budget(budget: int, counts: list[int]) -> list[int]:
     """Share ``budget`` over parts of sizes ``counts`` in proportion (largest remainder, ties to
@@ -407,10 +421,8 @@ class LlavaNextRuntime(VLMRuntime):
             full[entries["vision_pos"]] = proj
             full[entries["newline_pos"]] = newline.to(proj.dtype)
             padded.append(full)
-            self.images.append(
-                {"count": count, "slots": slots, "source": entries["source"], "visual": entries["visual"],
-                 "raster": entries["raster"], "total": lay["total"]}
-            )
+            self.images.append(PackedImageRecord(count, entries["raster"], slots, source=entries["source"],
+                                                 visual=entries["visual"], total=lay["total"]))
         out.pooler_output = padded
         return out
 
@@ -518,21 +530,21 @@ class LlavaNextRuntime(VLMRuntime):
                     }
                 )
                 cls_rows = cls_tok[idx] if cls_tok is not None else None
-                ctx = self.context(point, tokens, local, signals, images=[n_img + g for g in members], cls_token=cls_rows)
-                ctx.parts = [
+                parts = [
                     self._image_part(point, owner[g], g - crop_start[owner[g]], layouts[owner[g]], r,
                                      tuple(layouts[owner[g]]["counts"]), part_of[g])
                     for g, r in zip(members, enc_raster)
                 ]
-                sel = self.run_method(ctx)
-                check_selection(sel, ctx, self.method.name)
+                red = self.run(point, tokens, local, signals, images=[n_img + g for g in members], cls_token=cls_rows,
+                               parts=parts)
+                sel = red.selection
                 if sel.keep_cls and cls_tok is None:
                     raise RuntimeError(f"method {self.method.name!r} asked to keep CLS, but the tower has none")
+                kept = red.tokens(tokens)
                 for j, (keep, merged, extra) in enumerate(sel.per_image()):
                     g = members[j]
                     in_llm = merged is not None and sel.merged_space == "projected"
-                    values = tokens[j, keep] if merged is None or in_llm else merged.to(feats.dtype)
-                    chosen[g] = {"keep": keep, "values": values, "projected": merged if in_llm else None,
+                    chosen[g] = {"keep": keep, "values": kept[j], "projected": merged if in_llm else None,
                                  "extra": extra, "cls": bool(sel.keep_cls)}
         finally:
             self._call_budget = None
@@ -573,16 +585,14 @@ class LlavaNextRuntime(VLMRuntime):
                         "text_embedding": lambda i=i: self._text_embedding_of([i]),
                     }
                 )
-                ctx = self.context(point, tokens, (crop * n + raster)[None], signals, images=[i])
-                sel = self.run_method(ctx)
-                check_selection(sel, ctx, self.method.name)
-                ((keep, merged, _),) = sel.per_image()
-                in_llm = merged is not None and sel.merged_space == "projected"
+                red = self.run(point, tokens, (crop * n + raster)[None], signals, images=[i])
+                ((keep, merged, _),) = red.selection.per_image()
+                in_llm = merged is not None and red.selection.merged_space == "projected"
+                kept = red.tokens(tokens)[0]
                 for c, part in enumerate(lay["parts"]):
                     mine = (crop[keep] == c).nonzero().flatten()  # in the method's order
                     local = torch.searchsorted(part["raster"].to(device), raster[keep[mine]])
-                    values = tokens[0, keep[mine]] if merged is None or in_llm else merged[mine].to(feats.dtype)
-                    chosen[crop_start[i] + c] = {"keep": local, "values": values, "extra": None, "cls": False,
+                    chosen[crop_start[i] + c] = {"keep": local, "values": kept[mine], "extra": None, "cls": False,
                                                  "projected": merged[mine] if in_llm else None}
                 chosen[crop_start[i]]["order"] = (crop * n + raster)[keep]  # the method's order, for packings without newlines
         finally:
@@ -605,8 +615,8 @@ class LlavaNextRuntime(VLMRuntime):
 
     def _image_budget(self, point: Point, total: int) -> tuple[int, int]:
         budget = self.plan.budget
-        target = budget.resolve_target(total)
-        at = budget.at(point, total)
+        target = budget.resolve_target(total, self.step)
+        at = budget.at(point, total, self.step)
         return (target if at is None else at), target
 
     def _sub_capture(self, members: list[int]) -> EncoderCapture:
@@ -721,9 +731,8 @@ class LlavaNextRuntime(VLMRuntime):
         return proj
 
     # -- handed to the decoder's input hook ----------------------------------------------------------
-    def _place_image(self, img: dict, row: int, start: int, pos_source: torch.Tensor):
-        """As the base class, with newline tokens among the kept slots: ``source`` gives each slot's
-        offset in the unpruned span, ``visual`` which slots are visual tokens."""
+    def _place_image(self, img: PackedImageRecord, row: int, start: int, pos_source: torch.Tensor):
+        """As the base class, with newline tokens among the kept slots."""
         device = pos_source.device
-        pos_source[row, start : start + img["count"]] = start + img["source"].to(device).clamp(min=0)
-        return start + img["visual"].to(device).nonzero().flatten(), img["raster"].to(device), img["total"]
+        pos_source[row, start : start + img.count] = start + img.source.to(device).clamp(min=0)
+        return start + img.visual.to(device).nonzero().flatten(), img.raster.to(device), img.total

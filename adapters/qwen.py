@@ -63,7 +63,7 @@ from torch import nn
 from vlmprune.context import ModelInfo, Point, Signals, VLMInfo, vlm_stages
 from vlmprune.stats import Stats
 
-from .base import Adapter, Installed, Plan, check_selection, llm_cost, register_adapter
+from .base import Adapter, Installed, Plan, llm_cost, register_adapter
 from .decoder import Decoder
 from .qwen_vision import (
     AttentionCapture,
@@ -76,7 +76,7 @@ from .qwen_vision import (
     install_qwen_capture,
     install_qwen_encoder,
 )
-from .vlm import VLMRuntime, position_options
+from .vlm import ImageRecord, VLMRuntime, position_options
 
 SIGNALS = (
     "hidden", "projected", "projector", "projector_input", "pixels", "encoder_attention", "encoder_qkv",
@@ -216,24 +216,22 @@ class QwenRuntime(VLMRuntime):
                         "text_embedding": lambda members=members: self._text_embedding_of(members),
                     }
                 )
-                ctx = self.context(Point("projector"), feats, raster, signals, images=members)
-                sel = self.run_method(ctx)
-                check_selection(sel, ctx, self.method.name)
+                red = self.run(Point("projector"), feats, raster, signals, images=members)
+                sel = red.selection
                 if sel.keep_cls:
                     raise RuntimeError(f"method {self.method.name!r} asked to keep CLS; Qwen-VL's tower has none")
-                for j, (keep, merged, extra) in enumerate(sel.per_image()):
+                # the merger's output is both the tokens and the LLM-space ("projected") values
+                values, kept_raster = red.tokens(feats, spaces=("tokens", "projected")), red.apply(raster)
+                for j, (_, _, extra) in enumerate(sel.per_image()):
                     i = members[j]
-                    kept = feats[j, keep] if merged is None else merged.to(feats.dtype)
-                    rasters[i] = raster[j, keep]
+                    kept, rasters[i] = values[j], kept_raster[j]
                     if extra is not None:
                         kept = torch.cat([kept, extra.to(feats.dtype)])
                         rasters[i] = torch.cat([rasters[i], rasters[i].new_full((extra.shape[0],), -1)])
                     tokens[i] = kept
         self.attention = AttentionCapture()  # release the captured q/k
         padded = [torch.cat([t, t.new_zeros(c - t.shape[0], t.shape[1])]) for t, c in zip(tokens, counts)]
-        self.images = [
-            {"count": t.shape[0], "raster": r, "slots": c, "offset": 0} for t, r, c in zip(tokens, rasters, counts)
-        ]
+        self.images = [ImageRecord(t.shape[0], r, c) for t, r, c in zip(tokens, rasters, counts)]
         out.pooler_output = padded
         return out
 
@@ -262,9 +260,7 @@ class QwenRuntime(VLMRuntime):
                     "text_embedding": lambda members=members: self._text_embedding_of(members),
                 }
             )
-            ctx = self.context(Point("encoder", layer), tokens, raster, signals, images=members)
-            sel = self.run_method(ctx)
-            check_selection(sel, ctx, self.method.name)
+            sel = self.run(Point("encoder", layer), tokens, raster, signals, images=members).selection
             for j, (k, merged, _) in enumerate(sel.per_image()):
                 chosen = pos[j, k]
                 keep[chosen] = True

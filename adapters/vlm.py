@@ -1,13 +1,13 @@
 """What every VLM adapter's runtime shares: finding image spans in the prompt, handing the
 LM-input keep mask to the decoder, labels, the text-embedding signal. A family adapter adds
-``image_features()`` (its own vision path) and sets ``self.images``: one record per image,
-``{"count": real tokens, "raster": [count] origin of each (-1: none), "slots": placeholder
-tokens}``; real tokens fill the first ``count`` slots of the image's span."""
+``image_features()`` (its own vision path) and sets ``self.images``: one :class:`ImageRecord`
+per image."""
 
 from __future__ import annotations
 
 import copy
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,6 +17,35 @@ from vlmprune.context import ModelInfo
 from .base import AdapterOption, Installed, Plan
 from .decoder import Decoder, DecoderPruner, VisualLayout, _mask_4d, _padding_of
 from .runtime import Runtime
+
+
+@dataclass
+class ImageRecord:
+    """One image's tokens at the LM input (``VLMRuntime.images``, set by the family's
+    ``image_features()``): they fill the first ``count`` of the image's ``slots`` placeholder
+    tokens; ``raster`` ``[count]``: each one's raster index in the image's grid (-1: no single
+    origin, e.g. CLS or an appended token); ``offset``: slots before the first grid token in the
+    unpruned span (LLaVA's CLS slot)."""
+
+    count: int
+    raster: torch.Tensor
+    slots: int
+    offset: int = 0
+
+
+@dataclass
+class PrefillRecord:
+    """What the runtime hands the decoder at a prefill with images (:meth:`VLMRuntime.take_record`):
+    ``keep`` ``[B, L]``: the LM-input positions that stay (unused placeholder slots go);
+    ``pos_source`` ``[B, L]``: the position whose id each takes under ``positions="original"``;
+    ``layout``: where each image's visual tokens sit; ``positions``: the numbering
+    (:func:`position_options`)."""
+
+    keep: torch.Tensor
+    pos_source: torch.Tensor
+    layout: VisualLayout
+    positions: str
+
 
 #: numberings of kept visual tokens (the ``positions`` and ``llm_positions`` options)
 POSITIONS = ("compact", "original")
@@ -59,12 +88,12 @@ class VLMRuntime(Runtime):
         self.image_mask: torch.Tensor | None = None
         self.input_ids: torch.Tensor | None = None
         self.attention_mask: torch.Tensor | None = None
-        self.images: list[dict] | None = None
+        self.images: list[ImageRecord] | None = None
         self.slots: list[int] = []  # placeholder tokens per image of the current prefill
         self.labels: torch.Tensor | None = None
         self.decoder: DecoderPruner | None = None
         #: inside generate(): the image records of its prompt (re-used by its no-cache steps)
-        self.generation_images: list[dict] | None = None
+        self.generation_images: list[ImageRecord] | None = None
         #: inside generate(): (pixel_values, image_features() output) of its prompt
         self._encoded: tuple | None = None
 
@@ -154,7 +183,7 @@ class VLMRuntime(Runtime):
         """generate() repeats each prompt ``size`` times in a row (beams, returned sequences) and,
         with images encoded before the loop, each prompt's group of encoded images with it: the
         image records (and per-image lists) follow, in that order."""
-        rows = [row for row, _ in self._spans(image_mask, [img["slots"] for img in self.images])]
+        rows = [row for row, _ in self._spans(image_mask, [img.slots for img in self.images])]
         order = [i for row in range(image_mask.shape[0]) for _ in range(size) for i, r in enumerate(rows) if r == row]
         self.images = [self.images[i] for i in order]
         self.slots = [self.slots[i] for i in order]
@@ -247,16 +276,16 @@ class VLMRuntime(Runtime):
         return [row for row, _ in self._spans(self.image_mask, self.slots)]
 
     # -- handed to the decoder's input hook ----------------------------------------------------------
-    def _place_image(self, img: dict, row: int, start: int, pos_source: torch.Tensor):
+    def _place_image(self, img: ImageRecord, row: int, start: int, pos_source: torch.Tensor):
         """One image whose kept tokens fill the first slots of its placeholder span (from ``start``
         in ``row``): set where each takes its position id from in ``pos_source``; return the
         sequence positions of its visual tokens, their raster indices and the image's token total."""
-        visual = torch.arange(start, start + img["count"], device=pos_source.device)
-        raster = img["raster"]
-        pos_source[row, visual] = torch.where(raster >= 0, start + img.get("offset", 0) + raster, start)
-        return visual, raster, img["slots"] - img.get("offset", 0)
+        visual = torch.arange(start, start + img.count, device=pos_source.device)
+        raster = img.raster
+        pos_source[row, visual] = torch.where(raster >= 0, start + img.offset + raster, start)
+        return visual, raster, img.slots - img.offset
 
-    def take_record(self) -> dict | None:
+    def take_record(self) -> PrefillRecord | None:
         """The LM-input keep mask, position sources and visual layout of this prefill."""
         mask, images = self.image_mask, self.images
         self.image_mask, self.images = None, None
@@ -271,16 +300,16 @@ class VLMRuntime(Runtime):
             )
         b, length = mask.shape
         device = mask.device
-        spans = self._spans(mask, [img["slots"] for img in images])
+        spans = self._spans(mask, [img.slots for img in images])
         keep = torch.ones(b, length, dtype=torch.bool, device=device)
         pos_source = torch.arange(length, device=device).expand(b, -1).clone()
         rows, positions, rasters, totals = [], [], [], []
         for (row, start), img in zip(spans, images):
-            keep[row, start + img["count"] : start + img["slots"]] = False
+            keep[row, start + img.count : start + img.slots] = False
             visual, raster, total = self._place_image(img, row, start, pos_source)
             rows.append(row)
             positions.append(visual)
             rasters.append(raster)
             totals.append(total)
         layout = VisualLayout(torch.tensor(rows, device=device), positions, rasters, totals)
-        return {"keep": keep, "pos_source": pos_source, "layout": layout, "positions": self.positions_mode()}
+        return PrefillRecord(keep, pos_source, layout, self.positions_mode())
