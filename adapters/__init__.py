@@ -5,5 +5,6 @@ from .base import ADAPTERS, Adapter, Plan, find_adapter, register_adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen import QwenVLAdapter
+from .vit import ViTAdapter
 
-__all__ = ["ADAPTERS", "Adapter", "Plan", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "find_adapter", "register_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "Plan", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "ViTAdapter", "find_adapter", "register_adapter"]

@@ -146,6 +146,9 @@ class Adapter:
     stages: ClassVar[tuple[str, ...]] = ()
     #: ``wrap()`` keywords this adapter takes besides the method's options (name -> declaration)
     options: ClassVar[dict[str, AdapterOption]] = {}
+    #: the adapter options ``wrap()`` was given, set before it asks for :meth:`info` (for facts
+    #: that depend on one: the ViT adapter's ``boundary_layer`` moves its boundary point)
+    given: dict[str, Any] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -250,8 +253,10 @@ def check_selection(sel, ctx, method: str) -> None:
             raise RuntimeError(f"method {method!r}: merged must have one row per kept token")
         if extra is not None and not spec.extra:
             raise RuntimeError(f"method {method!r} returned extra tokens at stage {ctx.stage!r}, where none can be added")
-    if sel.keep_cls and not spec.extra:
-        raise RuntimeError(f"method {method!r} asked to keep CLS at stage {ctx.stage!r}; only the projector stage can")
+    if sel.keep_cls and not (spec.extra or spec.prefix):
+        raise RuntimeError(
+            f"method {method!r} asked to keep CLS at stage {ctx.stage!r}, which has no prefix token and adds none"
+        )
 
 
 def llm_cost(decoder, text_config, stats: Stats) -> dict[str, Any]:

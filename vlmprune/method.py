@@ -138,22 +138,22 @@ class Method:
         return self.requires_cls
 
     def capture_layers(self, info: ModelInfo) -> dict[str, tuple[int, ...]]:
-        """Which encoder / LLM layers' attention projections the signals will read.
+        """Which layers' attention projections the signals will read, per stage.
 
-        Default: the feature layer for ``projector`` points, ``l - 1`` for an
-        ``encoder`` point at ``l``, ``K - 1`` for an ``llm`` point at ``K``. A method reading
-        ``sublayer_io`` adds the key ``"sublayer_io"`` with the LLM layers whose attention and
-        MLP inputs/outputs the adapter must keep at prefill.
+        Default: on VLMs, the feature layer for ``projector`` points, ``l - 1`` for an
+        ``encoder`` point at ``l``, ``K - 1`` for an ``llm`` point at ``K`` (keys ``"encoder"``
+        and ``"llm"``, always present); at any other stage, ``l - 1`` for a point at layer ``l``
+        under the stage's name (a plain ViT's ``vit`` point at ``L`` reads block ``L - 1``). A
+        method reading ``sublayer_io`` adds the key ``"sublayer_io"`` with the LLM layers whose
+        attention and MLP inputs/outputs the adapter must keep at prefill.
         """
-        enc, llm = set(), set()
+        out: dict[str, set[int]] = {"encoder": set(), "llm": set()}
         for p in self.points(info):
             if p.stage == "projector":
-                enc.add(info.feature_layer)
-            elif p.stage == "encoder":
-                enc.add(p.layer - 1)
-            elif p.stage == "llm":
-                llm.add(p.layer - 1)
-        return {"encoder": tuple(sorted(enc)), "llm": tuple(sorted(llm))}
+                out["encoder"].add(info.feature_layer)
+            elif p.layer is not None:
+                out.setdefault(p.stage, set()).add(p.layer - 1)
+        return {stage: tuple(sorted(layers)) for stage, layers in out.items()}
 
     def encoder_per_image(self) -> bool:
         """True if encoder-stage counts differ per image, so the adapter must run the vision
@@ -162,11 +162,32 @@ class Method:
 
     def check(self, info: ModelInfo) -> None:
         """Raise a clear error if this model cannot serve the method: every point of
-        :meth:`points` must name a stage the adapter offers, a prefix token must be there if
-        :meth:`requires_prefix`, and :meth:`needs_for` must be among the signals the model (and
-        the stages, where their specs declare signals) provide. Records ``self.needs``."""
-        points = self.points(info)
-        specs = [info.stages[p.stage] for p in points if p.stage in info.stages]
+        :meth:`points` must name a stage the adapter offers, at a layer its spec allows (where the
+        spec sets ``layers``), a prefix token must be there if :meth:`requires_prefix`, and
+        :meth:`needs_for` must be among the signals the model (and the stages, where their specs
+        declare signals) provide. Records ``self.needs``. A method whose points read facts this
+        model's info lacks (FastV's LLM layers on a plain ViT) is refused naming its stages."""
+        try:
+            points = self.points(info)
+        except AttributeError as e:
+            raise ValueError(
+                f"method {self.name!r} acts at stage(s) {list(self.stages)}, which the {info.family} adapter "
+                f"does not offer (it offers {list(info.stages)}; {e})"
+            ) from e
+        missing = sorted({p.stage for p in points} - set(info.stages))
+        if missing:
+            raise ValueError(
+                f"method {self.name!r} acts at stage(s) {missing}, which the {info.family} adapter "
+                f"does not offer (it offers {list(info.stages)})"
+            )
+        for p in points:
+            layers = info.stages[p.stage].layers
+            if layers is not None and p.layer not in layers:
+                raise ValueError(
+                    f"method {self.name!r} acts at point {str(p)!r}; the {info.family} adapter's stage {p.stage!r} "
+                    f"takes layers {layers.start}..{layers.stop - 1}"
+                )
+        specs = [info.stages[p.stage] for p in points]
         if self.requires_prefix(info) and not any(spec.prefix for spec in specs):
             raise ValueError(
                 f"method {self.name!r} needs a CLS token in the vision tower, and this model's "
@@ -178,12 +199,6 @@ class Method:
             raise ValueError(
                 f"method {self.name!r} needs signal(s) {sorted(lacking)}, which the {info.family} adapter "
                 f"cannot provide (it provides {list(info.signals)})"
-            )
-        missing = sorted({p.stage for p in points} - set(info.stages))
-        if missing:
-            raise ValueError(
-                f"method {self.name!r} acts at stage(s) {missing}, which the {info.family} adapter "
-                f"does not offer (it offers {list(info.stages)})"
             )
         if specs and all(spec.signals for spec in specs):
             offered = frozenset().union(*(spec.signals for spec in specs))

@@ -133,6 +133,7 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     elif instance.accepts_weights:
         instance.resolve_weights(model)
     adapter = find_adapter(model)
+    adapter.given = adapter_options
     info = adapter.info()
     instance.check(info)
     parsed = Budget.parse(budget, rounding=instance.fraction_rounding)
