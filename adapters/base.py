@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vlmprune.budget import Budget
-from vlmprune.context import ModelInfo, Point
+from vlmprune.context import ModelInfo, Point, Session
 from vlmprune.method import Method
 from vlmprune.stats import LLMShape, Stats
 
@@ -53,6 +53,8 @@ class Plan:
     adapter_options: dict[str, Any] = field(default_factory=dict)
     #: lists that ``Handle.record()`` is filling: every ``select`` call is appended to each
     recorders: list = field(default_factory=list)
+    #: what outlives a forward until ``handle.reset()`` (``ctx.state.session``, ``ctx.step``)
+    session: Session = field(default_factory=Session)
 
 
 class Installed:

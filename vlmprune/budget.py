@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Any, Union
 
 from .context import STAGES, Point
 
@@ -48,22 +49,34 @@ class Budget:
     is the final target unless ``"target"`` is given. ``rounding``: how a fraction ``f`` of ``n``
     tokens becomes a count, ``"round"`` (``max(1, round(n * f))``) or ``"floor"``
     (``max(1, int(n * f))``); ``wrap()`` sets it from the method's ``fraction_rounding``.
+
+    ``Budget.parse(lambda step: ...)``: a budget that depends on the forward's step (``ctx.step``:
+    a control step, a denoising step), kept in ``per_step``; the function returns an int, a float
+    or a schedule dict for that step, is called again whenever the budget is resolved (make it
+    depend on the step only), and its result is checked each time, the error naming the step.
+    ``at``, ``resolve_target`` and ``check`` take the ``step`` (default 0).
     """
 
     target: BudgetValue | None
     schedule: tuple[tuple[Point, BudgetValue], ...] = ()
     rounding: str = "round"
+    per_step: Callable[[int], Any] | None = None
 
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"budget rounding must be one of {list(ROUNDINGS)}, got {self.rounding!r}")
 
     @staticmethod
-    def parse(budget, rounding: str = "round") -> "Budget":
-        """A :class:`Budget` from an int, a float, a schedule dict or a Budget (whose
-        ``rounding`` is replaced by ``rounding``)."""
+    def parse(budget, rounding: str = "round", step: int | None = None) -> Budget:
+        """A :class:`Budget` from an int, a float, a schedule dict, a function of the step or a
+        Budget (whose ``rounding`` is replaced by ``rounding``). With ``step``, a function of the
+        step is called and its result parsed: the budget at that step."""
         if isinstance(budget, Budget):
-            return dataclasses.replace(budget, rounding=rounding)
+            budget = dataclasses.replace(budget, rounding=rounding)
+            return budget if step is None or budget.per_step is None else budget._at_step(step, lambda b: b)
+        if callable(budget):
+            budget = Budget(None, rounding=rounding, per_step=budget)
+            return budget if step is None else budget._at_step(step, lambda b: b)
         if isinstance(budget, Mapping):
             if not budget:
                 raise ValueError("budget schedule must not be empty")
@@ -82,14 +95,31 @@ class Budget:
             )
         return Budget(budget, rounding=rounding)
 
-    def resolve_target(self, n: int) -> int:
+    def _at_step(self, step: int, use: Callable[[Budget], Any]) -> Any:
+        """``use`` applied to the budget that ``per_step`` gives at ``step``; any refusal of that
+        value names the parameter, the step and the value."""
+        value = self.per_step(step)
+        try:
+            if isinstance(value, Budget) or callable(value):
+                raise TypeError("a function of the step must return an int, a float or a schedule dict")
+            return use(Budget.parse(value, self.rounding))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"parameter 'budget' (a function of the step) returned {value!r} at step {step}: {e}") from None
+
+    def resolve_target(self, n: int, step: int = 0) -> int:
+        """Tokens per image of ``n`` to keep by the method's last point, at forward ``step``."""
+        if self.per_step is not None:
+            return self._at_step(step, lambda b: b.resolve_target(n))
         if self.target is not None:
             return _resolve_value(self.target, n, "", self.rounding)
         value = self.schedule[-1][1] if self.schedule else None
         return _resolve_value(value, n, f"[{self.schedule[-1][0]}]", self.rounding)
 
-    def at(self, point: Point, n: int) -> int | None:
-        """The scheduled budget at ``point`` (matching ``stage:layer`` first, then the stage)."""
+    def at(self, point: Point, n: int, step: int = 0) -> int | None:
+        """The scheduled budget at ``point`` (matching ``stage:layer`` first, then the stage) at
+        forward ``step``; None: no schedule entry there."""
+        if self.per_step is not None:
+            return self._at_step(step, lambda b: b.at(point, n))
         for p, value in self.schedule:
             if p == point:
                 return _resolve_value(value, n, f"[{p}]", self.rounding)
@@ -101,10 +131,13 @@ class Budget:
     def points(self) -> tuple[Point, ...]:
         return tuple(p for p, _ in self.schedule)
 
-    def check(self, points, method: str, n: int | None = None, of: str = "the model has") -> None:
+    def check(self, points, method: str, n: int | None = None, of: str = "the model has", step: int = 0) -> None:
         """Refuse, before anything runs, a schedule key that matches none of the method's
         ``points`` and any value that no image could take: ints must be in ``[1, n]`` (``n``
-        None: at least 1; ``of`` says where ``n`` comes from), fractions in (0, 1]."""
+        None: at least 1; ``of`` says where ``n`` comes from), fractions in (0, 1]; a function
+        of the step is checked on what it returns at ``step``."""
+        if self.per_step is not None:
+            return self._at_step(step, lambda b: b.check(points, method, n, of))
         names = [str(p) for p in points]
         for p in self.points():
             if p not in points and not (p.layer is None and any(q.stage == p.stage for q in points)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -257,13 +258,64 @@ class Signals:
 
 
 @dataclass
+class Session:
+    """What outlives one forward of a wrapped model until ``handle.reset()``: ``state``
+    (``ctx.state.session``: a VLA episode's memory, a sampling run's) and ``steps``, the forwards
+    run so far (the next forward's ``ctx.step``)."""
+
+    state: dict = field(default_factory=dict)
+    steps: int = 0
+
+    def reset(self) -> None:
+        self.state = {}
+        self.steps = 0
+
+
+class State(MutableMapping):
+    """``ctx.state``: a method's memory in three scopes.
+
+    ``forward``: one dict shared by every call of one forward (prefill) for one group of images
+    (FlowCut's running score); indexing ``ctx.state`` reads and writes it, so ``ctx.state`` works
+    as that dict. ``images``: one dict per row of the call, the same object for that image at
+    every point of the forward and for every part of it (``ImagePart.state``; also
+    ``ctx.image_state``). ``session``: one dict that survives forwards until ``handle.reset()``
+    (an episode of control steps, a sampling run). The forward and images scopes are new at every
+    forward.
+    """
+
+    def __init__(self, forward: dict | None = None, images: list[dict] | None = None, session: dict | None = None):
+        self.forward = {} if forward is None else forward
+        self.images = [] if images is None else images
+        self.session = {} if session is None else session
+
+    def __getitem__(self, key):
+        return self.forward[key]
+
+    def __setitem__(self, key, value) -> None:
+        self.forward[key] = value
+
+    def __delitem__(self, key) -> None:
+        del self.forward[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self.forward)
+
+    def __len__(self) -> int:
+        return len(self.forward)
+
+    def __repr__(self) -> str:
+        return f"State(forward={self.forward!r}, images={self.images!r}, session={self.session!r})"
+
+
+@dataclass
 class ImagePart:
     """Where one row of a call sits in its whole image, for adapters that call a stage on *parts*
     of an image (LLaVA-NeXT's projector stage: one row per crop, i.e. the base image or a tile)
     while a later stage sees the whole image at once.
 
-    ``state``: the whole image's per-image dict, the very object the later stages' ``image_state``
-    holds for that image (shared by all parts of the image in this forward). ``index`` ``[N]``:
+    ``state``: the whole image's dict of the images scope (:attr:`State.images`), the very object
+    the later stages' ``ctx.state.images`` hold for that image (shared by all parts of the image
+    in this forward). ``index`` ``[N]``:
     each token of the row in the whole image's numbering (the later stages' ``token_index``).
     ``grid``: the whole image's grid in that numbering. ``n``, ``budget``, ``target``: the whole
     image's visual-token count and its budget/target at this point (``ctx.budget``/``ctx.target``
@@ -295,11 +347,14 @@ class TokenContext:
     one); ``token_index`` ``[B, N]``: each token's raster index in the original
     ``grid`` (rows, cols); ``budget``: tokens to keep per image at this call;
     ``target``: tokens per image the method must reach by its last point;
-    ``state``: a dict shared by all calls of one forward (per image batch).
+    ``state``: the method's memory in three scopes (:class:`State`); indexed like a dict it is the
+    forward scope, shared by all calls of one forward for this group of images (a plain dict given
+    here becomes that scope). ``step``: forwards this session ran before this one
+    (:class:`Session`; 0 at the first forward after ``wrap()`` or ``handle.reset()``).
     ``images``: the index of each row's image among the images of this forward (rows of an
-    ``llm``-stage call may be a subset, grouped by token count). ``image_state``: one dict per
-    row, the same object for that image at every point of the forward: carry per-image scores
-    from one stage to the next here (VFlowOpt's importance map).
+    ``llm``-stage call may be a subset, grouped by token count). ``image_state``: the images scope,
+    ``state.images`` under its older name (one dict per row, the same object for that image at
+    every point of the forward: VFlowOpt's importance map); a list given here becomes that scope.
     ``parts``: empty when every row is a whole image; else one :class:`ImagePart` per row, for
     adapters that call this stage per part of an image (LLaVA-NeXT's projector stage, per crop).
     Use :meth:`whole_images` to read both cases alike.
@@ -313,21 +368,31 @@ class TokenContext:
     grid: tuple[int, int]
     token_index: torch.Tensor
     signals: Signals
-    state: dict = field(default_factory=dict)
+    state: State | dict = field(default_factory=dict)
     cls_token: torch.Tensor | None = None
     info: ModelInfo | None = None
     generator: torch.Generator | None = None
     images: tuple[int, ...] = ()
     image_state: list[dict] = field(default_factory=list)
     parts: list[ImagePart] = field(default_factory=list)
+    step: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.state, State):
+            self.state = State(forward=self.state, images=self.image_state)
+        elif self.image_state and self.image_state is not self.state.images:
+            raise ValueError("TokenContext: image_state is state.images under another name; give one of them")
+        if not self.state.images:
+            self.state.images.extend({} for _ in range(self.tokens.shape[0]))
+        self.image_state = self.state.images
 
     def whole_images(self) -> list[ImagePart]:
         """Per row, the row's place in its whole image: ``parts`` when the adapter set them, else
-        the row itself as a whole image (``image_state``, ``token_index``, ``grid``, ``n``,
+        the row itself as a whole image (``state.images``, ``token_index``, ``grid``, ``n``,
         ``budget``, ``target``)."""
         if self.parts:
             return list(self.parts)
-        states = self.image_state or [{} for _ in range(self.tokens.shape[0])]
+        states = self.state.images
         return [
             ImagePart(state=states[j], index=self.token_index[j], grid=self.grid, n=self.n, budget=self.budget,
                       target=self.target, part=0, layout_index=self.token_index[j], layout_grid=self.grid, sizes=(self.n,))

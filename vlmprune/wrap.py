@@ -21,11 +21,17 @@ _HANDLE_ATTR = "_vlmprune_handle"
 
 
 class Handle:
-    """What :func:`wrap` returns: ``stats``, ``record()``, ``unwrap()``, and a context manager.
+    """What :func:`wrap` returns: ``stats``, ``record()``, ``reset()``, ``unwrap()``, and a context
+    manager.
 
+    A wrap is one session: ``ctx.state.session`` (a dict methods keep across forwards) and
+    ``ctx.step`` (forwards run before the current one; one prefill with images counts once, however
+    many tokens ``generate()`` then adds, with or without a cache) last until ``reset()``, e.g.
+    between the episodes of a policy or two sampling runs; a budget may be a function of the step.
     ``Handle.of(model)`` finds a wrapped model's handle: the way to reach the handle of a
     ``copy.deepcopy`` of a wrapped model, which is wrapped again on its own (same method options,
-    budget and wrap options; its own stats; unwrapping one leaves the other wrapped).
+    budget and wrap options; its own stats and a new session; unwrapping one leaves the other
+    wrapped).
     """
 
     def __init__(self, model: nn.Module, adapter, installed, plan):
@@ -69,6 +75,12 @@ class Handle:
         prefill FLOPs and KV-cache bytes with and without pruning, estimates from the config)."""
         return self._stats.as_dict()
 
+    def reset(self) -> None:
+        """Start a new session: clear ``ctx.state.session``; the next forward has ``ctx.step`` 0.
+        Waits for calls in flight in other threads to finish."""
+        with self._lock:
+            self._plan.session.reset()
+
     def unwrap(self) -> nn.Module:
         """Remove every hook and attribute this wrap added; the model is exactly as before.
         Waits for calls in flight in other threads to finish."""
@@ -94,7 +106,9 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
 
     ``budget``: an int (visual tokens kept per image), a float in (0, 1] (fraction kept)
     or a schedule dict (see :class:`vlmprune.budget.Budget`) whose keys must name points the
-    method acts at. Checked here on every tower: type, sign, NaN/inf, fraction range, and ints
+    method acts at, or a function ``step ->`` one of those (``ctx.step``, see :class:`Handle`;
+    its value at step 0 is checked here, each step's again when that forward runs).
+    Checked here on every tower: type, sign, NaN/inf, fraction range, and ints
     against the tokens per image; where the count comes from ``pixel_values``, against the most
     the config allows (a DINOv2 tower: ``(image_size / patch_size)**2`` of the vision config,
     the count a LLaVA processor at that size puts in the prompt; LLaVA-NeXT: the base crop plus
