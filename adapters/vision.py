@@ -12,8 +12,8 @@ LayerScale, open_clip's ``ls_1``/``ls_2``) runs as the tower wrote it; no forwar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -28,7 +28,13 @@ from vlmprune.method import Method
 
 from .base import Adapter, AdapterOption, Installed, Plan, read_arg, register_adapter
 from .runtime import Runtime
-from .vision import EncoderCapture, VisionTower, encoder_signals, install_capture, install_encoder_pruning
+from .vision import (
+    EncoderCapture,
+    VisionTower,
+    encoder_signals,
+    install_capture,
+    install_encoder_pruning,
+)
 
 #: what a ``vit`` point offers: the tokens, ``projected`` as the identity (no projector on a ViT),
 #: and the attention signals of the block before the point

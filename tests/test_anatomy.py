@@ -14,7 +14,13 @@ import transformers as T
 from torch import nn
 
 from adapters.base import Installed
-from adapters.vision import ANATOMY, EncoderCapture, VisionTower, encoder_signals, install_capture
+from adapters.vision import (
+    ANATOMY,
+    EncoderCapture,
+    VisionTower,
+    encoder_signals,
+    install_capture,
+)
 
 WIDTH, HEADS, DEPTH, SIDE, PATCH = 32, 4, 2, 32, 8
 N = (SIDE // PATCH) ** 2  # 16 patches
@@ -44,8 +50,8 @@ def open_clip_vit() -> nn.Module:
 
 def hf(model_cls, config_cls, **extra) -> nn.Module:
     torch.manual_seed(0)
-    common = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=64,
-                  patch_size=PATCH)
+    common = {"hidden_size": WIDTH, "num_hidden_layers": DEPTH, "num_attention_heads": HEADS,
+              "intermediate_size": 64, "patch_size": PATCH}
     if config_cls is not T.Siglip2VisionConfig:
         common["image_size"] = SIDE
     return model_cls(config_cls(**common, **extra)).eval()
@@ -138,11 +144,11 @@ def test_hf_separate_projections(kind):
     if kind == "clip":
         model = hf(T.CLIPVisionModel, T.CLIPVisionConfig)
         blocks = model.encoder.layers
-        parts = lambda blk: (blk.layer_norm1, blk.self_attn)  # noqa: E731
+        parts = lambda blk: (blk.layer_norm1, blk.self_attn)
     else:
         model = hf(T.ViTModel, T.ViTConfig)
         blocks = model.layers
-        parts = lambda blk: (blk.layernorm_before, blk.attention)  # noqa: E731
+        parts = lambda blk: (blk.layernorm_before, blk.attention)
     tower = VisionTower(model)
     assert (tower.flavour, tower.prefix, tower.has_cls, tower.depth) == (kind, 1, True, DEPTH)
     store, inputs, _ = run_capturing(tower, PIXELS)
@@ -183,7 +189,7 @@ def test_encoder_signals_with_registers_offset_by_the_whole_prefix():
     store, _, _ = run_capturing(tower, PIXELS, layers=(1,))
     current = torch.tensor([[1, 4, 5, 15], [0, 2, 9, 10]])  # raster indices of the tokens alive now
     signals = encoder_signals(tower, store, current, default_layer=1)
-    q, k, v = (store.qkv[1][key] for key in "qkv")
+    q, k = store.qkv[1]["q"], store.qkv[1]["k"]
     rows = torch.cat([torch.zeros(2, 1, dtype=torch.long), current + 3], dim=1)  # CLS, then patches after 3 prefix
     probs = torch.softmax(q @ k.transpose(-1, -2) * (WIDTH // HEADS) ** -0.5, dim=-1)  # over all 3 + 16 keys
     cls = torch.stack([probs[i, :, 0, current[i] + 3] for i in range(2)])

@@ -24,7 +24,7 @@ METHODS = ("divprune", "uniform", "random", "visionzip")
 IMPLS = ("eager", "sdpa")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_for(impl: str) -> T.ViTForImageClassification:
     torch.manual_seed(0)
     config = T.ViTConfig(hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=4, intermediate_size=64,
