@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import vlmprune
-from tests import test_truth as truth
-from tests import test_truth_next as nxt
+from tests.cases import EXPECT, LLAVA
+from tests.cases import NEXT as nxt
 from tests.tiny import (
     IMAGE_TOKEN,
     QWEN_IMAGE,
@@ -62,7 +62,7 @@ def family(name):
                 return batch_of([one[r] for r in rows])
 
         elif name == "next":
-            model = nxt.model_for()
+            model = nxt.model()
 
             def inputs(rows=(0, 1)):
                 texts, sizes = [nxt.TEXTS[r] for r in rows], [nxt.SIZES[r] for r in rows]
@@ -165,20 +165,20 @@ def test_decode_step_on_another_prefills_cache_is_refused():
         assert [int(nxt_b), int(step.logits[0, -1].argmax())] == expected.tolist()
 
 
-@pytest.mark.parametrize("row", sorted(truth.METHODS))
+@pytest.mark.parametrize("row", sorted(row for row, spec in EXPECT.items() if ("*", "llava") not in spec.skip))
 def test_every_method_through_beam_search_static_and_no_cache(row):
-    """Every method of the truth table on LLaVA (state carried from the vision side into the LLM
-    included, VFlowOpt's importance map): no cache and a static cache equal greedy, and, where
-    the selection does not depend on the other images, a batch's beams equal each prompt's own."""
+    """Every row of the expectation table run on LLaVA (state carried from the vision side into
+    the LLM included, VFlowOpt's importance map): no cache and a static cache equal greedy, and,
+    where the selection does not depend on the other images, a batch's beams equal each prompt's own."""
     model, inputs, image_id = family("llava")
-    spec = truth.METHODS[row]
+    spec = EXPECT[row]
     two = inputs()
-    with vlmprune.wrap(model, spec.get("method", row), budget=0.25, **spec["options"]):
+    with vlmprune.wrap(model, spec.method, budget=0.25, **LLAVA[0].options(row, "batch")):
         greedy = generate(model, two, image_id, **MODES["greedy"])
         for mode in ("static", "no_cache"):
             assert torch.equal(generate(model, two, image_id, **MODES[mode]), greedy), mode
         beams = generate(model, two, image_id, **MODES["beam"])
         assert beams.shape[0] == 4
-        if spec["batch"]:
+        if spec.reason("batch", LLAVA[0]) is None:
             for r in (0, 1):
                 assert torch.equal(beams[2 * r : 2 * r + 2], generate(model, inputs((r,)), image_id, **MODES["beam"])), r

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import vlmprune
-from tests.test_truth import record_selections
 from tests.tiny import IMAGE_TOKEN, PAD, QWEN_END, QWEN_START, n_patches, qwen_prompt_with_images, tiny_llava, tiny_qwen
-from tests.truth import positions_from_mask, pruned_prompt, vision_features
+from tests.truth import positions_from_mask, pruned_prompt, record_selections, vision_features
 
 
 def _two_image_batch():

@@ -1,335 +1,23 @@
-"""Truth tests of DESIGN.md for the LLaVA-NeXT adapter, on a tiny random LLaVA-NeXT built from
-configs (CLIP tower 32 px / patch 4: 8x8 tokens per crop; grid pinpoints 32x64, 64x32, 64x64, so
-an image is a base crop plus 2 or 4 tiles, with un-padding cutting rows or columns of the tile
-grid). Images of different sizes (5 and 3 crops) in one left-padded batch; CPU, no network."""
+"""LLaVA-NeXT family tests beyond the conformance kit (tests/test_conformance.py runs the truth
+oracles on tests/cases.py's ``NEXT`` case): the base-first split rule, HiPrune's equal shares,
+HoloV's whole-image calls, crop budgets and stats, two images in one prompt, clear errors, and
+the encoder stage (each crop one image row of the CLIP tower) rebuilt by hand. Tiny random
+LLaVA-NeXT (8 x 8 tokens per crop; images of 5 and 3 crops), CPU, no network."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-)
 from vlmprune.adapters.llava_next import split_budget
-from vlmprune.budget import equal_split
 
 import vlmprune
-from tests.tiny import IMAGE_TOKEN, PAD, VOCAB
-from tests.truth import (
-    Replay,
-    manual_encoder_features,
-    positions_from_mask,
-    pruned_prompt,
-    record_selections,
-    run_layers,
-)
+from tests.cases import NEXT
+from tests.truth import manual_encoder_features, pruned_prompt, record_selections
+from vlmprune.budget import equal_split
 
-SIDE, PATCH = 32, 4
-N = (SIDE // PATCH) ** 2  # tokens per crop
-PINPOINTS = [[32, 64], [64, 32], [64, 64]]
-# (height, width): 2x2 tiles with columns cut (224 visual tokens + 16 newlines), 1x2 tiles with
-# rows cut (160 + 6), 1x2 tiles with columns cut (128 + 8)
-SIZES = [(64, 40), (24, 64), (32, 32)]
-TOTALS = [224, 160, 128]
-CROPS = [5, 3, 3]
-TEXTS = [[10, 11, 12, 13, 14], [20, 21], [30, 31, 32]]
-
-# identity: keeping every token reproduces the unwrapped model; batch: the selection of one
-# image does not depend on the others; manual: a pure selection at one point (rebuilt by hand)
-METHODS = {
-    "random": dict(identity=True, batch=False, manual=True),
-    "uniform": dict(identity=True, batch=True, manual=True),
-    "divprune": dict(identity=True, batch=True, manual=True),
-    "fastv": dict(identity=True, batch=True, manual=True),
-    "visionzip": dict(identity=False, batch=True, manual=False),
-    "prumerge_plus": dict(identity=False, batch=True, manual=False),
-    "hiprune": dict(identity=True, batch=True, manual=True),
-    "holov": dict(identity=True, batch=True, manual=True),
-    "fopru": dict(identity=True, batch=True, manual=True),
-    "zoo_prune": dict(identity=True, batch=True, manual=True),
-    "todre": dict(identity=False, batch=True, manual=False),
-    "feather": dict(identity=True, batch=True, manual=False),
-    "transprune": dict(identity=True, batch=True, manual=False),
-    "adatoken3d": dict(identity=True, batch=True, manual=False),
-}
-BUDGET = 0.25
-# methods whose default follows their official NeXT packing (no newlines; HiPrune: no un-padding):
-# the identity and by-hand rows below run the adapter's general rule, the official packings are
-# checked by hand in tests/test_next_official_packing.py; batch and cache run the defaults
-ADAPTER_PACKING = {"hiprune": dict(next_packing="adapter"), "holov": dict(next_packing="adapter")}
-
-_MODEL: dict = {}
-
-
-def tiny_llava_next(seed: int = 0) -> LlavaNextForConditionalGeneration:
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        image_size=SIDE, patch_size=PATCH, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
-    )
-    config = LlavaNextConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS,
-    )
-    model = LlavaNextForConditionalGeneration(config).eval()
-    model.set_attn_implementation("sdpa")
-    return model
-
-
-def model_for():
-    if "m" not in _MODEL:
-        _MODEL["m"] = tiny_llava_next()
-    return _MODEL["m"]
-
-
-def layout(model, sizes):
-    """Per image, what each placeholder slot holds in the unwrapped model: ``crop * N + raster``
-    or -1 for a newline (an id tensor packed by transformers' own ``pack_image_features``)."""
-    crops = [CROPS[SIZES.index(tuple(s))] for s in sizes]
-    ids = [torch.arange(k * N, dtype=torch.float64).view(k, N, 1) for k in crops]
-    packed, _ = model.model.pack_image_features(ids, torch.tensor(sizes), "default", image_newline=torch.tensor([-1.0], dtype=torch.float64))
-    return [p[:, 0].long() for p in packed]
-
-
-def next_batch(texts, sizes, seed=0, images_per_row=None):
-    """``[BOS] [image] text`` per row (or several images per row), left padding; pixel_values
-    5-D padded to the most crops, as the processor returns them."""
-    gen = torch.Generator().manual_seed(seed)
-    crops = [CROPS[SIZES.index(s)] for s in sizes]
-    lengths = [len(lay) for lay in layout(model_for(), sizes)]  # placeholder tokens per image
-    images_per_row = images_per_row or [1] * len(texts)
-    rows, at = [], 0
-    for text, n_img in zip(texts, images_per_row):
-        row = [1]
-        for j in range(n_img):
-            row += [IMAGE_TOKEN] * lengths[at] + ([40 + j] if j + 1 < n_img else [])
-            at += 1
-        rows.append(row + text)
-    longest = max(map(len, rows))
-    pixels = torch.zeros(len(sizes), max(crops), 3, SIDE, SIDE)
-    for i, k in enumerate(crops):
-        pixels[i, :k] = torch.randn(k, 3, SIDE, SIDE, generator=gen)
-    return {
-        "input_ids": torch.tensor([[PAD] * (longest - len(r)) + r for r in rows]),
-        "attention_mask": torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows]),
-        "pixel_values": pixels,
-        "image_sizes": torch.tensor(sizes),
-    }
-
-
-def single(inputs, i, texts, sizes, seed):
-    one = next_batch([texts[i]], [sizes[i]], seed=seed)
-    one["pixel_values"] = inputs["pixel_values"][i : i + 1, : CROPS[SIZES.index(sizes[i])]]
-    return one
-
-
-def forward(model, inputs):
-    with torch.no_grad():
-        return model(**inputs, position_ids=positions_from_mask(inputs["attention_mask"])).logits
-
-
-def generate(model, inputs, steps=3):
-    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
-    return out[:, inputs["input_ids"].shape[1] :]
-
-
-def greedy_no_cache(model, inputs, steps):
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    new = []
-    for _ in range(steps):
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                           image_sizes=inputs["image_sizes"], position_ids=positions_from_mask(mask), use_cache=False).logits
-        last = logits[:, -1]
-        last[:, IMAGE_TOKEN] = float("-inf")
-        last[:, model.config.text_config.eos_token_id] = float("-inf")
-        nxt = last.argmax(-1, keepdim=True)
-        new.append(nxt)
-        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    return torch.cat(new, 1)
-
-
-def full_image_tokens(model, inputs):
-    """The unwrapped model's packed image features, one ``[slots, D]`` tensor per image."""
-    with torch.no_grad():
-        return list(model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output)
-
-
-methods = pytest.mark.parametrize("name", list(METHODS))
-
-_REF: dict = {}
-
-
-# 1. keep-all equivalence -----------------------------------------------------------------------
-@methods
-def test_keep_all_equivalence(name):
-    model = model_for()
-    inputs = next_batch(TEXTS[:2], SIZES[:2])
-    if "ref" not in _REF:
-        _REF["ref"] = forward(model, inputs), generate(model, inputs)
-    ref_logits, ref_tokens = _REF["ref"]
-    with vlmprune.wrap(model, name, budget=1.0, **ADAPTER_PACKING.get(name, {})) as handle:
-        if not METHODS[name]["identity"]:
-            pytest.skip(f"{name} merges tokens (or halves them inside the LLM) by design: no identity at full budget")
-        torch.testing.assert_close(forward(model, inputs), ref_logits, atol=1e-5, rtol=0)
-        assert torch.equal(generate(model, inputs), ref_tokens)
-    assert handle.stats["llm_visual_tokens"] == TOTALS[:2]  # newline tokens are not counted
-
-
-# 2. manual equivalence -----------------------------------------------------------------------------
-def _kept_slots(slot_ids, kept: set[tuple[int, int]], base_order: list[int]) -> torch.Tensor:
-    """Slots of one image kept by hand: the base image's chosen tokens in the method's order
-    (base slot ``r`` holds raster ``r``), then the chosen tile tokens in slot order and the
-    newline of each tile row that keeps a token."""
-    base = int(((slot_ids >= 0) & (slot_ids < N)).long().cumprod(0).sum())
-    assert torch.equal(slot_ids[:base], torch.arange(N))
-    keep, row = list(base_order), []
-    for s, g in enumerate(slot_ids.tolist()):
-        if s < base:
-            continue
-        if g >= 0 and (g // N, g % N) in kept:
-            keep.append(s)
-            row.append(s)
-        elif g < 0:
-            if row:
-                keep.append(s)
-            row = []
-    return torch.tensor(keep)
-
-
-@methods
-def test_manual_equivalence(name):
-    if not METHODS[name]["manual"]:
-        pytest.skip(f"{name}: merging or several points; covered by keep-all, batch and cache here")
-    model = model_for()
-    inputs = next_batch(TEXTS[:2], SIZES[:2], seed=1)
-    with vlmprune.wrap(model, name, budget=BUDGET, **ADAPTER_PACKING.get(name, {})) as handle:
-        with record_selections(handle) as seen:
-            pruned = forward(model, inputs)
-    lay = layout(model, SIZES[:2])
-    full = full_image_tokens(model, inputs)
-    if seen[0][0].stage == "projector":
-        assert {rec[0].stage for rec in seen} == {"projector"}
-        first_crop = [0, CROPS[0]]
-        kept, base_order = [set(), set()], [[], []]
-        for rec in seen:
-            _, token_index, sel = rec
-            for j, key in enumerate(rec.images):
-                if key < 2:  # a whole image (HoloV): token ids crop * N + raster, in packed order
-                    assert torch.equal(token_index[j], lay[key][lay[key] >= 0])
-                    for k in sel.keep[j].tolist():
-                        c, r = divmod(int(token_index[j, k]), N)
-                        kept[key].add((c, r))
-                        if c == 0:
-                            base_order[key].append(r)
-                    continue
-                g = key - 2  # crop keys are the crop index plus the number of images
-                img = 0 if g < first_crop[1] else 1
-                c = g - first_crop[img]
-                valid = sorted({int(x) % N for x in lay[img].tolist() if x >= 0 and x // N == c})
-                for k in sel.keep[j].tolist():
-                    kept[img].add((c, valid[int(token_index[j, k])]))
-                    if c == 0:
-                        base_order[img].append(valid[int(token_index[j, k])])
-        tokens = [full[i][_kept_slots(lay[i], kept[i], base_order[i])] for i in range(2)]
-        budgets = [round(BUDGET * t) for t in TOTALS[:2]]
-        if name == "hiprune":  # equal shares per crop (its NeXT code), the remainder dropped
-            sizes = [[int(((lay_i >= 0) & (lay_i // N == c)).sum()) for c in range(k)] for lay_i, k in zip(lay, CROPS[:2])]
-            budgets = [sum(equal_split(b, s)) for b, s in zip(budgets, sizes)]
-        assert handle.stats["llm_visual_tokens"] == [len(k) for k in kept] == budgets
-        with torch.no_grad():
-            embeds, mask, pos = pruned_prompt(model, inputs, tokens)
-            ref = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
-        for i in range(2):
-            n = int(mask[i].sum())
-            torch.testing.assert_close(pruned[i, -n:], ref[i, -n:], atol=1e-5, rtol=1e-5)
-        return
-    # one llm point: drop the unkept visual tokens (not newlines) before layer K, original positions
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    emb = model.model.get_input_embeddings()(ids).masked_scatter((ids == IMAGE_TOKEN)[..., None], torch.cat(full))
-    for rec in seen:
-        point, token_index, sel = rec
-        assert point.stage == "llm"
-        for j, img in enumerate(rec.images):
-            real = mask[img].bool()
-            span = (ids[img][real] == IMAGE_TOKEN).nonzero().flatten()
-            visual = span[lay[img] >= 0]
-            assert torch.equal(token_index[j], lay[img][lay[img] >= 0])  # raster ids: crop * N + raster
-            drop = torch.zeros(int(real.sum()), dtype=torch.bool)
-            drop[visual] = True
-            drop[visual[sel.keep[j]]] = False
-            keep = (~drop).nonzero().flatten()
-            n = int(real.sum())
-            with torch.no_grad():
-                ref = run_layers(model, emb[img][real][None], torch.ones(1, n, dtype=torch.long), torch.arange(n)[None], {point.layer: keep[None]})[0]
-            torch.testing.assert_close(pruned[img, -ref.shape[0] :], ref, atol=1e-5, rtol=1e-5)
-
-
-# 3. batch equivalence ------------------------------------------------------------------------------
-@methods
-def test_batch_equivalence(name):
-    if not METHODS[name]["batch"]:
-        pytest.skip(f"{name} draws from one generator per forward: batch and single runs differ by design")
-    model = model_for()
-    inputs = next_batch(TEXTS, SIZES, seed=2)
-    with vlmprune.wrap(model, name, budget=BUDGET):
-        assert_batch_equals_single(model, inputs)
-
-
-def assert_batch_equals_single(model, inputs):
-    """The wrapped model's last logits and greedy tokens for the batch ``inputs`` (built from
-    ``TEXTS``, ``SIZES``, seed 2) equal those of each prompt run alone."""
-    batched_logits, batched_tokens = forward(model, inputs)[:, -1], generate(model, inputs)
-    for i in range(len(TEXTS)):
-        one = single(inputs, i, TEXTS, SIZES, seed=2)
-        torch.testing.assert_close(forward(model, one)[0, -1], batched_logits[i], atol=1e-4, rtol=1e-4)
-        assert torch.equal(generate(model, one)[0], batched_tokens[i])
-
-
-# 4. cache equivalence ------------------------------------------------------------------------------
-@methods
-def test_cache_equivalence(name):
-    model = model_for()
-    inputs = next_batch(TEXTS[:2], SIZES[:2], seed=3)
-    with vlmprune.wrap(model, name, budget=BUDGET) as handle:
-        with record_selections(handle) as seen:
-            cached = generate(model, inputs, steps=3)
-    method = handle.method
-    if any(rec[0].stage == "llm" for rec in seen):  # the prompt grows every step: replay the prefill's choices
-        handle = vlmprune.wrap(model, Replay(seen, method.positions, method.llm_positions), budget=BUDGET)
-    else:
-        handle = vlmprune.wrap(model, name, budget=BUDGET)
-    with handle:
-        assert torch.equal(greedy_no_cache(model, inputs, 3), cached)
-
-
-# 6. unwrap restores ------------------------------------------------------------------------------
-def _hooks(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-# the hooks are the adapter's: one method per kind (projector with encoder captures, llm, both)
-@pytest.mark.parametrize("name", ["hiprune", "fastv", "todre", "flowcut"])
-def test_unwrap_restores(name):
-    model = model_for()
-    inputs = next_batch(TEXTS[:2], SIZES[:2], seed=4)
-    ref = forward(model, inputs)
-    before = _hooks(model)  # after a forward: transformers adds its output-capturing hooks at the first one
-    handle = vlmprune.wrap(model, name, budget=0.1, **({"interval": 1} if name == "flowcut" else {}))
-    assert _hooks(model) > before
-    pruned = forward(model, inputs)
-    assert pruned.shape[1] < ref.shape[1] or name == "fastv"
-    handle.unwrap()
-    assert _hooks(model) == before
-    assert "get_image_features" not in vars(model.model)
-    torch.testing.assert_close(forward(model, inputs), ref, atol=0, rtol=0)
+CROPS, N, SIZES, TEXTS, TOTALS = NEXT.CROPS, NEXT.N, NEXT.SIZES, NEXT.TEXTS, NEXT.TOTALS
+forward, generate, layout, next_batch, model_for = NEXT.forward, NEXT.generate, NEXT.layout, NEXT.next_batch, NEXT.model
+BUDGET = NEXT.budget
 
 
 # layout, budgets, errors, several images per prompt --------------------------------------------
@@ -392,7 +80,7 @@ def test_holov_sees_each_whole_image_once():
         whole, crops = CropProbe(True), CropProbe(False)
         for probe in (whole, crops):
             with vlmprune.wrap(model, probe, budget=1.0):
-                forward(model, single(inputs, i, TEXTS, SIZES, seed=5))
+                forward(model, NEXT.single(inputs, i, seed=5))
         assert len(whole.seen) == TOTALS[i] and whole.seen.keys() == crops.seen.keys()
         for key, value in whole.seen.items():
             assert abs(value - crops.seen[key]) < 1e-6
@@ -452,39 +140,6 @@ def test_clear_errors():
 
 
 # encoder stage: every crop is one image row of the CLIP tower ---------------------------------------
-# flowcut with interval=1 prunes before blocks 1 and 2 (an entropy-adaptive count, then half the
-# image's budget per crop) and keeps the budget before LLM layer 2 (the official NeXT path);
-# llm_stage="off": the encoder reaches each crop's share of the budget
-ENCODER = {
-    "flowcut": ("flowcut", dict(interval=1)),
-    "flowcut-per-image": ("flowcut", dict(interval=1, count="per_image")),
-    "flowcut-encoder-only": ("flowcut", dict(interval=1, llm_stage="off")),
-    "fixed-encoder": ("fixed", dict(stage="encoder", layer=1, indices=tuple(range(0, N, 3)))),
-}
-encoder_methods = pytest.mark.parametrize("row", list(ENCODER))
-
-
-def wrap_encoder(model, row, budget, **extra):
-    name, options = ENCODER[row]
-    return vlmprune.wrap(model, name, budget=budget, **{**options, **extra})
-
-
-@encoder_methods
-def test_encoder_keep_all(row):
-    """A full budget keeps every crop's whole grid in the tower (a tile's share covers its
-    un-padded tokens): the unwrapped model's logits and tokens."""
-    model = model_for()
-    inputs = next_batch(TEXTS[:2], SIZES[:2])
-    if "ref" not in _REF:
-        _REF["ref"] = forward(model, inputs), generate(model, inputs)
-    ref_logits, ref_tokens = _REF["ref"]
-    extra = {"indices": tuple(range(N))} if row == "fixed-encoder" else {"next_packing": "adapter"}  # FlowCut: see ADAPTER_PACKING
-    with wrap_encoder(model, row, 1.0, **extra) as handle:
-        torch.testing.assert_close(forward(model, inputs), ref_logits, atol=1e-5, rtol=0)
-        assert torch.equal(generate(model, inputs), ref_tokens)
-    assert handle.stats["llm_visual_tokens"] == TOTALS[:2]
-
-
 def _crop_shares(lay, budget_tokens: int) -> list[int]:
     k = int(lay.max()) // N + 1
     counts = [int(((lay >= 0) & (lay // N == c)).sum()) for c in range(k)]
@@ -533,7 +188,7 @@ def test_encoder_manual(layer, budget):
                         slot_feats[hit] = proj[j]
                         kept.add((c, r))
                 g += 1
-            slots = _kept_slots(lay[i], kept, sorted(r for c, r in kept if c == 0))
+            slots = NEXT.kept_slots(lay[i], kept, sorted(r for c, r in kept if c == 0))
             tokens.append(slot_feats[slots])
             counts.append(len(kept))
         embeds, mask, pos = pruned_prompt(model, inputs, tokens)
@@ -542,25 +197,6 @@ def test_encoder_manual(layer, budget):
     for i in range(n_img):
         n = int(mask[i].sum())
         torch.testing.assert_close(pruned[i, -n:], ref[i, -n:], atol=1e-5, rtol=1e-5)
-
-
-@encoder_methods
-def test_encoder_batch(row):
-    """Images with 5 and 3 crops, left padding: the same as one by one (the tower runs per image
-    and crop share, so FlowCut's batch-max count is over one image's crops)."""
-    model = model_for()
-    inputs = next_batch(TEXTS, SIZES, seed=2)
-    with wrap_encoder(model, row, BUDGET):
-        assert_batch_equals_single(model, inputs)
-
-
-@encoder_methods
-def test_encoder_cache(row):
-    model = model_for()
-    inputs = next_batch(TEXTS[:2], SIZES[:2], seed=3)
-    with wrap_encoder(model, row, BUDGET):
-        cached = generate(model, inputs, steps=3)
-        assert torch.equal(greedy_no_cache(model, inputs, 3), cached)
 
 
 def test_encoder_budgets_and_counts():

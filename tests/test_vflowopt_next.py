@@ -11,23 +11,20 @@ import pytest
 import torch
 
 import vlmprune
+from tests.cases import NEXT
 from tests.test_truth_next import (
     CROPS,
     N,
     SIZES,
     TEXTS,
     TOTALS,
-    _hooks,
-    assert_batch_equals_single,
     forward,
     generate,
-    greedy_no_cache,
     layout,
     model_for,
     next_batch,
-    single,
 )
-from tests.truth import positions_from_mask, record_selections
+from tests.truth import hook_count, positions_from_mask, record_selections
 from tests.tiny import IMAGE_TOKEN
 from vlmprune.methods.vflowopt import VFlowOpt
 
@@ -201,7 +198,7 @@ def test_batch_equivalence():
     model = model_for()
     inputs = next_batch(TEXTS, SIZES, seed=2)
     with vlmprune.wrap(model, "vflowopt", budget=BUDGET) as handle:
-        assert_batch_equals_single(model, inputs)
+        NEXT.assert_batch_equals_single(model, inputs, seed=2)
         with record_selections(handle) as seen:
             forward(model, inputs)
         batched = handle.stats["llm_visual_tokens"]
@@ -209,7 +206,7 @@ def test_batch_equivalence():
                 for rec in seen if rec[0].stage == "llm" for j, img in enumerate(rec.images)}
         for i in range(len(TEXTS)):
             with record_selections(handle) as alone:
-                forward(model, single(inputs, i, TEXTS, SIZES, seed=2))
+                forward(model, NEXT.single(inputs, i, seed=2))
             assert handle.stats["llm_visual_tokens"] == [batched[i]]
             for rec in alone:
                 if rec[0].stage == "llm":
@@ -224,19 +221,19 @@ def test_cache_equivalence():
     inputs = next_batch(TEXTS[:2], SIZES[:2], seed=3)
     with vlmprune.wrap(model, "vflowopt", budget=BUDGET):
         cached = generate(model, inputs, steps=3)
-        assert torch.equal(greedy_no_cache(model, inputs, 3), cached)
+        assert torch.equal(NEXT.no_cache(model, inputs, 3), cached)
 
 
 def test_unwrap_restores():
     model = model_for()
     inputs = next_batch(TEXTS[:2], SIZES[:2], seed=4)
     ref = forward(model, inputs)
-    before = _hooks(model)
+    before = hook_count(model)
     handle = vlmprune.wrap(model, "vflowopt", budget=0.1)
-    assert _hooks(model) > before
+    assert hook_count(model) > before
     assert forward(model, inputs).shape[1] < ref.shape[1]
     handle.unwrap()
-    assert _hooks(model) == before
+    assert hook_count(model) == before
     assert "get_image_features" not in vars(model.model)
     torch.testing.assert_close(forward(model, inputs), ref, atol=0, rtol=0)
 

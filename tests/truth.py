@@ -208,27 +208,30 @@ def manual_multistage(model, inputs, seen: list[Recorded], projector_tokens, ren
     return refs
 
 
-def greedy_no_cache(model, inputs, steps: int) -> torch.Tensor:
-    """Greedy decoding that re-runs the whole prompt at every step (no KV cache)."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+def greedy_no_cache(model, inputs, steps: int, image_token: int = IMAGE_TOKEN, position_ids: bool = True) -> torch.Tensor:
+    """Greedy decoding that re-runs the whole prompt at every step (no KV cache). Like
+    ``generate(min_new_tokens=steps, suppress_tokens=[image_token])`` it never picks EOS or the
+    image placeholder. ``position_ids``: pass positions counted from the padding mask (the
+    LLaVA family; Qwen-VL computes its 3-D positions itself)."""
+    seq = dict(inputs)
     new = []
     for _ in range(steps):
+        extra = {"position_ids": positions_from_mask(seq["attention_mask"])} if position_ids else {}
         with torch.no_grad():
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                pixel_values=inputs["pixel_values"],
-                position_ids=positions_from_mask(mask),
-                use_cache=False,
-            ).logits
-        last = logits[:, -1]
-        last[:, IMAGE_TOKEN] = float("-inf")  # as generate(suppress_tokens=[IMAGE_TOKEN])
-        last[:, model.config.text_config.eos_token_id] = float("-inf")  # as generate(min_new_tokens=steps)
+            last = model(**seq, **extra, use_cache=False).logits[:, -1]
+        last[:, [image_token, model.config.text_config.eos_token_id]] = float("-inf")
         nxt = last.argmax(-1, keepdim=True)
         new.append(nxt)
-        ids = torch.cat([ids, nxt], 1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        seq["input_ids"] = torch.cat([seq["input_ids"], nxt], 1)
+        seq["attention_mask"] = torch.cat([seq["attention_mask"], torch.ones_like(nxt)], 1)
+        if "mm_token_type_ids" in seq:  # Qwen-VL (transformers >= 5.3): generated tokens are text
+            seq["mm_token_type_ids"] = torch.cat([seq["mm_token_type_ids"], torch.zeros_like(nxt).to(seq["mm_token_type_ids"].dtype)], 1)
     return torch.cat(new, 1)
+
+
+def hook_count(model) -> int:
+    """Forward hooks and pre-hooks on every module of ``model``."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def manual_encoder_features(model, pixel_values, keeps: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
