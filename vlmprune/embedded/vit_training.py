@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -173,11 +174,15 @@ def _labels(cache: TokenCache, rows):
 
 
 def _masks(cache: TokenCache, rows) -> torch.Tensor:
+    return _masks_of(cache.split, tuple(cache.ids[r] for r in rows))
+
+
+@functools.lru_cache(maxsize=4)
+def _masks_of(split: str, ids: tuple[int, ...]) -> torch.Tensor:
     from vlmprune.eval import easyvqa
 
-    attrs = easyvqa.attributes(cache.split)
-    return torch.from_numpy(np.stack([
-        vit.seg_mask(easyvqa.load_image(cache.split, cache.ids[r]), *attrs[cache.ids[r]]) for r in rows]))
+    attrs = easyvqa.attributes(split)
+    return torch.from_numpy(np.stack([vit.seg_mask(easyvqa.load_image(split, i), *attrs[i]) for i in ids]))
 
 
 def eval_cls(head: vit.ClsHead, cache: TokenCache, rows) -> dict[str, float]:
@@ -225,13 +230,13 @@ def train_seg(cache: TokenCache, rows, block: int, epochs: int, batch: int, lr: 
             opt.step()
             sched.step()
             total += loss.item() * len(pick)
-        log(f"seg block {block} epoch {epoch + 1}/{epochs} loss {total / len(rows):.4f}")
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"config": [block, epochs, batch, lr, weight_decay, seed, len(rows)], "epoch": epoch + 1,
                         "head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "rng": torch.get_rng_state()}, checkpoint.with_suffix(".tmp"))
             os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
+        log(f"seg block {block} epoch {epoch + 1}/{epochs} loss {total / len(rows):.4f}")
     return head.eval()
 
 
@@ -358,6 +363,7 @@ def render_readme(meta: dict) -> str:
     """``assets/embedded_vit/README.md`` from ``heads.json``."""
     cls, seg, ext = meta["cls"], meta["seg"], meta["extract_seconds"]
     n_img = meta["n_train"] + meta["n_test"]
+    subset = " (all of them)" if meta["args"]["n_train"] is None and meta["args"]["n_test"] is None else " (a subset)"
     lines = [
         "# Embedded ViT heads: easyvqa-cls and easyvqa-seg",
         "",
@@ -370,14 +376,14 @@ def render_readme(meta: dict) -> str:
         "    " + meta["command"],
         "",
         f"Data: the easy-VQA images whose colour and shape the questions settle, {meta['n_train']} train /",
-        f"{meta['n_test']} test (all of them). Seg masks: background + circle / rectangle / triangle per pixel at",
+        f"{meta['n_test']} test{subset}. Seg masks: background + circle / rectangle / triangle per pixel at",
         "64x64, from the pixels (`vlmprune.embedded.vit.shape_mask`).",
         "",
         "| file | head | test (full tokens) | train |",
         "|---|---|---|---|",
-        f"| `easyvqa_cls.safetensors` | 2 linear heads on [CLS, mean patch] | colour {_pct(cls['test']['colour'])}, "
+        (f"| `easyvqa_cls.safetensors` | 2 linear heads on [CLS, mean patch] | colour {_pct(cls['test']['colour'])}, "
         f"shape {_pct(cls['test']['shape'])}, both {_pct(cls['test']['both'])} | colour {_pct(cls['train']['colour'])}, "
-        f"shape {_pct(cls['train']['shape'])} |",
+        f"shape {_pct(cls['train']['shape'])} |"),
     ]
     for b in sorted(seg, key=int, reverse=True):
         r = seg[b]
@@ -388,9 +394,9 @@ def render_readme(meta: dict) -> str:
     total = sum(ext.values())
     lines += [
         "",
-        f"Time: feature extraction {total / 60:.1f} min for {n_img} images ({n_img / max(total, 1e-9):.2f} images/s, "
-        f"one-off, cached), training {meta['cls_seconds']:.0f} s (cls) + "
-        f"{sum(meta['seg_seconds'].values()):.0f} s (seg, {len(meta['seg_seconds'])} heads) on cached features.",
+        (f"Time (wall, on a machine shared with other jobs): feature extraction {total / 60:.1f} min for {n_img} "
+         f"images ({n_img / max(total, 1e-9):.2f} images/s, one-off, cached), training {meta['cls_seconds']:.0f} s "
+         f"(cls) + {sum(meta['seg_seconds'].values()):.0f} s (seg, {len(meta['seg_seconds'])} heads) on cached features."),
         "",
         f"Subset check (first {meta['subset_check']['n']} test images, live float32 forward; "
         "`tests/test_embedded_vit.py` holds the committed weights to it): "
