@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vlmprune
-from tests import test_truth_next as nxt
+from tests.cases import NEXT
 from tests.contexts import make_context
 from tests.tiny import IMAGE_TOKEN, batch, tiny_llava
 from vlmprune import Budget, Method, Point, Selection
@@ -135,13 +135,13 @@ def test_budget_as_a_function_of_the_step():
 
 def test_step_budget_on_llava_next():
     """LLaVA-NeXT resolves the budget per whole image: at that forward's step too."""
-    m = nxt.model_for()
-    inputs = nxt.next_batch(nxt.TEXTS, nxt.SIZES, seed=5)
+    m = NEXT.model()
+    inputs = NEXT.next_batch(NEXT.TEXTS, NEXT.SIZES, seed=5)
     with vlmprune.wrap(m, "uniform", budget=lambda step: [40, 0.5][step]) as handle:
-        nxt.forward(m, inputs)
+        NEXT.forward(m, inputs)
         first = handle.stats["llm_visual_tokens"]
-        nxt.forward(m, inputs)
-    assert first == [40, 40, 40] and handle.stats["llm_visual_tokens"] == [t // 2 for t in nxt.TOTALS]
+        NEXT.forward(m, inputs)
+    assert first == [40, 40, 40] and handle.stats["llm_visual_tokens"] == [t // 2 for t in NEXT.TOTALS]
 
 
 @pytest.mark.parametrize("bad,error,shown", [
