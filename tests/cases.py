@@ -71,6 +71,7 @@ class AdapterCase:
     has_cls: bool = True
     position_ids: bool = True  # the forward passes positions counted from the padding mask
     has_generate: bool = True
+    checks_determinism: bool = True  # False on a family's variant cases (keeps the kit's time)
     batch_rows: int = 3
     full_budget: int | float = 1.0
     budget: int | float = 0.25
@@ -131,12 +132,18 @@ class AdapterCase:
 
     def restriction(self, row: str, oracle: str) -> str | None:
         """Why this case does not run ``oracle`` on ``row`` (None: it does)."""
+        if oracle == "determinism" and not self.checks_determinism:
+            return "determinism is the method's own: checked on the first case of each family"
         return None
 
     def options(self, row: str, oracle: str) -> dict:
         """The row's method options on this case for ``oracle``."""
         spec = EXPECT[row]
         return dict(spec.options(self, oracle)) if callable(spec.options) else dict(spec.options)
+
+    def can_replay(self, seen) -> bool:
+        """Whether :class:`tests.truth.Replay` reproduces every point in ``seen``."""
+        return True
 
     def replay_positions(self, method) -> tuple[str, str]:
         """``(positions, llm_positions)`` for :class:`tests.truth.Replay` of ``method``'s choices."""
@@ -170,6 +177,7 @@ class LlavaCase(AdapterCase):
         self.tower, self.attn = tower, attn
         self.id = f"llava-{tower}-{attn}"
         self.has_cls = tower != "siglip"
+        self.checks_determinism = (tower, attn) == ("clip", "sdpa")
 
     def build(self):
         return tiny_llava(self.tower, self.attn)
@@ -185,7 +193,7 @@ class LlavaCase(AdapterCase):
     def restriction(self, row, oracle):
         if self.attn == "eager" and row not in self.eager_rows:
             return "eager differs from SDPA only inside the LLM: run for methods with llm points and one projector method"
-        return None
+        return super().restriction(row, oracle)
 
     def fixed_options(self, oracle):
         step = 1 if oracle == "keep_all" else 11  # 24 of 256 tokens
@@ -363,6 +371,9 @@ class NextCase(AdapterCase):
             options.setdefault("next_packing", "adapter")
         return options
 
+    def can_replay(self, seen):
+        return all(rec[0].stage != "encoder" for rec in seen)  # per-crop encoder calls are not replayed
+
     def fixed_options(self, oracle):
         step = 1 if oracle == "keep_all" else 3
         return {"stage": "encoder", "layer": 1, "indices": tuple(range(0, self.N, step))}
@@ -463,6 +474,7 @@ class QwenCase(AdapterCase):
     def __init__(self, version: str):
         self.version = version
         self.id = f"qwen{version}"
+        self.checks_determinism = version == "2"
 
     def build(self):
         return tiny_qwen(self.version)

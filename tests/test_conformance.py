@@ -96,15 +96,17 @@ def test_batch_equivalence(case, row):
 def test_cache_equivalence(case, row):
     """Cached generate() equals the no-cache greedy loop. A choice made inside the LLM, at several
     points or from the prompt's text (CoViPAL) depends on the prompt, which the loop grows every
-    step: the loop replays every choice of the prefill (image by image); otherwise the loop runs
-    the method itself."""
+    step: the loop replays every choice of the prefill (image by image) where the case can replay
+    them all (not NeXT's per-crop encoder points, whose choices read the image only); otherwise
+    the loop runs the method itself."""
     expect(case, row, "cache")
     model, inputs = case.model(), case.inputs(2, seed=3)
     with wrap(case, row, "cache", case.budget) as handle, record_selections(handle) as seen:
         cached = case.generate(model, inputs, case.cache_steps)
     seen = list(seen)
     method = handle.method
-    if len({rec[0] for rec in seen}) > 1 or any(rec[0].stage == "llm" for rec in seen) or "text_embedding" in method.needs:
+    replay = len({rec[0] for rec in seen}) > 1 or any(rec[0].stage == "llm" for rec in seen) or "text_embedding" in method.needs
+    if replay and case.can_replay(seen):
         handle = vlmprune.wrap(model, Replay(seen, *case.replay_positions(method)), budget=case.budget)
     else:
         handle = wrap(case, row, "cache", case.budget)
