@@ -71,7 +71,7 @@ class AdapterCase:
     has_cls: bool = True
     position_ids: bool = True  # the forward passes positions counted from the padding mask
     has_generate: bool = True
-    checks_determinism: bool = True  # False on a family's variant cases (keeps the kit's time)
+    variant: bool = False  # a tower, attention or version variant of its family's first case
     batch_rows: int = 3
     full_budget: int | float = 1.0
     budget: int | float = 0.25
@@ -132,7 +132,7 @@ class AdapterCase:
 
     def restriction(self, row: str, oracle: str) -> str | None:
         """Why this case does not run ``oracle`` on ``row`` (None: it does)."""
-        if oracle == "determinism" and not self.checks_determinism:
+        if oracle == "determinism" and self.variant:
             return "determinism is the method's own: checked on the first case of each family"
         return None
 
@@ -177,7 +177,7 @@ class LlavaCase(AdapterCase):
         self.tower, self.attn = tower, attn
         self.id = f"llava-{tower}-{attn}"
         self.has_cls = tower != "siglip"
-        self.checks_determinism = (tower, attn) == ("clip", "sdpa")
+        self.variant = (tower, attn) != ("clip", "sdpa")
 
     def build(self):
         return tiny_llava(self.tower, self.attn)
@@ -474,7 +474,7 @@ class QwenCase(AdapterCase):
     def __init__(self, version: str):
         self.version = version
         self.id = f"qwen{version}"
-        self.checks_determinism = version == "2"
+        self.variant = version != "2"
 
     def build(self):
         return tiny_qwen(self.version)
@@ -677,15 +677,21 @@ class Expect:
     identity_at_full_budget: bool | str = True
     batch_independent: bool | str = True
     manual: bool | str = True
+    variants: bool | str = True  # whether the row runs on a family's variant cases
     skip: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
-    def reason(self, oracle: str, case: AdapterCase) -> str | None:
-        """Why ``oracle`` does not run this row on ``case`` (None: it runs)."""
+    def excluded(self, oracle: str, case: AdapterCase) -> str | None:
+        """Why ``oracle`` does not run this row on ``case`` at all: a family exception, or a
+        variant case the row does not run on (None: it runs)."""
         why = self.skip.get((oracle, case.family)) or self.skip.get(("*", case.family))
-        if why:
-            return why
+        if not why and case.variant and self.variants is not True:
+            why = self.variants
+        return why
+
+    def reason(self, oracle: str, case: AdapterCase) -> str | None:
+        """:meth:`excluded`, or why the property ``oracle`` checks does not hold for this row."""
         column = {"keep_all": self.identity_at_full_budget, "batch": self.batch_independent, "manual": self.manual}.get(oracle, True)
-        return None if column is True else column
+        return self.excluded(oracle, case) or (None if column is True else column)
 
 
 def random_atp_heads() -> ThresholdHeads:
@@ -729,6 +735,7 @@ EXPECT: dict[str, Expect] = {
     "feather": Expect("feather", skip={("manual", "next"): NEXT_MULTI}),
     "fixed": Expect(
         "fixed", options=lambda case, oracle: case.fixed_options(oracle),
+        variants="a fixed index set reads no signal of the tower: run on each family's first case",
         skip={("keep_all", "qwen"): "one index set cannot hold every token of images of 64 and 48 tokens", ("manual", "next"): NEXT_ENCODER},
     ),
     "flowcut": Expect(

@@ -24,7 +24,7 @@ def expect(case, row: str, oracle: str) -> Expect:
     spec = EXPECT.get(row)
     if spec is None:
         pytest.fail(f"registered method {row!r} has no expectation row in tests/cases.py EXPECT")
-    why = case.restriction(row, oracle) or spec.skip.get((oracle, case.family)) or spec.skip.get(("*", case.family))
+    why = case.restriction(row, oracle) or spec.excluded(oracle, case)
     if why:
         pytest.skip(why)
     return spec
@@ -192,7 +192,7 @@ def test_every_skip_reason_is_declared():
     oracle and family."""
     families = {case.family for case in CASES}
     for row, spec in EXPECT.items():
-        for value in (spec.identity_at_full_budget, spec.batch_independent, spec.manual):
+        for value in (spec.identity_at_full_budget, spec.batch_independent, spec.manual, spec.variants):
             assert value is True or (isinstance(value, str) and value), row
         for (oracle, family), why in spec.skip.items():
             assert oracle in (*cases.ORACLES, "*") and family in families and why, (row, oracle, family)
