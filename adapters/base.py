@@ -185,6 +185,11 @@ class Adapter:
             out[name] = value
         return out
 
+    def check_plan(self, method: Method, points: list[Point]) -> None:
+        """Refuse, at ``wrap()``, what this model's mechanics cannot serve for ``method`` acting at
+        ``points`` (after the core's checks): nothing by default; the VLM adapters require SDPA
+        or eager attention for points inside the LLM."""
+
     def cost(self, stats: Stats) -> dict[str, Any]:
         """What the last forward cost, as this family counts it (merged into ``handle.stats``):
         nothing by default; the VLM adapters give LLM prefill FLOPs and KV-cache bytes."""
@@ -194,7 +199,7 @@ class Adapter:
         """The most visual tokens one image can bring, as far as the config fixes it, for
         ``wrap()`` to refuse larger int budgets early: ``info().n_visual`` by default; None where
         the count depends on each image and is checked at the first forward only."""
-        return self.info().n_visual
+        return self.info().n_tokens
 
 
 def read_arg(args: tuple, kwargs: dict, name: str, position: int | None = None, aliases: tuple[str, ...] = ()):

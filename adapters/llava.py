@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vlmprune.context import ModelInfo, Point, Signals, VLMInfo, vlm_stages
+from vlmprune.method import Method
 from vlmprune.stats import Stats
 
 from .base import Adapter, Installed, Plan, llm_cost, register_adapter
@@ -30,7 +31,7 @@ from .vision import (
     install_capture,
     install_encoder_pruning,
 )
-from .vlm import ImageRecord, VLMRuntime, position_options
+from .vlm import ImageRecord, VLMRuntime, check_llm_attention, position_options
 
 
 def _pixel_patches(pixel_values: torch.Tensor, patch: int, raster: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,9 @@ class LlavaAdapter(Adapter):
 
     def cost(self, stats: Stats) -> dict:
         return llm_cost(self.decoder, self.config.text_config, stats)
+
+    def check_plan(self, method: Method, points: list[Point]) -> None:
+        check_llm_attention(self.model, method, points)
 
     # -- install -----------------------------------------------------------------------------------
     def make_runtime(self, plan: Plan, info: ModelInfo) -> "LlavaRuntime":

@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from vlmprune.context import ModelInfo, Point, Signals, VLMInfo, vlm_stages
+from vlmprune.method import Method
 from vlmprune.stats import Stats
 
 from .base import Adapter, Installed, Plan, llm_cost, register_adapter
@@ -76,7 +77,7 @@ from .qwen_vision import (
     install_qwen_capture,
     install_qwen_encoder,
 )
-from .vlm import ImageRecord, VLMRuntime, position_options
+from .vlm import ImageRecord, VLMRuntime, check_llm_attention, position_options
 
 SIGNALS = (
     "hidden", "projected", "projector", "projector_input", "pixels", "encoder_attention", "encoder_qkv",
@@ -115,6 +116,9 @@ class QwenVLAdapter(Adapter):
 
     def cost(self, stats: Stats) -> dict:
         return llm_cost(self.decoder, self.config.text_config, stats)
+
+    def check_plan(self, method: Method, points: list[Point]) -> None:
+        check_llm_attention(self.model, method, points)
 
     def install(self, plan: Plan) -> Installed:
         info = self.info()

@@ -24,7 +24,7 @@ class Runtime:
         self.image_states: dict[int, dict] = {}
         self.session = plan.session
         self.step = 0
-        self.n_visual = info.n_visual
+        self.n_visual = info.n_tokens
         self.grid = info.grid
         self.generator: torch.Generator | None = None
 

@@ -57,14 +57,9 @@ OPTIONS = {
 class ViTInfo(ModelInfo):
     """:class:`ModelInfo` of a plain ViT plus ``feature_layer``: the block whose output the boundary
     point receives (``L - 1``), the fact boundary methods written for VLMs read (VisionZip takes
-    its CLS attention there, as at a VLM's feature layer). ``n_visual`` reads ``n_tokens`` for the
-    core's callers that still use the VLM name (``wrap()``'s budget check, the runtime)."""
+    its CLS attention there, as at a VLM's feature layer)."""
 
     feature_layer: int = 0
-
-    @property
-    def n_visual(self) -> int | None:
-        return self.n_tokens
 
 
 @register_adapter

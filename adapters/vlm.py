@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlmprune.context import ModelInfo
+from vlmprune.context import ModelInfo, Point
+from vlmprune.method import Method
 
 from .base import AdapterOption, Installed, Plan
 from .decoder import Decoder, DecoderPruner, VisualLayout, _mask_4d, _padding_of
@@ -76,6 +77,20 @@ def position_options(offered: tuple[str, ...] | None = None) -> dict[str, Adapte
             "(see parameter 'positions')",
         ),
     }
+
+
+def check_llm_attention(model: nn.Module, method: Method, points: list[Point]) -> None:
+    """:meth:`Adapter.check_plan` of the VLM adapters: points inside the LLM need its attention
+    to be SDPA or eager (the decoder hooks gather masks and RoPE tables those two read)."""
+    if not any(p.stage == "llm" for p in points):
+        return
+    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    text_impl = getattr(getattr(model.config, "text_config", None), "_attn_implementation", None) or impl
+    if text_impl not in ("sdpa", "eager"):
+        raise ValueError(
+            f"method {method.name!r} prunes inside the LLM, which vlmprune supports with "
+            f"attn_implementation 'sdpa' or 'eager'; this model uses {text_impl!r}"
+        )
 
 
 class VLMRuntime(Runtime):

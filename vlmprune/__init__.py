@@ -1,4 +1,4 @@
-"""vlmprune: training-free visual-token pruning for vision-language models.
+"""vlmprune: training-free visual-token pruning for vision models (VLMs first, plain ViTs next).
 
 ``vlmprune.wrap(model, method="visionzip", budget=64)`` patches a transformers VLM in place;
 ``vlmprune.methods()`` lists what is registered.
@@ -6,8 +6,9 @@
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .budget import Budget
-from .context import ModelInfo, Point, Selection, SelectionRecord, Signals, StageSpec, TokenContext, VLMInfo
+from .context import ModelInfo, Point, Selection, SelectionRecord, Session, Signals, StageSpec, State, TokenContext, VLMInfo
 from .method import Method, option
+from .reduction import Reduction
 from .registry import get_method, methods, register
 from .wrap import Handle, wrap
 
@@ -19,10 +20,13 @@ __all__ = [
     "Method",
     "ModelInfo",
     "Point",
+    "Reduction",
     "Selection",
     "SelectionRecord",
+    "Session",
     "Signals",
     "StageSpec",
+    "State",
     "TokenContext",
     "VLMInfo",
     "get_method",

@@ -152,19 +152,12 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     instance.check(info)
     parsed = Budget.parse(budget, rounding=instance.fraction_rounding)
     points = instance.points(info)
-    if info.n_visual is not None:
-        parsed.check(points, instance.name, info.n_visual)
+    if info.n_tokens is not None:
+        parsed.check(points, instance.name, info.n_tokens)
     else:
         parsed.check(points, instance.name, adapter.max_visual(), "the model's config allows at most")
     adapter_options = adapter.check_options(adapter_options, instance, points)
-    if any(p.stage == "llm" for p in points):
-        impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
-        text_impl = getattr(getattr(model.config, "text_config", None), "_attn_implementation", None) or impl
-        if text_impl not in ("sdpa", "eager"):
-            raise ValueError(
-                f"method {instance.name!r} prunes inside the LLM, which vlmprune supports with "
-                f"attn_implementation 'sdpa' or 'eager'; this model uses {text_impl!r}"
-            )
+    adapter.check_plan(instance, points)
     stats = Stats(cost=adapter.cost)
     plan = Plan(method=instance, budget=parsed, points=points, capture=instance.capture_layers(info), stats=stats,
                 adapter_options=adapter_options)
