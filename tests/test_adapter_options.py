@@ -83,3 +83,14 @@ def test_stats_report_whatever_the_adapter_counts():
     stats.begin()
     assert stats.as_dict()["vit_gflops"] == 1.5
     assert vlmprune.adapters.Adapter.cost(None, stats) == {}
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_llava("clip", "sdpa"), tiny_qwen], ids=["llava", "qwen"])
+def test_llm_points_need_sdpa_or_eager_attention_checked_by_the_adapter(build):
+    """The attention-implementation check of points inside the LLM is the VLM adapters'
+    (``Adapter.check_plan``): refused for FastV under flex attention, a projector method passes."""
+    model = build()
+    model.config.text_config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match=r"method 'fastv' prunes inside the LLM.*'flex_attention'"):
+        vlmprune.wrap(model, "fastv", budget=8)
+    vlmprune.wrap(model, "divprune", budget=8).unwrap()
