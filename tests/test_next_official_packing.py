@@ -17,18 +17,11 @@ import pytest
 import torch
 
 import vlmprune
-from tests.test_truth_next import (
-    CROPS,
-    N,
-    SIZES,
-    TEXTS,
-    TOTALS,
-    forward,
-    layout,
-    model_for,
-    next_batch,
-)
+from tests.cases import NEXT
 from tests.truth import manual_encoder_features, pruned_prompt, record_selections, vision_features
+
+CROPS, N, SIZES, TEXTS, TOTALS = NEXT.CROPS, NEXT.N, NEXT.SIZES, NEXT.TEXTS, NEXT.TOTALS
+forward, layout, model_for, next_batch = NEXT.forward, NEXT.layout, NEXT.model, NEXT.next_batch
 
 SIDE = 8  # tokens per crop side
 # (tile rows, tile cols) of each image size under the pinpoints [[32, 64], [64, 32], [64, 64]]

@@ -14,7 +14,10 @@ import pytest
 import torch
 
 import vlmprune
-from tests.test_truth_qwen import forward, generate, no_cache_loop, run_qwen_layers
+from tests.cases import QWEN, run_qwen_layers
+
+# the conformance case's forward, greedy generate (4 new tokens) and no-cache loop (any Qwen-VL model)
+forward, generate, no_cache_loop = QWEN[0].forward, QWEN[0].generate, QWEN[0].no_cache
 from tests.tiny import QWEN_IMAGE, qwen_batch, qwen_prompt_with_images, tiny_qwen
 from tests.truth import record_selections
 from vlmprune.context import Point, Selection

@@ -16,7 +16,9 @@ import torch
 from vlmprune.adapters.qwen_vision import QwenTower
 
 import vlmprune
-from tests.test_truth_qwen import forward
+from tests.cases import QWEN
+
+forward = QWEN[0].forward  # logits of a Qwen-VL batch (the conformance case's)
 from tests.tiny import qwen_batch, tiny_qwen
 from vlmprune.context import ModelInfo, Point, Selection
 from vlmprune.method import Method

@@ -162,17 +162,17 @@ def test_good_budgets_on_a_dinov2_tower_still_run(dino, budget, kept):
     (321, ValueError, r"in \[1, 320\]"),
 ])
 def test_bad_budget_refused_at_wrap_on_llava_next(budget, error, match):
-    from tests.test_truth_next import model_for
+    from tests.cases import NEXT
 
     with pytest.raises(error, match=match):  # 64 per crop, the base crop and at most 2x2 tiles
-        vlmprune.wrap(model_for(), "divprune", budget=budget).unwrap()  # (a wrap that succeeds is undone)
+        vlmprune.wrap(NEXT.model(), "divprune", budget=budget).unwrap()  # (a wrap that succeeds is undone)
 
 
 def test_llava_next_budget_of_every_token_of_the_largest_image_is_accepted():
-    from tests.test_truth_next import model_for
+    from tests.cases import NEXT
 
     # a 64 x 64 image (the largest pinpoint) brings the base crop and 2 x 2 tiles: 5 x 64 tokens
-    with vlmprune.wrap(model_for(), "divprune", budget=320) as handle:
+    with vlmprune.wrap(NEXT.model(), "divprune", budget=320) as handle:
         assert handle.budget.target == 320
 
 

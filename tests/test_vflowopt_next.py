@@ -12,21 +12,12 @@ import torch
 
 import vlmprune
 from tests.cases import NEXT
-from tests.test_truth_next import (
-    CROPS,
-    N,
-    SIZES,
-    TEXTS,
-    TOTALS,
-    forward,
-    generate,
-    layout,
-    model_for,
-    next_batch,
-)
 from tests.truth import hook_count, positions_from_mask, record_selections
 from tests.tiny import IMAGE_TOKEN
 from vlmprune.methods.vflowopt import VFlowOpt
+
+CROPS, N, SIZES, TEXTS, TOTALS = NEXT.CROPS, NEXT.N, NEXT.SIZES, NEXT.TEXTS, NEXT.TOTALS
+forward, generate, layout, model_for, next_batch = NEXT.forward, NEXT.generate, NEXT.layout, NEXT.model, NEXT.next_batch
 
 BUDGET = 0.25  # average over the LLM layers; r_1, r_2 from the released 25 % config
 
