@@ -55,11 +55,14 @@ OPTIONS = {
 
 @dataclass
 class ViTInfo(ModelInfo):
-    """:class:`ModelInfo` of a plain ViT plus ``feature_layer``: the block whose output the boundary
-    point receives (``L - 1``), the fact boundary methods written for VLMs read (VisionZip takes
-    its CLS attention there, as at a VLM's feature layer)."""
+    """:class:`ModelInfo` of a plain ViT plus the tower facts that boundary methods written for
+    VLMs read: ``feature_layer``, the block whose output the boundary point receives (``L - 1``;
+    VisionZip takes its CLS attention there, as at a VLM's feature layer), ``has_cls`` and
+    ``encoder_layers`` (the blocks; HiPrune, HoloV and FoPru place their attention layers by it)."""
 
     feature_layer: int = 0
+    has_cls: bool = True
+    encoder_layers: int = 0
 
 
 @register_adapter
@@ -108,6 +111,8 @@ class ViTAdapter(Adapter):
             n_tokens=side * side,
             signals=SIGNALS,
             feature_layer=layer - 1,
+            has_cls=self.tower.has_cls,
+            encoder_layers=self.tower.depth,
         )
 
     def check_options(self, values: dict[str, Any], method: Method, points: list[Point]) -> dict[str, Any]:
@@ -116,14 +121,29 @@ class ViTAdapter(Adapter):
             self.boundary_layer(value)
         return {"boundary_layer": value}
 
+    def captured_blocks(self, plan: Plan) -> tuple[int, ...]:
+        """The blocks whose q/k/v the method reads: its ``capture_layers`` under this stage's name
+        and under ``"encoder"`` (the vision tower, as methods written for VLMs name it), each of
+        which must have run at the method's last point (before block ``L`` blocks ``0..L-1`` have)."""
+        blocks = sorted(set(plan.capture.get("vit", ())) | set(plan.capture.get("encoder", ())))
+        last = max(p.layer for p in plan.points)
+        late = [b for b in blocks if not 0 <= b < last]
+        if late:
+            raise ValueError(
+                f"method {plan.method.name!r} reads the attention of block(s) {late}, which have not run at its point "
+                f"vit:{last} (blocks 0..{last - 1} have); on a ViT its signals come from a block after the tokens it prunes"
+            )
+        return tuple(blocks)
+
     def install(self, plan: Plan) -> Installed:
         info = self.info(plan.adapter_options.get("boundary_layer"))
+        blocks = self.captured_blocks(plan)  # refused before any hook is installed
         installed = Installed()
         rt = ViTRuntime(plan, info, self)
         installed.hook(self.vit.embeddings.register_forward_pre_hook(rt.start, with_kwargs=True))
         for point in plan.points:
             install_encoder_pruning(installed, self.tower, point.layer, rt.prune)
-        install_capture(installed, self.tower, plan.capture.get("vit", ()), lambda: rt.capture, lambda: rt.alive)
+        install_capture(installed, self.tower, blocks, lambda: rt.capture, lambda: rt.alive)
         self.runtime = rt
         return installed
 

@@ -596,7 +596,9 @@ class ViTCase(AdapterCase):
     full_counts = [N, N]
     budget = unwrap_budget = 6
     has_generate = False
-    served = frozenset({"divprune", "uniform", "random", "visionzip"})
+    #: the boundary methods the ViT adapter serves: the four of issue 13's acceptance test, and
+    #: HiPrune, HoloV and FoPru, which read the tower facts ViTInfo gives (has_cls, encoder_layers)
+    served = frozenset({"divprune", "uniform", "random", "visionzip", "hiprune", "holov", "fopru"})
 
     def build(self):
         from transformers import ViTConfig, ViTForImageClassification
@@ -633,7 +635,7 @@ class ViTCase(AdapterCase):
         if oracle == "cache":
             return "a ViT classifier has no generate() and no KV cache"
         if EXPECT[row].method not in self.served:
-            return "the ViT skeleton serves the boundary methods DivPrune, uniform, random and VisionZip (issue 13); the rest is the ViT family's issue"
+            return "the ViT skeleton serves the boundary methods (DivPrune, uniform, random, VisionZip, HiPrune, HoloV, FoPru); the rest is the ViT family's issue"
         return None
 
     def manual(self, model, inputs, handle, seen, pruned):

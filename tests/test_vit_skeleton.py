@@ -157,7 +157,16 @@ def test_methods_without_a_boundary_and_bad_points_are_refused():
         vlmprune.wrap(model, "divprune", budget=4, boundary_layer=0)
     with pytest.raises(ValueError, match=r"budget must be in \[1, 16\] tokens per image \(the model has 16\), got 17"):
         vlmprune.wrap(model, "divprune", budget=17)
+    # PruMerge+ reads the block after its feature layer, which has not run at the boundary point:
+    # refused before any hook is installed, so the next wrap works
+    for layer in (None, 2):
+        with pytest.raises(ValueError, match=rf"method 'prumerge_plus' reads the attention of block\(s\) \[{layer or 3}\], "
+                           rf"which have not run at its point vit:{layer or 3} \(blocks 0..{(layer or 3) - 1} have\)"):
+            vlmprune.wrap(model, "prumerge_plus", budget=0.5, boundary_layer=layer)
     assert hooks(model) == before and not hasattr(model, "_vlmprune_handle")
+    with vlmprune.wrap(model, "divprune", budget=4):
+        assert run(model)[1].shape[1] == 5
+    assert hooks(model) == before
     # Method.check validates the point's layer against the stage's layers
     far = ModelInfo("vit", {"vit": StageSpec("vit", "inside", layers=range(1, 4))}, {"boundary": Point("vit", 9)})
     with pytest.raises(ValueError, match=r"method 'divprune' acts at point 'vit:9'; the vit adapter's stage 'vit' takes layers 1..3"):
