@@ -58,11 +58,12 @@ def test_the_embedded_package_keeps_the_names_of_the_old_module():
     assert all(getattr(vlmprune.embedded, name) is getattr(model, name) for name in vlmprune.embedded.__all__)
 
 
-def test_train_embedded_command_runs_the_moved_module():
-    done = subprocess.run([sys.executable, "-m", "vlmprune.cli", "train-embedded", "--help"], capture_output=True,
+@pytest.mark.parametrize("command,module", [("train-embedded", "training"), ("train-vit-heads", "vit_training")])
+def test_training_commands_run_their_modules_in_the_embedded_room(command, module):
+    done = subprocess.run([sys.executable, "-m", "vlmprune.cli", command, "--help"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("usage: python -m vlmprune.embedded.training ")
+    assert done.stdout.startswith(f"usage: python -m vlmprune.embedded.{module} ")
 
 
 @pytest.mark.parametrize("old", sorted(MOVED))

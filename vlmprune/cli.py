@@ -1,5 +1,5 @@
 """The ``vlmprune`` command: ``run`` (answer a question with and without pruning), ``methods``,
-``bench``, ``eval``, ``demo``, ``train-embedded``."""
+``bench``, ``eval``, ``demo``, ``train-embedded``, ``train-vit-heads``."""
 
 from __future__ import annotations
 
@@ -259,6 +259,7 @@ FORWARDED = {
     "eval": ("vlmprune.eval.runner", "accuracy vs tokens kept on the offline tasks"),
     "demo": ("vlmprune.demo.app", "the Gradio demo"),
     "train-embedded": ("vlmprune.embedded.training", "rebuild the embedded model"),
+    "train-vit-heads": ("vlmprune.embedded.vit_training", "train the embedded ViT's classification and segmentation heads"),
 }
 
 
