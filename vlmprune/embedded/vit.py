@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmprune.assets_dir import assets_dir
+from vlmprune.eval.easyvqa import COLORS, SHAPES  # easy-VQA's label sets (the tasks' module; PIL only)
 
 from . import model as embedded
 
@@ -67,9 +68,6 @@ __all__ = [
     "vit_assets_path",
 ]
 
-# easy-VQA's label sets, as in vlmprune.eval.easyvqa (not imported here: that package is optional)
-COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
-SHAPES = ("circle", "rectangle", "triangle")
 #: easyvqa-seg's classes: 0 background, then the shapes in :data:`SHAPES` order
 SEG_CLASSES = ("background",) + SHAPES
 KINDS = ("hf", "timm")
