@@ -550,14 +550,7 @@ class QwenCase(AdapterCase):
             keep = keeps[img.numel()].pop(0)
             everything = torch.arange(ids.shape[1])  # the kept image tokens in the method's order (HoloV's is its own)
             rows.append(torch.cat([everything[: int(img[0])], img[keep], everything[int(img[-1]) + 1 :]]))
-        longest = max(r.numel() for r in rows)
-        embeds = emb.new_zeros(len(rows), longest, emb.shape[-1])
-        new_mask = torch.zeros(len(rows), longest, dtype=torch.long)
-        new_pos = torch.zeros(3, len(rows), longest, dtype=torch.long)
-        for i, r in enumerate(rows):
-            embeds[i, longest - r.numel() :] = emb[i, r]
-            new_mask[i, longest - r.numel() :] = mask[i, r]
-            new_pos[:, i, longest - r.numel() :] = pos[:, i, r]
+        embeds, new_mask, new_pos = gather_left_padded(rows, emb, mask, pos)
         with torch.no_grad():
             ref = model(inputs_embeds=embeds, attention_mask=new_mask, position_ids=new_pos).logits
         for i, r in enumerate(rows):
@@ -565,6 +558,21 @@ class QwenCase(AdapterCase):
             torch.testing.assert_close(pruned[i, -n:], ref[i, -n:], atol=1e-5, rtol=1e-5)
         budget = [16, 12] if handle.method.name != "fixed" else [len(handle.method.indices)] * 2
         assert handle.stats["llm_visual_tokens"] == budget
+
+
+def gather_left_padded(rows: list[torch.Tensor], emb, mask, pos3):
+    """Qwen-VL inputs holding, for each row ``i``, the sequence positions ``rows[i]`` of
+    ``emb [B, L, C]``, ``mask [B, L]`` and 3-D positions ``pos3 [3, B, L]``, left-padded to the
+    longest: ``(embeds, mask, position_ids)``."""
+    longest = max(r.numel() for r in rows)
+    embeds = emb.new_zeros(len(rows), longest, emb.shape[-1])
+    new_mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    new_pos = torch.zeros(3, len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        embeds[i, longest - r.numel() :] = emb[i, r]
+        new_mask[i, longest - r.numel() :] = mask[i, r]
+        new_pos[:, i, longest - r.numel() :] = pos3[:, i, r]
+    return embeds, new_mask, new_pos
 
 
 def run_qwen_layers(model, embeds, pos3, prunes: dict[int, torch.Tensor]) -> torch.Tensor:

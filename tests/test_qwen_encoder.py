@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vlmprune
-from tests.cases import QWEN, run_qwen_layers
+from tests.cases import QWEN, gather_left_padded, run_qwen_layers
 
 # the conformance case's forward, greedy generate (4 new tokens) and no-cache loop (any Qwen-VL model)
 forward, generate, no_cache_loop = QWEN[0].forward, QWEN[0].generate, QWEN[0].no_cache
@@ -158,14 +158,7 @@ def prompt_by_hand(model, inputs, kept: list[torch.Tensor], feats: list[torch.Te
         take[img] = False
         take[img[kept[i]]] = True
         rows.append(take.nonzero().flatten())
-    longest = max(r.numel() for r in rows)
-    embeds = emb.new_zeros(len(rows), longest, emb.shape[-1])
-    new_mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    new_pos = torch.zeros(3, len(rows), longest, dtype=torch.long)
-    for i, r in enumerate(rows):
-        embeds[i, longest - r.numel() :] = emb[i, r]
-        new_mask[i, longest - r.numel() :] = mask[i, r]
-        new_pos[:, i, longest - r.numel() :] = pos[:, i, r]
+    embeds, new_mask, new_pos = gather_left_padded(rows, emb, mask, pos)
     return model(inputs_embeds=embeds, attention_mask=new_mask, position_ids=new_pos).logits, new_mask
 
 
