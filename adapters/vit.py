@@ -1,10 +1,16 @@
-"""The plain-ViT adapter (skeleton): transformers' ``ViTModel`` and ``ViTForImageClassification``
-(model_type ``"vit"``), the proof that a family which is not a VLM needs no edit of the core or
-of a method.
+"""The plain-ViT adapter: transformers' ``ViTModel`` / ``ViTForImageClassification``,
+``CLIPVisionModel(WithProjection)``, ``SiglipVisionModel`` and ``Dinov2Model``, timm's
+``VisionTransformer`` and open_clip's ``VisionTransformer`` (the rows of :data:`FLAVOURS`, matched
+by class, since timm and open_clip models have no ``config.model_type``): the proof that a family
+which is not a VLM needs no edit of the core or of a method.
 
 One stage, ``vit``: a point at layer ``l`` (1..depth) removes patch tokens before block ``l``
-runs; ``l = depth`` means after the last block, before the final layernorm. The prefix (the
-CLS token) is never pruned, so ``Selection.keep_cls`` changes nothing here. Methods that act at
+runs; ``l = depth`` means after the last block, before the final layernorm (a tower with none
+there, CLIP and open_clip, prunes the last block's output). The prefix (CLS token, timm's
+registers, DeiT's distillation token) is never pruned, so ``Selection.keep_cls`` changes nothing
+here. Whatever pools after the tower reads the pruned sequence: CLS pooling, timm's
+``global_pool="avg"`` and open_clip's ``pool_type="avg"`` (the mean over the kept patches),
+attention pooling heads. Methods that act at
 the boundary role (DivPrune, uniform, random, VisionZip) act at ``Point("vit", L)``, ``L`` being
 the adapter option ``boundary_layer`` (default: depth). Tokens leave by shortening the hidden
 states in a pre-hook of block ``L`` (of the final layernorm at ``L = depth``), so
@@ -17,6 +23,7 @@ same tokens: a ViT has no projector), and ``cls_attention`` / ``encoder_qkv`` /
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,6 +60,60 @@ OPTIONS = {
 }
 
 
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _hf_sizes(tower: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
+    config = tower.config
+    return _pair(config.image_size), _pair(config.patch_size)
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """One kind of model the adapter serves (a row of :data:`FLAVOURS`). ``classes``: the model
+    classes (``"module.Name"``, matched over the MRO, so nothing is imported to match);
+    ``tower``: paths from the model to the tower that :class:`.vision.VisionTower` reads (the
+    first the model has; ``""``: the model itself); ``embed``: the path from the tower to the
+    module whose first argument is the pixels (its pre-hook starts a forward); ``sizes``: the
+    tower's ``(image size, patch size)``, each ``(h, w)``."""
+
+    name: str
+    classes: tuple[str, ...]
+    tower: tuple[str, ...]
+    embed: str
+    sizes: Callable[[nn.Module], tuple[tuple[int, int], tuple[int, int]]]
+
+
+_TF = "transformers.models."
+#: the models the adapter serves; other heads of these families (masked image modelling) read
+#: every patch back, so they are not listed
+FLAVOURS: tuple[Flavour, ...] = (
+    Flavour("vit", (_TF + "vit.modeling_vit.ViTModel", _TF + "vit.modeling_vit.ViTForImageClassification"),
+            ("vit", ""), "embeddings", _hf_sizes),
+    Flavour("clip", (_TF + "clip.modeling_clip.CLIPVisionModel", _TF + "clip.modeling_clip.CLIPVisionModelWithProjection"),
+            ("vision_model", ""), "embeddings", _hf_sizes),
+    Flavour("siglip", (_TF + "siglip.modeling_siglip.SiglipVisionModel",), ("vision_model", ""), "embeddings", _hf_sizes),
+    Flavour("dinov2", (_TF + "dinov2.modeling_dinov2.Dinov2Model",), ("",), "embeddings", _hf_sizes),
+    Flavour("timm", ("timm.models.vision_transformer.VisionTransformer",), ("",), "patch_embed",
+            lambda t: (_pair(t.patch_embed.img_size), _pair(t.patch_embed.patch_size))),
+    Flavour("open_clip", ("open_clip.transformer.VisionTransformer",), ("",), "conv1",
+            lambda t: (_pair(t.image_size), _pair(t.patch_size))),
+)
+
+
+def flavour_of(model: nn.Module) -> Flavour | None:
+    """The :data:`FLAVOURS` row serving ``model`` (None: none does)."""
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(model).__mro__}
+    return next((row for row in FLAVOURS if names & set(row.classes)), None)
+
+
+def _at(obj, path: str):
+    for name in filter(None, path.split(".")):
+        obj = getattr(obj, name)
+    return obj
+
+
 @dataclass
 class ViTInfo(ModelInfo):
     """:class:`ModelInfo` of a plain ViT plus the tower facts that boundary methods written for
@@ -67,23 +128,25 @@ class ViTInfo(ModelInfo):
 
 @register_adapter
 class ViTAdapter(Adapter):
-    model_types = ("vit",)
+    #: for the error that lists supported models (timm and open_clip models have no model_type)
+    model_types = ("vit", "clip_vision_model", "siglip_vision_model", "dinov2", "timm VisionTransformer",
+                   "open_clip VisionTransformer")
     stages = ("vit",)
     options = OPTIONS
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.vit = getattr(model, "vit", model)
+        self.flavour = flavour_of(model)
+        self.vit = _tower(model, self.flavour.tower)
         self.tower = VisionTower(self.vit)
-        self.config = model.config
+        self.image_size, self.patch_size = self.flavour.sizes(self.vit)
+        #: open_clip towers built with ``batch_first=False`` run their blocks sequence first
+        self.seq_first = getattr(getattr(self.vit, "transformer", None), "batch_first", True) is False
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        """``ViTModel`` and ``ViTForImageClassification`` only: other ``vit`` heads (masked image
-        modelling) read every patch back."""
-        from transformers import ViTForImageClassification, ViTModel
-
-        return super().matches(model) and isinstance(model, (ViTModel, ViTForImageClassification))
+        """By class, over the MRO (:data:`FLAVOURS`)."""
+        return flavour_of(model) is not None
 
     def boundary_layer(self, value: Any = None) -> int:
         """The boundary point's layer: ``value`` checked (an int in 1..depth), None: depth."""
@@ -101,14 +164,14 @@ class ViTAdapter(Adapter):
         if boundary_layer is None:
             boundary_layer = self.given.get("boundary_layer")
         layer = self.boundary_layer(boundary_layer)
-        side = self.config.image_size // self.config.patch_size
+        grid = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
         stage = replace(STAGE, layers=range(1, self.tower.depth + 1), prefix=self.tower.prefix)
         return ViTInfo(
             family="vit",
             stages={stage.name: stage},
             default_points={"boundary": Point(stage.name, layer)},
-            grid=(side, side),
-            n_tokens=side * side,
+            grid=grid,
+            n_tokens=grid[0] * grid[1],
             signals=SIGNALS,
             feature_layer=layer - 1,
             has_cls=self.tower.has_cls,
@@ -140,12 +203,44 @@ class ViTAdapter(Adapter):
         blocks = self.captured_blocks(plan)  # refused before any hook is installed
         installed = Installed()
         rt = ViTRuntime(plan, info, self)
-        installed.hook(self.vit.embeddings.register_forward_pre_hook(rt.start, with_kwargs=True))
+        installed.hook(_at(self.vit, self.flavour.embed).register_forward_pre_hook(rt.start, with_kwargs=True))
+        prune = rt.prune
+        if self.seq_first:
+
+            def prune(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+                return rt.prune(layer, hidden.transpose(0, 1)).transpose(0, 1)
+
         for point in plan.points:
-            install_encoder_pruning(installed, self.tower, point.layer, rt.prune)
+            if point.layer == self.tower.depth and self.tower.final_norm is None:
+                installed.hook(self.tower.layers[-1].register_forward_hook(_pruning_output(prune, point.layer)))
+            else:
+                install_encoder_pruning(installed, self.tower, point.layer, prune)
         install_capture(installed, self.tower, blocks, lambda: rt.capture, lambda: rt.alive)
         self.runtime = rt
         return installed
+
+
+def _tower(model: nn.Module, paths: tuple[str, ...]) -> nn.Module:
+    """The module at the first of ``paths`` that ``model`` has."""
+    for path in paths:
+        try:
+            return _at(model, path)
+        except AttributeError:
+            continue
+    raise ValueError(f"{type(model).__name__} has no vision tower at {list(paths)}")
+
+
+def _pruning_output(prune: Callable[[int, torch.Tensor], torch.Tensor], layer: int):
+    """A forward hook of the last block that prunes its output (a tensor, or a tuple whose first
+    item is the hidden states): the boundary ``vit:depth`` of a tower with no final norm over the
+    whole sequence (CLIP's ``post_layernorm`` and open_clip's pooling read the pruned sequence)."""
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (prune(layer, output[0]), *output[1:])
+        return prune(layer, output)
+
+    return hook
 
 
 class ViTRuntime(Runtime):
@@ -160,8 +255,8 @@ class ViTRuntime(Runtime):
     def start(self, module, args, kwargs) -> None:
         """Pre-hook of the embeddings: a new forward on the grid of these pixels."""
         pixels = read_arg(args, kwargs, "pixel_values", 0)
-        patch = self.adapter.config.patch_size
-        grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+        ph, pw = self.adapter.patch_size
+        grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
         n = grid[0] * grid[1]
         self.begin(n, grid, pixels.device)
         self.capture = EncoderCapture()
