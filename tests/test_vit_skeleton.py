@@ -183,3 +183,15 @@ def test_capture_layers_name_the_stage_and_keep_cls_is_allowed_where_the_stage_h
     bare = ModelInfo("vit", {"vit": StageSpec("vit", "inside")})
     with pytest.raises(RuntimeError, match="asked to keep CLS at stage 'vit', which has no prefix token"):
         check_selection(sel, make_context(x, 2, {}, info=bare, stage="vit"), "m")
+
+
+def test_budget_schedule_keys_name_the_vit_stage():
+    """Schedule keys are the adapter's stage names: ``vit:2`` at the boundary moved to block 2;
+    a key of a stage or layer the method does not prune at is refused naming its points."""
+    model = model_for("eager")
+    with vlmprune.wrap(model, "divprune", budget={"vit:2": 5}, boundary_layer=2):
+        assert run(model)[1].shape[1] == 6
+    with pytest.raises(ValueError, match=r"budget schedule key 'vit:3': method 'divprune' does not prune there; its points are \['vit:2'\]"):
+        vlmprune.wrap(model, "divprune", budget={"vit:3": 5}, boundary_layer=2)
+    with pytest.raises(ValueError, match=r"budget schedule key 'projector': stage must be one of the stages method 'divprune' prunes at \['vit'\]"):
+        vlmprune.wrap(model, "divprune", budget={"projector": 5})

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
-from .context import STAGES, Point
+from .context import Point
 
 BudgetValue = Union[int, float]
 #: how a fraction ``f`` of ``n`` tokens becomes a count (``Method.fraction_rounding``)
@@ -44,8 +44,9 @@ class Budget:
     """A final target plus optional per-point values.
 
     ``Budget.parse(64)``, ``Budget.parse(0.25)``, or a schedule
-    ``Budget.parse({"encoder": 192, "llm:8": 0.5, 16: 0.25})`` whose keys are a stage,
-    ``"stage:layer"`` or an int (an LLM layer); the last entry in pruning order
+    ``Budget.parse({"encoder": 192, "llm:8": 0.5, 16: 0.25})`` whose keys are a stage the
+    model's adapter names (``"projector"``, ``"vit"``), ``"stage:layer"`` or an int (an LLM
+    layer), checked against the method's points at ``wrap()``; the last entry in pruning order
     is the final target unless ``"target"`` is given. ``rounding``: how a fraction ``f`` of ``n``
     tokens becomes a count, ``"round"`` (``max(1, round(n * f))``) or ``"floor"``
     (``max(1, int(n * f))``); ``wrap()`` sets it from the method's ``fraction_rounding``.
@@ -139,8 +140,14 @@ class Budget:
         if self.per_step is not None:
             return self._at_step(step, lambda b: b.check(points, method, n, of))
         names = [str(p) for p in points]
+        stages = list(dict.fromkeys(q.stage for q in points))
         for p in self.points():
-            if p not in points and not (p.layer is None and any(q.stage == p.stage for q in points)):
+            if p.stage not in stages:
+                raise ValueError(
+                    f"budget schedule key {str(p)!r}: stage must be one of the stages method {method!r} prunes at "
+                    f"{stages}; its points are {names}"
+                )
+            if p not in points and p.layer is not None:
                 raise ValueError(
                     f"budget schedule key {str(p)!r}: method {method!r} does not prune there; its points are {names}"
                 )
@@ -159,8 +166,8 @@ def _parse_point(key) -> Point:
         return Point("llm", key)
     if isinstance(key, str):
         stage, _, layer = key.partition(":")
-        if stage not in STAGES:
-            raise ValueError(f"budget schedule key {key!r}: stage must be one of {STAGES}")
+        if not stage:
+            raise ValueError(f"budget schedule key {key!r}: a stage name is required (e.g. 'projector', 'vit:3')")
         return Point(stage, int(layer) if layer else None)
     raise TypeError(f"budget schedule key must be a stage name, 'stage:layer' or an int LLM layer, got {key!r}")
 
