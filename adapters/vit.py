@@ -128,9 +128,8 @@ class ViTInfo(ModelInfo):
 
 @register_adapter
 class ViTAdapter(Adapter):
-    #: for the error that lists supported models (timm and open_clip models have no model_type)
-    model_types = ("vit", "clip_vision_model", "siglip_vision_model", "dinov2", "timm VisionTransformer",
-                   "open_clip VisionTransformer")
+    #: the family's name in the error listing supported models; :meth:`matches` reads :data:`FLAVOURS`
+    model_types = ("vit",)
     stages = ("vit",)
     options = OPTIONS
 
@@ -183,6 +182,17 @@ class ViTAdapter(Adapter):
         if value is not None:
             self.boundary_layer(value)
         return {"boundary_layer": value}
+
+    def check_plan(self, method: Method, points: list[Point]) -> None:
+        """Refuse a method that needs a CLS token on a tower without one whose prefix is not empty
+        (timm's ``class_token=False`` with registers): the core's check reads the stage's prefix,
+        which registers alone fill."""
+        if method.requires_prefix(self.info()) and not self.tower.has_cls:
+            raise ValueError(
+                f"method {method.name!r} needs a CLS token in the vision tower, and this model's "
+                f"({self.tower.flavour}, {self.tower.prefix} register/prefix token(s), no CLS) has none; "
+                "choose a CLS-free method (see vlmprune.methods())"
+            )
 
     def captured_blocks(self, plan: Plan) -> tuple[int, ...]:
         """The blocks whose q/k/v the method reads: its ``capture_layers`` under this stage's name

@@ -667,12 +667,133 @@ class ViTCase(AdapterCase):
         torch.testing.assert_close(pruned, ref, atol=1e-5, rtol=1e-5)
 
 
+class TowerCase(ViTCase):
+    """A timm or open_clip ViT (adapters/vit.py ``FLAVOURS``) under the same oracles as
+    :class:`ViTCase`: 3 blocks, 32 x 32 images of 16 patches. :meth:`forward` returns the head's
+    output and the final token sequence (flattened, one row per image), both from one forward;
+    :meth:`manual` rebuilds them with the model's own modules (:meth:`embed`, ``blocks``,
+    :meth:`finish`), the ``prefix`` tokens (CLS, registers) always kept."""
+
+    variant = True
+    prefix = 1
+
+    def blocks(self, model):
+        raise NotImplementedError
+
+    def embed(self, model, pixels):
+        raise NotImplementedError
+
+    def finish(self, model, hidden) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, model, inputs):
+        with torch.no_grad():
+            return self.finish(model, self.run(model, inputs["pixel_values"]))
+
+    def run(self, model, pixels):
+        raise NotImplementedError
+
+    def manual(self, model, inputs, handle, seen, pruned):
+        ((point, _, sel),) = seen
+        p = self.prefix
+        with torch.no_grad():
+            hidden = self.embed(model, inputs["pixel_values"])
+            for block in self.blocks(model)[: point.layer]:
+                hidden = block(hidden)
+            rows = []
+            for i, (keep, merged, extra) in enumerate(sel.per_image()):
+                parts = [hidden[i, :p], hidden[i, p:][keep] if merged is None else merged]
+                rows.append(torch.cat(parts + ([extra] if extra is not None else [])))
+            hidden = torch.stack(rows)
+            for block in self.blocks(model)[point.layer :]:
+                hidden = block(hidden)
+            ref = self.finish(model, hidden)
+        torch.testing.assert_close(pruned, ref, atol=1e-5, rtol=1e-5)
+
+
+class TimmCase(TowerCase):
+    """timm's ``VisionTransformer`` with LayerScale (``init_values``) and two register tokens:
+    ``pool="token"`` (CLS + registers, prefix 3) or ``pool="avg"`` (no CLS, registers only,
+    prefix 2; the head reads the mean of the kept patches after ``fc_norm``)."""
+
+    family = "vit"
+
+    def __init__(self, pool: str):
+        self.pool = pool
+        self.id = f"vit-timm-{pool}"
+        self.has_cls = pool == "token"
+        self.prefix = 3 if self.has_cls else 2
+
+    def build(self):
+        from timm.models.vision_transformer import VisionTransformer
+
+        torch.manual_seed(0)
+        model = VisionTransformer(img_size=self.SIDE, patch_size=self.PATCH, embed_dim=32, depth=self.DEPTH, num_heads=4,
+                                  mlp_ratio=2.0, num_classes=5, reg_tokens=2, init_values=0.5, global_pool=self.pool,
+                                  class_token=self.has_cls).eval()
+        with torch.no_grad():  # registers and CLS away from their zero/small init
+            for name in ("reg_token", "cls_token"):
+                if getattr(model, name, None) is not None:
+                    getattr(model, name).normal_()
+        return model
+
+    def blocks(self, model):
+        return model.blocks
+
+    def embed(self, model, pixels):
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(pixels))))
+
+    def run(self, model, pixels):
+        return model.blocks(self.embed(model, pixels))
+
+    def finish(self, model, hidden):
+        hidden = model.norm(hidden)
+        return torch.cat([model.forward_head(hidden), hidden.flatten(1)], dim=1)
+
+    def forward(self, model, inputs):
+        with torch.no_grad():
+            hidden = model.forward_features(inputs["pixel_values"])
+            return torch.cat([model.forward_head(hidden), hidden.flatten(1)], dim=1)
+
+
+class OpenClipCase(TowerCase):
+    """open_clip's ``VisionTransformer`` (``nn.MultiheadAttention``, LayerScale), CLS pooling after
+    ``ln_post`` and the ``proj`` projection, ``output_tokens`` on: boundary ``vit:3`` prunes the
+    last block's output (no norm over the whole sequence inside the tower's blocks)."""
+
+    id = "vit-open-clip"
+    family = "vit"
+
+    def build(self):
+        from open_clip.transformer import VisionTransformer
+
+        torch.manual_seed(0)
+        return VisionTransformer(image_size=self.SIDE, patch_size=self.PATCH, width=32, layers=self.DEPTH, heads=4,
+                                 mlp_ratio=2.0, output_dim=16, ls_init_value=0.5, output_tokens=True).eval()
+
+    def blocks(self, model):
+        return model.transformer.resblocks
+
+    def embed(self, model, pixels):
+        return model._embeds(pixels)
+
+    def finish(self, model, hidden):
+        pooled, tokens = model._pool(hidden)
+        return torch.cat([pooled @ model.proj, tokens.flatten(1)], dim=1)
+
+    def forward(self, model, inputs):
+        with torch.no_grad():
+            pooled, tokens = model(inputs["pixel_values"])
+            return torch.cat([pooled, tokens.flatten(1)], dim=1)
+
+
 LLAVA = [LlavaCase("clip", "sdpa"), LlavaCase("clip", "eager"), LlavaCase("siglip", "sdpa"), LlavaCase("dinov2", "sdpa")]
 NEXT = NextCase()
 QWEN = [QwenCase("2"), QwenCase("2.5")]
 VIT = ViTCase()
+TOWERS = [TimmCase("token"), TimmCase("avg"), OpenClipCase()]
 #: every case the kit runs
-CASES: list[AdapterCase] = [*LLAVA, NEXT, *QWEN, VIT]
+CASES: list[AdapterCase] = [*LLAVA, NEXT, *QWEN, VIT, *TOWERS]
 
 
 # -- the expectation table -------------------------------------------------------------------------
