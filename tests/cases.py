@@ -787,11 +787,72 @@ class OpenClipCase(TowerCase):
             return torch.cat([pooled, tokens.flatten(1)], dim=1)
 
 
+class HFTowerCase(TowerCase):
+    """transformers' ``CLIPVisionModel`` (prefix CLS; no norm over the sequence, so ``vit:3``
+    prunes the last layer's output), ``SiglipVisionModel`` (no CLS; attention-pooling head) or
+    ``Dinov2Model`` (CLS, final layernorm): :meth:`forward` returns ``pooler_output`` and the
+    flattened ``last_hidden_state``."""
+
+    family = "vit"
+
+    def __init__(self, tower: str):
+        self.tower = tower
+        self.id = f"vit-hf-{tower}"
+        self.has_cls = tower != "siglip"
+        self.prefix = int(self.has_cls)
+
+    def build(self):
+        import transformers as T
+
+        classes = {"clip": (T.CLIPVisionModel, T.CLIPVisionConfig), "siglip": (T.SiglipVisionModel, T.SiglipVisionConfig),
+                   "dinov2": (T.Dinov2Model, T.Dinov2Config)}
+        model_cls, config_cls = classes[self.tower]
+        torch.manual_seed(0)
+        return model_cls(config_cls(hidden_size=32, num_hidden_layers=self.DEPTH, num_attention_heads=4, intermediate_size=64,
+                                    patch_size=self.PATCH, image_size=self.SIDE)).eval()
+
+    def _tower(self, model):
+        return getattr(model, "vision_model", model)
+
+    def blocks(self, model):
+        def call(layer):
+            def run(hidden):
+                out = layer(hidden) if self.tower == "dinov2" else layer(hidden, None)
+                return out[0] if isinstance(out, tuple) else out
+
+            return run
+
+        tower = self._tower(model)
+        return [call(layer) for layer in (tower.encoder.layers if self.tower != "dinov2" else tower.encoder.layer)]
+
+    def embed(self, model, pixels):
+        tower = self._tower(model)
+        hidden = tower.embeddings(pixels)
+        return tower.pre_layrnorm(hidden) if self.tower == "clip" else hidden
+
+    def finish(self, model, hidden):
+        tower = self._tower(model)
+        if self.tower == "clip":
+            pooled = tower.post_layernorm(hidden[:, 0])
+        elif self.tower == "siglip":
+            hidden = tower.post_layernorm(hidden)
+            pooled = tower.head(hidden)
+        else:
+            hidden = tower.layernorm(hidden)
+            pooled = hidden[:, 0]
+        return torch.cat([pooled, hidden.flatten(1)], dim=1)
+
+    def forward(self, model, inputs):
+        with torch.no_grad():
+            out = model(**inputs)
+        return torch.cat([out.pooler_output, out.last_hidden_state.flatten(1)], dim=1)
+
+
 LLAVA = [LlavaCase("clip", "sdpa"), LlavaCase("clip", "eager"), LlavaCase("siglip", "sdpa"), LlavaCase("dinov2", "sdpa")]
 NEXT = NextCase()
 QWEN = [QwenCase("2"), QwenCase("2.5")]
 VIT = ViTCase()
-TOWERS = [TimmCase("token"), TimmCase("avg"), OpenClipCase()]
+TOWERS = [TimmCase("token"), TimmCase("avg"), OpenClipCase(), HFTowerCase("clip"), HFTowerCase("siglip"), HFTowerCase("dinov2")]
 #: every case the kit runs
 CASES: list[AdapterCase] = [*LLAVA, NEXT, *QWEN, VIT, *TOWERS]
 
