@@ -33,8 +33,8 @@ TIMM, TIMM_AVG, OPEN_CLIP = TimmCase("token"), TimmCase("avg"), OpenClipCase()
 @functools.cache
 def hf(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    common = dict(hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=4, intermediate_size=64,
-                  patch_size=PATCH, image_size=SIDE)
+    common = {"hidden_size": 32, "num_hidden_layers": DEPTH, "num_attention_heads": 4, "intermediate_size": 64,
+              "patch_size": PATCH, "image_size": SIDE}
     model_cls, config_cls = {"clip": (T.CLIPVisionModel, T.CLIPVisionConfig), "siglip": (T.SiglipVisionModel, T.SiglipVisionConfig),
                              "dinov2": (T.Dinov2Model, T.Dinov2Config)}[name]
     return model_cls(config_cls(**common)).eval()
@@ -134,9 +134,8 @@ def test_average_pooling_reads_the_mean_of_the_kept_patches():
     model = TIMM_AVG.model()
     with torch.no_grad():
         reference = model(PIXELS)
-    with vlmprune.wrap(model, "divprune", budget=5) as handle, handle.record() as records:
-        with torch.no_grad():
-            logits = model(PIXELS)
+    with vlmprune.wrap(model, "divprune", budget=5) as handle, handle.record() as records, torch.no_grad():
+        logits = model(PIXELS)
     keep = records[0].selection.keep
     with torch.no_grad():
         h = model.norm(model.blocks(TIMM_AVG.embed(model, PIXELS)))
@@ -152,9 +151,8 @@ def test_average_pooling_reads_the_mean_of_the_kept_patches():
                              output_dim=16, pool_type="avg").eval()
     with torch.no_grad():
         reference = clip(PIXELS)
-    with vlmprune.wrap(clip, "divprune", budget=5) as handle, handle.record() as records:
-        with torch.no_grad():
-            pooled = clip(PIXELS)
+    with vlmprune.wrap(clip, "divprune", budget=5) as handle, handle.record() as records, torch.no_grad():
+        pooled = clip(PIXELS)
     keep = records[0].selection.keep
     with torch.no_grad():
         h = clip.transformer(clip._embeds(PIXELS))
