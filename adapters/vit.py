@@ -158,8 +158,8 @@ class ViTAdapter(Adapter):
 
     def info(self, boundary_layer: int | None = None) -> ViTInfo:
         """The model's facts with the boundary at ``boundary_layer`` (None: the value ``wrap()``
-        gave, else depth); grid and count from the config's image and patch size (another image
-        size with ``interpolate_pos_encoding`` is read from the pixels at run time)."""
+        gave, else depth); grid and count from the tower's image and patch size (its flavour's
+        ``sizes``; another image size the tower accepts is read from the pixels at run time)."""
         if boundary_layer is None:
             boundary_layer = self.given.get("boundary_layer")
         layer = self.boundary_layer(boundary_layer)
