@@ -164,7 +164,7 @@ class ViTAdapter(Adapter):
             boundary_layer = self.given.get("boundary_layer")
         layer = self.boundary_layer(boundary_layer)
         grid = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
-        stage = replace(STAGE, layers=range(1, self.tower.depth + 1), prefix=self.tower.prefix)
+        stage = replace(STAGE, layers=range(1, self.tower.depth + 1), prefix=self.tower.prefix, cls=self.tower.has_cls)
         return ViTInfo(
             family="vit",
             stages={stage.name: stage},
@@ -182,17 +182,6 @@ class ViTAdapter(Adapter):
         if value is not None:
             self.boundary_layer(value)
         return {"boundary_layer": value}
-
-    def check_plan(self, method: Method, points: list[Point]) -> None:
-        """Refuse a method that needs a CLS token on a tower without one whose prefix is not empty
-        (timm's ``class_token=False`` with registers): the core's check reads the stage's prefix,
-        which registers alone fill."""
-        if method.requires_prefix(self.info()) and not self.tower.has_cls:
-            raise ValueError(
-                f"method {method.name!r} needs a CLS token in the vision tower, and this model's "
-                f"({self.tower.flavour}, {self.tower.prefix} register/prefix token(s), no CLS) has none; "
-                "choose a CLS-free method (see vlmprune.methods())"
-            )
 
     def captured_blocks(self, plan: Plan) -> tuple[int, ...]:
         """The blocks whose q/k/v the method reads: its ``capture_layers`` under this stage's name

@@ -136,3 +136,14 @@ def test_check_selection_reads_what_the_stage_allows_from_its_spec():
     check_selection(ragged, make_context(x, 2, {}, info=llava, stage="llm", layer=2), "m")
     with pytest.raises(RuntimeError, match="per-image keep lists at stage 'encoder'"):
         check_selection(ragged, make_context(x, 2, {}, info=llava, stage="encoder", layer=2), "m")
+
+
+def test_a_prefix_of_registers_only_is_no_cls_token():
+    """``StageSpec.cls``: registers alone (timm's ``class_token=False``) fill the prefix but give no
+    CLS token, so a CLS method is refused by the core's check; by default a prefix is a CLS token."""
+    registers = ModelInfo("vit", {"vit": StageSpec("vit", "boundary", prefix=2, cls=False)}, {"boundary": Point("vit")})
+    with pytest.raises(ValueError, match="method 'visionzip' needs a CLS token"):
+        vlmprune.get_method("visionzip")().check(registers)
+    assert StageSpec("vit", "boundary", prefix=1).has_cls and not StageSpec("vit", "boundary").has_cls
+    with_cls = ModelInfo("vit", {"vit": StageSpec("vit", "boundary", prefix=3, cls=True)}, {"boundary": Point("vit")})
+    vlmprune.get_method("visionzip")().check(with_cls)

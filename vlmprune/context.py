@@ -49,6 +49,8 @@ class StageSpec:
     may keep different counts (per-image keep lists). ``extra``: a selection may append tokens and
     keep the prefix (``Selection.extra``, ``keep_cls``). ``spaces``: the ``Selection.merged_space``
     values accepted. ``restore``: where removed tokens come back (``"exit"``, ``"head"``), or None.
+    ``cls``: whether the prefix starts with a CLS token (None: whenever ``prefix > 0``; False for
+    a prefix of registers only, timm's ``class_token=False``), read by :meth:`Method.check`.
     """
 
     name: str
@@ -61,6 +63,12 @@ class StageSpec:
     extra: bool = False
     spaces: tuple[str, ...] = ("tokens",)
     restore: str | None = None
+    cls: bool | None = None
+
+    @property
+    def has_cls(self) -> bool:
+        """Whether the first prefix token is a CLS token (``cls``; None: whenever there is a prefix)."""
+        return self.prefix > 0 if self.cls is None else self.cls
 
     def __post_init__(self):
         if self.role not in ROLES:

@@ -188,7 +188,7 @@ class Method:
                     f"takes layers {layers.start}..{layers.stop - 1}"
                 )
         specs = [info.stages[p.stage] for p in points]
-        if self.requires_prefix(info) and not any(spec.prefix for spec in specs):
+        if self.requires_prefix(info) and not any(spec.has_cls for spec in specs):
             raise ValueError(
                 f"method {self.name!r} needs a CLS token in the vision tower, and this model's "
                 f"({info.family}) has none; choose a CLS-free method (see vlmprune.methods())"
