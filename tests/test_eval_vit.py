@@ -39,7 +39,8 @@ def test_gflops_counts_each_blocks_tokens():
 def test_evaluate_rows_and_files(tmp_path):
     """4 images in batches of 2, uniform at 32 tokens from layer 6: the unwrapped row first
     (256 tokens, all right on these images, as the head's 99.9 %), then one wrapped row carrying
-    32 kept tokens and its cheaper GFLOPs; both timed on the second batch."""
+    32 kept tokens and its cheaper GFLOPs; both timed on the second batch, the wrapped one against
+the unwrapped model timed again right before it."""
     rows = eval_vit.evaluate(images=4, batch=2, methods=("uniform",), budgets=(32,), layers=(6,), log=lambda r: None)
     assert [(r["method"], r["budget"], r["boundary_layer"], r["tokens_kept"]) for r in rows] == [
         ("none", None, None, 256), ("uniform", 32, 6, 32)]
@@ -49,8 +50,7 @@ def test_evaluate_rows_and_files(tmp_path):
     assert all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for v in (pruned["colour"], pruned["shape"], pruned["both"]))
     assert pruned["both"] <= min(pruned["colour"], pruned["shape"])
     assert pruned["gflops"] == eval_vit.gflops(32, 6) < base["gflops"] == eval_vit.gflops()
-    assert base["speed_ratio"] == 1.0 and pruned["images_per_s"] > 0
-    assert pruned["speed_ratio"] == pytest.approx(pruned["images_per_s"] / base["images_per_s"])
+    assert base["speed_ratio"] == 1.0 and pruned["images_per_s"] > 0 and pruned["speed_ratio"] > 0  # layer 6: timed
     eval_vit.write(rows, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text()) == rows
     with open(tmp_path / "results.csv") as f:

@@ -5,7 +5,8 @@ For each method that runs at the plain-ViT adapter's boundary (:data:`METHODS`),
 (:data:`BUDGETS`: 50 %, 25 %, 12.5 % of the 256 patch tokens) and boundary layer (:data:`LAYERS`:
 12 = after the last block, the adapter's default; 6 = halfway, so blocks 7-12 run on fewer
 tokens), the accuracy on the first ``--images`` easy-VQA test images (colour, shape, both right),
-the images/s of the batches after the first (a warm-up) and the GFLOPs per image from the token
+the images/s of the batches after the first (a warm-up), its ratio to the unwrapped model timed right
+before on the same batches (at layer 6) and the GFLOPs per image from the token
 counts each block sees (:func:`gflops`). The unwrapped model is the ``method="none"`` row.
 Writes ``results.csv``, ``results.json`` and ``accuracy_vs_tokens.png`` under ``--out``.
 """
@@ -50,6 +51,15 @@ def gflops(kept: int | None = None, layer: int = DEPTH, config: dict = embedded.
     return total / 1e9
 
 
+def _speed(model, batches) -> float:
+    """images/s of ``model`` (already warm) over ``batches``."""
+    with torch.no_grad():
+        t = time.perf_counter()
+        for x in batches:
+            model(x)
+        return sum(len(x) for x in batches) / (time.perf_counter() - t)
+
+
 def _run(model, batches, colour, shape) -> tuple[dict, float, int]:
     """Accuracy over ``batches`` and images/s over all batches but the first (warm-up)."""
     right_c = right_s = right_b = 0
@@ -71,9 +81,12 @@ def _run(model, batches, colour, shape) -> tuple[dict, float, int]:
 
 
 def evaluate(images: int = 300, batch: int = 64, methods=METHODS, budgets=BUDGETS, layers=LAYERS,
-             kind: str = "timm", seed: int = 0, log=print) -> list[dict]:
+             kind: str = "timm", seed: int = 0, timed_layers=(DEPTH // 2,), log=print) -> list[dict]:
     """The rows of the benchmark: first the unwrapped model (``method="none"``), then one per
-    method x layer x budget. Each wrapped run starts from ``torch.manual_seed(seed)``."""
+    method x layer x budget. Each wrapped run starts from ``torch.manual_seed(seed)``. At the
+    ``timed_layers`` the unwrapped model is timed again on the same batches right before each
+    wrapped run (as ``vlmprune bench`` does, so background load affects both alike) and
+    ``speed_ratio`` is wrapped / that; elsewhere ``speed_ratio`` is None."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"methods must be among {METHODS}, got {unknown}")
@@ -91,6 +104,7 @@ def evaluate(images: int = 300, batch: int = 64, methods=METHODS, budgets=BUDGET
     for method in methods:
         for layer in layers:
             for budget in budgets:
+                reference = _speed(vit, batches[1:]) if layer in timed_layers else None
                 torch.manual_seed(seed)
                 with vlmprune.wrap(vit.backbone, method, budget=budget, boundary_layer=layer) as handle:
                     acc, speed, timed = _run(vit, batches, colour, shape)
@@ -98,7 +112,7 @@ def evaluate(images: int = 300, batch: int = 64, methods=METHODS, budgets=BUDGET
                 row = {"method": method, "budget": budget, "boundary_layer": layer,
                        "tokens_kept": kept[0] if len(kept) == 1 else kept, "images": images, **acc,
                        "gflops": gflops(budget, layer), "images_per_s": speed,
-                       "speed_ratio": speed / base["images_per_s"], "timed_batches": timed}
+                       "speed_ratio": speed / reference if reference else None, "timed_batches": timed}
                 rows.append(row)
                 log(row)
     return rows
