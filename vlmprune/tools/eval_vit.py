@@ -141,6 +141,7 @@ def write(rows: list[dict], out: Path) -> None:
             ax.plot([b for b, _ in pts] + [256], [a for _, a in pts] + [base["both"]], marker="o", label=method)
         ax.set(xscale="log", xticks=[32, 64, 128, 256], xticklabels=["32", "64", "128", "256"],
                xlabel="patch tokens kept (of 256)", title=f"boundary_layer={layer}")
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"easyvqa-cls accuracy, both right ({base['images']} test images)")
     axes[-1].legend(fontsize=8)
