@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 import torch
 
-#: the stage names of the vision-language adapters (budget schedule keys are checked against them
-#: before a model is known); other families name their own stages (:class:`StageSpec`)
+#: the stage names of the vision-language adapters, the examples :class:`Point` names in its
+#: error; other families name their own stages (:class:`StageSpec`)
 STAGES = ("encoder", "projector", "llm", "cache")
 ROLES = ("boundary", "inside", "output")
 
