@@ -12,6 +12,7 @@ LayerScale, open_clip's ``ls_1``/``ls_2``) runs as the tower wrote it; no forwar
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,7 +41,12 @@ class Anatomy:
     tower that is not None when it is). ``qk_norm``: paths from a block to the norms applied to q
     and k after the projection (timm's ``qk_norm=True``). ``final_norm``: paths from the tower to
     the norm the whole sequence passes after the last block (empty: none does, e.g. CLIP, whose
-    ``post_layernorm`` sees the pooled CLS only).
+    ``post_layernorm`` sees the pooled CLS only). ``mlp``: paths from a block to the norm that
+    opens its MLP branch (its input is the residual stream after attention) and to the last
+    module of that branch before the residual add (where ToMe merges, between attention and MLP).
+    ``attention_bias``: the block's forward argument (name, position) that takes an additive
+    attention mask, and its layout: ``"keys"`` (``[B, 1, 1, T]``, one bias per key) or
+    ``"heads"`` (``[B * heads, T, T]``, ``nn.MultiheadAttention``'s float mask).
     """
 
     flavour: str
@@ -54,6 +60,8 @@ class Anatomy:
     classes: tuple[str, ...] = ()
     qk_norm: tuple[str, str] | None = None
     final_norm: tuple[str, ...] = ()
+    mlp: tuple[str, str] | None = None
+    attention_bias: tuple[str, int, str] | None = None
 
 
 _HF_HEADS = "tower.config.num_attention_heads"
@@ -65,26 +73,31 @@ _HF_VIT = (
     ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
 )
 
+#: transformers' encoder layers take an additive mask as their second argument
+_HF_BIAS = ("attention_mask", 1, "keys")
+
 #: The ViT-like towers vlmprune knows, one row per flavour.
 ANATOMY: tuple[Anatomy, ...] = (
     Anatomy("clip", ("encoder.layers",), "separate", _HF_ENCODER, _HF_HEADS, (1,), True,
-            model_types=("clip_vision_model",)),
+            model_types=("clip_vision_model",), mlp=("layer_norm2", "mlp"), attention_bias=_HF_BIAS),
     Anatomy("siglip", ("encoder.layers",), "separate", _HF_ENCODER, _HF_HEADS, (0,), False,
             model_types=("siglip_vision_model", "siglip2_vision_model"),
-            final_norm=("post_layernorm",)),
+            final_norm=("post_layernorm",), mlp=("layer_norm2", "mlp"), attention_bias=_HF_BIAS),
     Anatomy("dinov2", ("encoder.layer",), "separate", _HF_VIT, _HF_HEADS, (1,), True,
-            model_types=("dinov2",), final_norm=("layernorm",)),
+            model_types=("dinov2",), final_norm=("layernorm",), mlp=("norm2", "layer_scale2"), attention_bias=_HF_BIAS),
     Anatomy("dinov2_with_registers", ("encoder.layer",), "separate", _HF_VIT, _HF_HEADS,
-            (1, "config.num_register_tokens"), True, model_types=("dinov2_with_registers",), final_norm=("layernorm",)),
+            (1, "config.num_register_tokens"), True, model_types=("dinov2_with_registers",), final_norm=("layernorm",),
+            mlp=("norm2", "layer_scale2"), attention_bias=_HF_BIAS),
     Anatomy("vit", ("layers", "encoder.layer"), "separate", _HF_VIT, _HF_HEADS, (1,), True,
-            model_types=("vit",), final_norm=("layernorm",)),
+            model_types=("vit",), final_norm=("layernorm",), mlp=("layernorm_after", "mlp"), attention_bias=_HF_BIAS),
     Anatomy("deit", ("layers", "encoder.layer"), "separate", _HF_VIT, _HF_HEADS, (2,), True,  # CLS + distillation
             model_types=("deit",), final_norm=("layernorm",)),
     Anatomy("timm", ("blocks",), "fused", (("attn.qkv",),), "block.attn.num_heads", ("num_prefix_tokens",), "cls_token",
             classes=("timm.models.vision_transformer.VisionTransformer",), qk_norm=("attn.q_norm", "attn.k_norm"),
-            final_norm=("norm",)),
+            final_norm=("norm",), mlp=("norm2", "drop_path2"), attention_bias=("attn_mask", 1, "keys")),
     Anatomy("open_clip", ("transformer.resblocks",), "mha", (("attn",),), "block.attn.num_heads", (1,), True,
-            classes=("open_clip.transformer.VisionTransformer",)),
+            classes=("open_clip.transformer.VisionTransformer",), mlp=("ln_2", "ls_2"),
+            attention_bias=("attn_mask", 3, "heads")),
 )
 
 
@@ -168,6 +181,38 @@ class VisionTower:
     @property
     def depth(self) -> int:
         return len(self.layers)
+
+    def mlp_branch(self, layer: int) -> tuple[nn.Module, nn.Module]:
+        """(the norm that opens block ``layer``'s MLP branch, the branch's last module before
+        the residual add): the anatomy row's ``mlp``; a ValueError where the row has none."""
+        paths = self.anatomy.mlp
+        modules = tuple(_first(self.layers[layer], (p,)) for p in paths) if paths else ()
+        if not modules or any(m is None for m in modules):
+            raise ValueError(
+                f"the {self.flavour} tower's blocks ({type(self.layers[layer]).__name__}) have no known MLP branch "
+                f"to merge tokens in (anatomy row {self.flavour!r}: mlp={paths})"
+            )
+        return modules
+
+    def attention_bias(self) -> tuple[str, int, str]:
+        """(argument name, position, layout) by which a block takes an additive attention mask
+        (the anatomy row's ``attention_bias``); a ValueError where its blocks take none (e.g.
+        ``Dinov2Layer`` before transformers 5.2x)."""
+        spec = self.anatomy.attention_bias
+        block = self.layers[0]
+        if spec is None or spec[0] not in inspect.signature(block.forward).parameters:
+            raise ValueError(
+                f"the {self.flavour} tower's blocks ({type(block).__name__}) take no attention mask, so no "
+                "attention bias (proportional attention) can reach them"
+            )
+        return spec
+
+    def bias_mask(self, bias: torch.Tensor, layout: str, dtype: torch.dtype) -> torch.Tensor:
+        """A per-key additive bias ``[B, T]`` as the mask a block takes (:meth:`attention_bias`)."""
+        if layout == "keys":
+            return bias[:, None, None, :].to(dtype)
+        b, t = bias.shape
+        return bias[:, None, None, :].expand(b, self.heads, t, t).reshape(b * self.heads, t, t).to(dtype)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N, H * d]`` -> ``[B, H, N, d]``."""

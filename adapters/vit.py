@@ -33,7 +33,7 @@ from torch import nn
 from vlmprune.context import ModelInfo, Point, Signals, StageSpec
 from vlmprune.method import Method
 
-from .base import Adapter, AdapterOption, Installed, Plan, read_arg, register_adapter
+from .base import Adapter, AdapterOption, Installed, Plan, read_arg, register_adapter, write_arg
 from .runtime import Runtime
 from .vision import (
     EncoderCapture,
@@ -46,9 +46,15 @@ from .vision import (
 #: what a ``vit`` point offers: the tokens, ``projected`` as the identity (no projector on a ViT),
 #: and the attention signals of the block before the point
 SIGNALS = ("hidden", "projected", "cls_attention", "encoder_qkv", "encoder_attention")
+#: what a ``vit_mlp`` point offers: the tokens, the attention signals of the block it sits in, and
+#: ``sizes`` (how many patches each token stands for after earlier merges)
+MID_SIGNALS = ("hidden", "cls_attention", "encoder_qkv", "encoder_attention", "sizes")
 
-#: the one stage; ``layers`` (1..depth) and ``prefix`` (the tower's, the CLS token) are set per model
+#: between blocks; ``layers`` (1..depth) and ``prefix`` (the tower's, the CLS token) are set per model
 STAGE = StageSpec("vit", "inside", signals=frozenset(SIGNALS))
+#: inside block ``l`` (0..depth-1), between its attention and its MLP (ToMe merges there); offered
+#: where the tower's anatomy row names the MLP branch
+MID_STAGE = StageSpec("vit_mlp", "inside", signals=frozenset(MID_SIGNALS))
 
 OPTIONS = {
     "boundary_layer": AdapterOption(
@@ -164,14 +170,18 @@ class ViTAdapter(Adapter):
             boundary_layer = self.given.get("boundary_layer")
         layer = self.boundary_layer(boundary_layer)
         grid = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
-        stage = replace(STAGE, layers=range(1, self.tower.depth + 1), prefix=self.tower.prefix, cls=self.tower.has_cls)
+        tower = self.tower
+        stage = replace(STAGE, layers=range(1, tower.depth + 1), prefix=tower.prefix, cls=tower.has_cls)
+        stages = {stage.name: stage}
+        if tower.anatomy.mlp is not None:
+            stages[MID_STAGE.name] = replace(MID_STAGE, layers=range(tower.depth), prefix=tower.prefix, cls=tower.has_cls)
         return ViTInfo(
             family="vit",
-            stages={stage.name: stage},
+            stages=stages,
             default_points={"boundary": Point(stage.name, layer)},
             grid=grid,
             n_tokens=grid[0] * grid[1],
-            signals=SIGNALS,
+            signals=tuple(dict.fromkeys(SIGNALS + MID_SIGNALS)),
             feature_layer=layer - 1,
             has_cls=self.tower.has_cls,
             encoder_layers=self.tower.depth,
@@ -184,39 +194,91 @@ class ViTAdapter(Adapter):
         return {"boundary_layer": value}
 
     def captured_blocks(self, plan: Plan) -> tuple[int, ...]:
-        """The blocks whose q/k/v the method reads: its ``capture_layers`` under this stage's name
-        and under ``"encoder"`` (the vision tower, as methods written for VLMs name it), each of
-        which must have run at the method's last point (before block ``L`` blocks ``0..L-1`` have)."""
-        blocks = sorted(set(plan.capture.get("vit", ())) | set(plan.capture.get("encoder", ())))
-        last = max(p.layer for p in plan.points)
+        """The blocks whose q/k/v the method reads: its ``capture_layers`` under the names of this
+        adapter's stages and under ``"encoder"`` (the vision tower, as methods written for VLMs
+        name it), each of which must have run at the method's last point (before block ``L``,
+        blocks ``0..L-1`` have; between attention and MLP of block ``l``, blocks ``0..l``)."""
+        blocks = sorted({b for key in ("vit", "vit_mlp", "encoder") for b in plan.capture.get(key, ())})
+        last = max((p.layer + (p.stage == "vit_mlp") for p in plan.points), default=0)
         late = [b for b in blocks if not 0 <= b < last]
         if late:
+            where = plan.points[-1] if plan.points else "no point"
             raise ValueError(
-                f"method {plan.method.name!r} reads the attention of block(s) {late}, which have not run at its point "
-                f"vit:{last} (blocks 0..{last - 1} have); on a ViT its signals come from a block after the tokens it prunes"
+                f"method {plan.method.name!r} reads the attention of block(s) {late}, which have not run at its last "
+                f"point {where} (blocks 0..{last - 1} have); on a ViT its signals come from a block after the tokens it prunes"
             )
         return tuple(blocks)
+
+    def check_plan(self, method: Method, points: list[Point]) -> None:
+        """A method asking for proportional attention needs blocks that take an attention mask."""
+        if method.proportional_attention and points:
+            try:
+                self.tower.attention_bias()
+            except ValueError as e:
+                raise ValueError(
+                    f"method {method.name!r} asks for proportional attention: {e}; turn it off in its options "
+                    "(ToMe: prop_attn=False)"
+                ) from None
 
     def install(self, plan: Plan) -> Installed:
         info = self.info(plan.adapter_options.get("boundary_layer"))
         blocks = self.captured_blocks(plan)  # refused before any hook is installed
+        tower = self.tower
+        mids = [p.layer for p in plan.points if p.stage == "vit_mlp"]
+        branches = {layer: tower.mlp_branch(layer) for layer in mids}
+        bias = tower.attention_bias() if plan.method.proportional_attention and plan.points else None
         installed = Installed()
         rt = ViTRuntime(plan, info, self)
         installed.hook(_at(self.vit, self.flavour.embed).register_forward_pre_hook(rt.start, with_kwargs=True))
-        prune = rt.prune
-        if self.seq_first:
-
-            def prune(layer: int, hidden: torch.Tensor) -> torch.Tensor:
-                return rt.prune(layer, hidden.transpose(0, 1)).transpose(0, 1)
-
+        batch_first = _batch_first if self.seq_first else (lambda fn: fn)
         for point in plan.points:
-            if point.layer == self.tower.depth and self.tower.final_norm is None:
-                installed.hook(self.tower.layers[-1].register_forward_hook(_pruning_output(prune, point.layer)))
+            if point.stage == "vit_mlp":
+                continue
+            if point.layer == tower.depth and tower.final_norm is None:
+                installed.hook(tower.layers[-1].register_forward_hook(_pruning_output(batch_first(rt.prune), point.layer)))
             else:
-                install_encoder_pruning(installed, self.tower, point.layer, prune)
-        install_capture(installed, self.tower, blocks, lambda: rt.capture, lambda: rt.alive)
+                install_encoder_pruning(installed, tower, point.layer, batch_first(rt.prune))
+        for layer, (entry, end) in branches.items():
+            installed.hook(entry.register_forward_pre_hook(_first_argument(batch_first(rt.merge_entry), layer)))
+            installed.hook(end.register_forward_hook(_output(batch_first(rt.merge_exit), layer)))
+            installed.hook(tower.layers[layer].register_forward_hook(_output(batch_first(rt.merge_done), layer)))
+        if bias is not None:
+            for block in tower.layers:
+                installed.hook(block.register_forward_pre_hook(rt.bias_hook(bias), with_kwargs=True))
+        install_capture(installed, tower, blocks, lambda: rt.capture, lambda: rt.alive)
         self.runtime = rt
         return installed
+
+
+def _batch_first(fn: Callable[[int, torch.Tensor], torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """``fn`` on batch-first tensors, called with and returning sequence-first ones (open_clip
+    towers built with ``batch_first=False``)."""
+
+    def wrapped(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return fn(layer, hidden.transpose(0, 1)).transpose(0, 1)
+
+    return wrapped
+
+
+def _first_argument(fn: Callable[[int, torch.Tensor], torch.Tensor], layer: int):
+    """A forward pre-hook replacing the module's first argument ``x`` by ``fn(layer, x)``."""
+
+    def hook(module, args):
+        return (fn(layer, args[0]), *args[1:])
+
+    return hook
+
+
+def _output(fn: Callable[[int, torch.Tensor], torch.Tensor], layer: int):
+    """A forward hook replacing the module's output (a tensor, or a tuple whose first item is the
+    hidden states) ``y`` by ``fn(layer, y)``."""
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (fn(layer, output[0]), *output[1:])
+        return fn(layer, output)
+
+    return hook
 
 
 def _tower(model: nn.Module, paths: tuple[str, ...]) -> nn.Module:
@@ -230,26 +292,28 @@ def _tower(model: nn.Module, paths: tuple[str, ...]) -> nn.Module:
 
 
 def _pruning_output(prune: Callable[[int, torch.Tensor], torch.Tensor], layer: int):
-    """A forward hook of the last block that prunes its output (a tensor, or a tuple whose first
-    item is the hidden states): the boundary ``vit:depth`` of a tower with no final norm over the
-    whole sequence (CLIP's ``post_layernorm`` and open_clip's pooling read the pruned sequence)."""
-
-    def hook(module, args, output):
-        if isinstance(output, tuple):
-            return (prune(layer, output[0]), *output[1:])
-        return prune(layer, output)
-
-    return hook
+    """A forward hook of the last block that prunes its output: the boundary ``vit:depth`` of a
+    tower with no final norm over the whole sequence (CLIP's ``post_layernorm`` and open_clip's
+    pooling read the pruned sequence)."""
+    return _output(prune, layer)
 
 
 class ViTRuntime(Runtime):
-    """The hooks' shared state: the capture store and the raster indices of the patches alive."""
+    """The hooks' shared state for one forward: the capture store, the raster indices of the
+    patches alive, their sizes (patches each token stands for, prefix first; None: one each),
+    the attention bias the next blocks add (``log(sizes)`` under proportional attention) and the
+    merge of the block running (``vit_mlp`` points)."""
 
     def __init__(self, plan: Plan, info: ModelInfo, adapter: ViTAdapter):
         super().__init__(plan, info)
         self.adapter = adapter
         self.capture = EncoderCapture()
         self.alive: torch.Tensor | None = None  # [B, N_alive]
+        self.sizes: torch.Tensor | None = None  # [B, prefix + N_alive]
+        self.key_bias: torch.Tensor | None = None  # [B, prefix + N_alive]
+        self.pending: dict[int, list] = {}  # block -> [reduction, merged input of its MLP, MLP branch output]
+        #: blocks captured for their own vit_mlp point only, released once it ran
+        self.release = set(plan.capture.get("vit_mlp", ())) - set(plan.capture.get("vit", ())) - set(plan.capture.get("encoder", ()))
 
     def start(self, module, args, kwargs) -> None:
         """Pre-hook of the embeddings: a new forward on the grid of these pixels."""
@@ -260,20 +324,79 @@ class ViTRuntime(Runtime):
         self.begin(n, grid, pixels.device)
         self.capture = EncoderCapture()
         self.alive = torch.arange(n, device=pixels.device).expand(pixels.shape[0], -1)
+        self.sizes = self.key_bias = None
+        self.pending = {}
+
+    def _signals(self, hidden: torch.Tensor, layer: int, **extra) -> tuple[torch.Tensor, Signals]:
+        tower = self.adapter.tower
+        patches = hidden[:, tower.prefix :]
+        signals = Signals({**encoder_signals(tower, self.capture, self.alive, layer), "hidden": lambda: patches, **extra})
+        return patches, signals
+
+    def _reduced(self, reduction) -> None:
+        """Carry the alive indices, sizes and attention bias through ``reduction``."""
+        self.alive = reduction.apply(self.alive)
+        if self.sizes is not None or reduction.selection.merge_map is not None:
+            self.sizes = reduction.sizes
+            self.key_bias = self.sizes.log()
 
     def prune(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Run the method at ``Point("vit", layer)`` on the patches of ``hidden`` (prefix first);
         returns the prefix and the kept (or merged) patches."""
         tower = self.adapter.tower
-        patches = hidden[:, tower.prefix :]
-        signals = Signals(
-            {
-                **encoder_signals(tower, self.capture, self.alive, layer - 1),
-                "hidden": lambda: patches,
-                "projected": lambda: patches,
-            }
-        )
+        patches, signals = self._signals(hidden, layer - 1, projected=lambda: hidden[:, tower.prefix :])
         cls_token = hidden[:, 0] if tower.has_cls else None
-        reduction = self.run(Point("vit", layer), patches, self.alive, signals, cls_token=cls_token)
-        self.alive = reduction.apply(self.alive)
+        reduction = self.run(Point("vit", layer), patches, self.alive, signals, cls_token=cls_token, sizes=self._sizes(hidden))
+        self._reduced(reduction)
         return reduction.tokens(hidden)
+
+    def _sizes(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The current sizes, prefix first (one each before any merge)."""
+        return self.sizes if self.sizes is not None else torch.ones(hidden.shape[:2], device=hidden.device)
+
+    def merge_entry(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Pre-hook of block ``layer``'s MLP norm: run the method at ``Point("vit_mlp", layer)``
+        on the residual stream after attention; the MLP branch gets the reduced tokens."""
+        tower = self.adapter.tower
+        sizes = self._sizes(hidden)
+        patches, signals = self._signals(hidden, layer, sizes=lambda: sizes[:, tower.prefix :])
+        cls_token = hidden[:, 0] if tower.has_cls else None
+        reduction = self.run(Point("vit_mlp", layer), patches, self.alive, signals, cls_token=cls_token, sizes=sizes)
+        reduced = reduction.tokens(hidden)
+        self.pending[layer] = [reduction, reduced, None]
+        return reduced
+
+    def merge_exit(self, layer: int, branch: torch.Tensor) -> torch.Tensor:
+        """Forward hook of the MLP branch's last module: keep its output on the reduced tokens and
+        hand the block every token back (a merged token's output copied to each token in it), so
+        the block's own residual add runs; :meth:`merge_done` replaces the block's result."""
+        pending = self.pending[layer]
+        pending[2] = branch
+        return pending[0].restore(branch, fill="copy")
+
+    def merge_done(self, layer: int, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook of block ``layer``: its output is the reduced residual stream plus the MLP
+        branch's output on it (ToMe's ``x = x + mlp(norm2(x))`` after the merge)."""
+        reduction, reduced, branch = self.pending.pop(layer)
+        self._reduced(reduction)
+        if layer in self.release:
+            self.capture.qkv.pop(layer, None)
+        return reduced + branch
+
+    def bias_hook(self, spec: tuple[str, int, str]):
+        """A forward pre-hook for every block: pass the attention bias (``log(sizes)``, once a
+        merge happened) as the block's additive attention mask (``spec``: the anatomy row's
+        ``attention_bias``)."""
+        name, position, layout = spec
+        tower = self.adapter.tower
+
+        def hook(module, args, kwargs):
+            if self.key_bias is None:
+                return None
+            if read_arg(args, kwargs, name, position) is not None:
+                raise NotImplementedError("proportional attention with an attention mask of the caller is not supported")
+            hidden = args[0] if args else next(iter(kwargs.values()))
+            mask = tower.bias_mask(self.key_bias, layout, hidden.dtype)
+            return write_arg(args, kwargs, name, mask, position)
+
+        return hook

@@ -606,7 +606,7 @@ class ViTCase(AdapterCase):
     has_generate = False
     #: the boundary methods the ViT adapter serves: the four of issue 13's acceptance test, and
     #: HiPrune, HoloV and FoPru, which read the tower facts ViTInfo gives (has_cls, encoder_layers)
-    served = frozenset({"divprune", "uniform", "random", "visionzip", "hiprune", "holov", "fopru"})
+    served = frozenset({"divprune", "uniform", "random", "visionzip", "hiprune", "holov", "fopru", "tome"})
 
     def build(self):
         from transformers import ViTConfig, ViTForImageClassification
@@ -629,7 +629,8 @@ class ViTCase(AdapterCase):
             return model.vit(**inputs).last_hidden_state
 
     def visual_counts(self, handle):
-        return [out for p in handle.stats["points"] for out in p["out"]]
+        # no point ran (ToMe with r=0): every patch reached the end
+        return [out for p in handle.stats["points"] for out in p["out"]] or self.full_counts
 
     def assert_unpatched(self, model):
         assert not hasattr(model, "_vlmprune_handle")
@@ -643,7 +644,7 @@ class ViTCase(AdapterCase):
         if oracle == "cache":
             return "a ViT classifier has no generate() and no KV cache"
         if EXPECT[row].method not in self.served:
-            return "the ViT skeleton serves the boundary methods (DivPrune, uniform, random, VisionZip, HiPrune, HoloV, FoPru); the rest is the ViT family's issue"
+            return "on plain ViTs: the boundary methods (DivPrune, uniform, random, VisionZip, HiPrune, HoloV, FoPru) and ToMe; the README lists why the others cannot run there"
         return None
 
     def manual(self, model, inputs, handle, seen, pruned):
@@ -853,8 +854,11 @@ NEXT = NextCase()
 QWEN = [QwenCase("2"), QwenCase("2.5")]
 VIT = ViTCase()
 TOWERS = [TimmCase("token"), TimmCase("avg"), OpenClipCase(), HFTowerCase("clip"), HFTowerCase("siglip"), HFTowerCase("dinov2")]
+from tests.cases_vim import VimCase  # noqa: E402  (a vision Mamba; it subclasses AdapterCase above)
+
+VIM = VimCase()
 #: every case the kit runs
-CASES: list[AdapterCase] = [*LLAVA, NEXT, *QWEN, VIT, *TOWERS]
+CASES: list[AdapterCase] = [*LLAVA, NEXT, *QWEN, VIT, *TOWERS, VIM]
 
 
 # -- the expectation table -------------------------------------------------------------------------
@@ -895,6 +899,19 @@ def random_atp_heads() -> ThresholdHeads:
             for p in mlp.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return heads.eval()
+
+
+def tome_options(case: AdapterCase, oracle: str) -> dict:
+    """ToMe's row: r=0 for keep-all, else 2 per block; proportional attention where the blocks take
+    an attention mask (transformers 5.17's ``Dinov2Layer`` takes none: ``prop_attn=False`` there)."""
+    from vlmprune.adapters.vit import ViTAdapter
+
+    options = {"r": 0 if oracle == "keep_all" else 2}
+    try:
+        ViTAdapter(case.model()).tower.attention_bias()
+    except ValueError:
+        options["prop_attn"] = False
+    return options
 
 
 RNG = "draws from one generator per forward: batch and single runs differ by design"
@@ -946,6 +963,13 @@ EXPECT: dict[str, Expect] = {
     "holov": Expect("holov"),
     "prumerge_plus": Expect("prumerge_plus", identity_at_full_budget=MERGES, skip={("manual", "next"): NEXT_MERGE}),
     "random": Expect("random", batch_independent=RNG),
+    "tome": Expect(
+        "tome", options=lambda case, oracle: tome_options(case, oracle),
+        manual="merges inside every block: the official algorithm rebuilt by hand in tests/test_tome.py",
+        skip={("*", fam): "merges between attention and MLP of a plain ViT's blocks; the VLM adapters offer no such stage"
+              for fam in ("llava", "next", "qwen")},
+    ),
+    "top_vim": Expect("top_vim", skip={("*", fam): "ToP-ViM prunes between the blocks of a vision Mamba (its backward-scan score); a VLM has none" for fam in ("llava", "next", "qwen")}),
     "todre": Expect("todre", identity_at_full_budget="stage 2 halves the tokens inside the LLM at any budget", skip={("manual", "next"): NEXT_MULTI}),
     "transprune": Expect("transprune", skip={("manual", "next"): NEXT_MULTI}),  # TTV softmax per sample (official: over the batch)
     "uniform": Expect("uniform"),

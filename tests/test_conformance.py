@@ -35,6 +35,8 @@ def wrap(case, row: str, oracle: str, budget):
     without one must be refused with a clear error (then the test skips)."""
     spec, model = EXPECT[row], case.model()
     options = case.options(row, oracle)
+    if not vlmprune.get_method(spec.method).uses_budget:
+        budget = None  # the row's options set the amount (ToMe's r)
     if vlmprune.get_method(spec.method).requires_cls and not case.has_cls:
         with pytest.raises(ValueError, match="needs a CLS token"):
             vlmprune.wrap(model, spec.method, budget=budget, **options)

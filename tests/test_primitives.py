@@ -160,14 +160,33 @@ def test_allocate_budget_proportional_oracle():
 
 def test_tome_mass_conservation_and_length():
     x = torch.randn(2, 11, 4)
-    merge, provenance = bipartite_soft_matching(x, r=4, protect_first=True)
+    merge, provenance, keep = bipartite_soft_matching(x, r=4, protect_first=True)
     out, size = merge(x)
-    assert out.shape == (2, 7, 4)
+    assert out.shape == (2, 7, 4) and keep.shape == (2, 7)
     torch.testing.assert_close((out * size[..., None]).sum(1), x.sum(1), atol=1e-5, rtol=1e-5)
     assert bool((size.sum(-1) == 11).all())
     assert bool((provenance[:, 0] == 0).all())  # CLS is never a source: it keeps its own slot
-    same, _ = bipartite_soft_matching(x, r=0)
-    torch.testing.assert_close(same(x)[0], torch.cat([x[:, 0::2], x[:, 1::2]], 1))
+    # each output slot is the group of the token keep names: that token is in its own group
+    assert torch.equal(provenance.gather(1, keep), torch.arange(7).expand(2, -1))
+    same, ident, kept = bipartite_soft_matching(x, r=0)
+    assert same(x)[0] is x and torch.equal(kept, torch.arange(11).expand(2, -1)) and torch.equal(ident, kept)
+
+
+def test_tome_split_follows_the_offset_and_unmerged_order_is_optional():
+    """Planted: with one prefix token before them (offset 1), tokens 1, 3, 5 are set A and 0, 2,
+    4, 6 set B; token 3 copies token 2 (score 1), 5 is 0.9 from 4, 1 is 0.866 from 6, so r=1
+    merges 3 into 2; the unmerged A tokens keep sequence order (1, 5), or descending best score
+    (5, 1) without sorting; the merge is size-weighted."""
+    metric = torch.tensor([[[1.0, 0, 0, 0], [0.5, 0, 0, 0.866], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
+                            [0, 0, 0.9, 0.436], [0, 0, 0, 1]]])
+    merge, provenance, keep = bipartite_soft_matching(metric, r=1, offset=1)
+    assert keep.tolist() == [[1, 5, 0, 2, 4, 6]] and provenance.tolist() == [[2, 0, 3, 3, 4, 1, 5]]
+    _, _, unsorted = bipartite_soft_matching(metric, r=1, offset=1, sort_unmerged=False)
+    assert unsorted.tolist() == [[5, 1, 0, 2, 4, 6]]
+    x = torch.arange(21.0).view(1, 7, 3)
+    out, size = merge(x, torch.tensor([[1.0, 1, 3, 1, 1, 1, 1]]))
+    torch.testing.assert_close(out[0, 3], (3 * x[0, 2] + x[0, 3]) / 4)
+    assert size.tolist() == [[1.0, 1.0, 1.0, 4.0, 1.0, 1.0]]
 
 
 def test_contextual_identity_when_every_token_is_a_target():

@@ -63,12 +63,13 @@ def hooks(model) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
-def test_info_is_a_plain_model_info_with_one_vit_stage():
+def test_info_is_a_plain_model_info_with_a_vit_stage_and_a_mid_block_stage():
     adapter = ViTAdapter(model_for("eager"))
     info = adapter.info()
     assert isinstance(info, ModelInfo) and not isinstance(info, VLMInfo)
-    spec = info.stages["vit"]
-    assert (info.family, list(info.stages), spec.role, spec.layers, spec.prefix) == ("vit", ["vit"], "inside", range(1, 4), 1)
+    spec, mid = info.stages["vit"], info.stages["vit_mlp"]
+    assert (info.family, list(info.stages), spec.role, spec.layers, spec.prefix) == ("vit", ["vit", "vit_mlp"], "inside", range(1, 4), 1)
+    assert (mid.role, mid.layers, mid.prefix, "sizes" in mid.signals) == ("inside", range(0, 3), 1, True)
     assert (info.default_points, info.grid, info.n_tokens) == ({"boundary": Point("vit", DEPTH)}, (4, 4), N)
     assert adapter.info(1).default_points == {"boundary": Point("vit", 1)} and adapter.info(1).feature_layer == 0
     assert set(spec.signals) == {"hidden", "projected", "cls_attention", "encoder_qkv", "encoder_attention"}
@@ -151,7 +152,7 @@ def test_visionzip_reads_the_cls_attention_of_the_block_before_its_point():
 def test_methods_without_a_boundary_and_bad_points_are_refused():
     model = model_for("eager")
     before = hooks(model)
-    with pytest.raises(ValueError, match=r"method 'fastv' acts at stage\(s\) \['llm'\].*it offers \['vit'\]"):
+    with pytest.raises(ValueError, match=r"method 'fastv' acts at stage\(s\) \['llm'\].*it offers \['vit', 'vit_mlp'\]"):
         vlmprune.wrap(model, "fastv", budget=4)
     with pytest.raises(ValueError, match=r"parameter 'boundary_layer' must be an int in \[1, 3\] or None, got 0"):
         vlmprune.wrap(model, "divprune", budget=4, boundary_layer=0)

@@ -27,6 +27,9 @@ SIGNALS = frozenset(
         "text_embedding",  # the LLM input embeddings of the prompt's text tokens
         "pixels",  # each current token's pixel patch, as fed to the vision tower
         "sublayer_io",  # inputs and outputs of an LLM layer's attention and MLP sub-layers (prefill)
+        "sizes",  # how many original tokens each current token stands for after earlier merges (ToMe)
+        "mixer_backward",  # a vision Mamba block's backward-branch gated SSM output (flipped order; ToP-ViM)
+        "cls_position",  # each row's class-token index in the current sequence (a mid-sequence CLS: Vim)
     }
 )
 
@@ -104,6 +107,14 @@ class Method:
     #: ``max(1, round(n * f))`` (the default), or ``"floor"``, ``max(1, int(n * f))``, as the
     #: method's official code does it (``wrap()`` hands it to the :class:`~vlmprune.budget.Budget`)
     fraction_rounding: ClassVar[str] = "round"
+    #: whether ``wrap(budget=...)`` sets how many tokens the method keeps; False for a method whose
+    #: own options set it (ToMe's ``r``): ``wrap()`` then refuses a budget and hands the method
+    #: every token as its budget
+    uses_budget: ClassVar[bool] = True
+    #: whether the adapter adds ``log(size)`` of each token to the attention logits of the blocks
+    #: after a merge (ToMe's proportional attention; sizes: :attr:`Reduction.sizes`); an instance
+    #: may set it from an option
+    proportional_attention: ClassVar[bool] = False
 
     seed: int = option(0, "seed of the random generator handed to select() (determinism under a seed)")
 

@@ -48,6 +48,7 @@ def methods(filter: str = "*", stage: str | None = None) -> list[dict[str, Any]]
                 "training_free": cls.training_free,
                 "requires_cls": cls.requires_cls,
                 "accepts_weights": cls.accepts_weights,
+                "uses_budget": cls.uses_budget,
                 "positions": cls.positions if isinstance(cls.positions, str) else "per instance",
                 "llm_positions": cls.llm_positions,
                 "paper": dict(cls.paper),

@@ -107,7 +107,8 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     ``budget``: an int (visual tokens kept per image), a float in (0, 1] (fraction kept)
     or a schedule dict (see :class:`vlmprune.budget.Budget`) whose keys must name points the
     method acts at, or a function ``step ->`` one of those (``ctx.step``, see :class:`Handle`;
-    its value at step 0 is checked here, each step's again when that forward runs).
+    its value at step 0 is checked here, each step's again when that forward runs); left out
+    for a method whose options set its amount (``uses_budget`` False: ToMe's ``r``).
     Checked here on every tower: type, sign, NaN/inf, fraction range, and ints
     against the tokens per image; where the count comes from ``pixel_values``, against the most
     the config allows (a DINOv2 tower: ``(image_size / patch_size)**2`` of the vision config,
@@ -150,6 +151,13 @@ def wrap(model: nn.Module, method: str | Method = "fastv", budget=None, weights=
     adapter.given = adapter_options
     info = adapter.info()
     instance.check(info)
+    if not instance.uses_budget:
+        if budget is not None:
+            raise TypeError(
+                f"parameter 'budget' does not apply to method {instance.name!r}: its options "
+                f"({', '.join(instance.options())}) set how many tokens it removes; leave budget out"
+            )
+        budget = 1.0
     parsed = Budget.parse(budget, rounding=instance.fraction_rounding)
     points = instance.points(info)
     if info.n_tokens is not None:

@@ -75,37 +75,53 @@ def similarity_merge(
 
 
 def bipartite_soft_matching(
-    metric: torch.Tensor, r: int, protect_first: bool = False
-) -> tuple[Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """ToMe's bipartite soft matching (arXiv 2210.09461).
+    metric: torch.Tensor, r: int, protect_first: bool = False, offset: int = 0, sort_unmerged: bool = True
+) -> tuple[Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite soft matching (arXiv 2210.09461; facebookresearch/ToMe ``tome/merge.py``).
 
-    Tokens alternate into sets A (even) and B (odd); each A token's best B match by
-    cosine of ``metric`` is found; the ``r`` best-matched A tokens are merged into
-    their B partners. ``protect_first`` keeps token 0 (a CLS token) out of A's
-    sources. Returns ``(merge, provenance)``: ``merge(x, size)`` gives the
-    size-weighted merged tokens ``[B, N - r, C]`` and their sizes; ``provenance``
-    ([B, N]) maps every input token to its output slot. Output order is
-    ``[unmerged A (by index), all B]``.
+    Tokens alternate into sets A and B by their place in the whole sequence: token ``p`` of
+    ``metric [B, n, C]`` is in A when ``offset + p`` is even (``offset``: tokens before these in
+    the sequence, such as a prefix kept outside them, so the split is the official code's over
+    the full sequence). Each A token's best B match by cosine of ``metric`` is found; the ``r``
+    best-matched A tokens (stable descending sort of the best scores) are merged into their B
+    partners; ``r`` is capped at ``(n - protect_first) // 2`` and ``r <= 0`` changes nothing.
+    ``protect_first``: token 0 (a CLS token inside ``metric``, offset 0) is never a source.
+    ``sort_unmerged``: the unmerged A tokens in sequence order (the official code sorts them
+    when the model has a class token; otherwise they stay in descending order of best score).
+
+    Returns ``(merge, provenance, keep)``: ``keep [B, n - r]``, the input token each output slot
+    comes from (``[unmerged A, all B]``; a B slot stands for its group); ``provenance [B, n]``,
+    each input token's output slot; ``merge(x, size)``, the size-weighted means ``[B, n - r, C]``
+    of ``x``'s groups and their summed sizes (``size`` None: one each).
     """
     b, n, _ = metric.shape
     r = min(r, (n - int(protect_first)) // 2)
+    device = metric.device
+    if r <= 0:
+        identity = torch.arange(n, device=device).expand(b, -1)
+
+        def unchanged(x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            return x, torch.ones(x.shape[:2], device=x.device) if size is None else size.float()
+
+        return unchanged, identity, identity
     m = F.normalize(metric.float(), dim=-1)
-    a_idx = torch.arange(0, n, 2, device=metric.device)
-    b_idx = torch.arange(1, n, 2, device=metric.device)
+    a_idx = torch.arange(offset % 2, n, 2, device=device)
+    b_idx = torch.arange(1 - offset % 2, n, 2, device=device)
     scores = m[:, a_idx] @ m[:, b_idx].transpose(-1, -2)
     if protect_first:
         scores[:, 0, :] = float("-inf")
     best, match = scores.max(dim=-1)
     order = torch.sort(best, dim=-1, descending=True, stable=True).indices
     src = order[:, :r]
-    unm = torch.sort(order[:, r:], dim=-1).values
+    unm = torch.sort(order[:, r:], dim=-1).values if sort_unmerged else order[:, r:]
     dst = match.gather(1, src)
     n_unm = unm.shape[1]
 
-    provenance = torch.empty(b, n, dtype=torch.long, device=metric.device)
-    provenance[:, b_idx] = n_unm + torch.arange(b_idx.numel(), device=metric.device)
-    provenance.scatter_(1, a_idx[unm], torch.arange(n_unm, device=metric.device).expand(b, -1))
+    provenance = torch.empty(b, n, dtype=torch.long, device=device)
+    provenance[:, b_idx] = n_unm + torch.arange(b_idx.numel(), device=device)
+    provenance.scatter_(1, a_idx[unm], torch.arange(n_unm, device=device).expand(b, -1))
     provenance.scatter_(1, a_idx[src], n_unm + dst)
+    keep = torch.cat([a_idx[unm], b_idx.expand(b, -1)], dim=1)
 
     def merge(x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         size = torch.ones(x.shape[0], x.shape[1], device=x.device) if size is None else size.float()
@@ -116,7 +132,7 @@ def bipartite_soft_matching(
         out_size = torch.zeros(b, n - r, device=x.device).scatter_add_(1, provenance, size)
         return (out / out_size.unsqueeze(-1)).to(x.dtype), out_size
 
-    return merge, provenance
+    return merge, provenance, keep
 
 
 def recycle_by_cell(
