@@ -4,7 +4,8 @@ removing tokens (installed as ``vlmprune.adapters``)."""
 from .base import ADAPTERS, Adapter, Plan, find_adapter, register_adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .mamba import VimAdapter
 from .qwen import QwenVLAdapter
 from .vit import ViTAdapter
 
-__all__ = ["ADAPTERS", "Adapter", "Plan", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "ViTAdapter", "find_adapter", "register_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "Plan", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "ViTAdapter", "VimAdapter", "find_adapter", "register_adapter"]

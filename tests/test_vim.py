@@ -1,0 +1,250 @@
+"""The vision-Mamba adapter (adapters/mamba.py) and ToP-ViM (vlmprune/methods/top_vim.py) on tiny
+random :class:`VimClassifier` models: the card's planted oracle (../shared/methods/top_vim.md), scan
+order, the class token at any position, batch = singles with different kept sets, unwrap, refusals.
+The conformance kit runs the Vim case too (tests/cases_vim.py)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import tests.cases  # noqa: F401  (imports tests.cases_vim in the order its case needs)
+import vlmprune
+from tests.cases_vim import run_by_hand, sequence_and_logits, tiny_vim
+from tests.truth import hook_count, record_selections
+from vlmprune.adapters.mamba import VimAdapter
+from vlmprune.context import Selection, Signals, TokenContext
+from vlmprune.embedded.vim_model import VimClassifier, VimConfig
+from vlmprune.method import Method
+from vlmprune.methods.top_vim import ToPViM
+
+torch.set_num_threads(1)
+
+
+def pixels(n: int, seed: int = 0, side: int = 16) -> torch.Tensor:
+    return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class RowKeep(Method):
+    """Test method: keep ``rows[i]`` (patch indices, as given: unsorted ones test the refusal) in
+    row ``i`` at ``mixer:layer``."""
+
+    name = "test_row_keep"
+    roles = ("inside",)
+    rows: tuple = ()
+    layer: int = 2
+
+    def points(self, info):
+        return [vlmprune.Point("mixer", self.layer)]
+
+    def select(self, ctx):
+        return Selection(keep=torch.tensor([self.rows[i] for i in ctx.images]))
+
+
+def vim_24() -> VimClassifier:
+    """Vim-S's token layout (14 x 14 = 196 patches + a middle class token, 24 blocks), tiny width."""
+    torch.manual_seed(0)
+    return VimClassifier(VimConfig(image_size=56, patch_size=4, d_model=8, depth=24, d_state=4, num_classes=3)).eval()
+
+
+# -- the card's oracle -------------------------------------------------------------------------
+def test_official_counts_and_class_token_in_the_middle():
+    """Budget 100 of 196 patches on 24 blocks: points after blocks 5, 10, 15; sequences of 157,
+    125, 101 tokens (the code's counts) with the class token at ``len // 2``, where its value at the
+    first point is bit-exact the unpruned run's class token after block 5."""
+    model = vim_24()
+    x = pixels(2, side=56)
+    seen = {}
+
+    def grab(layer):
+        return lambda m, args: seen.setdefault(layer, args[0].clone())
+
+    unpruned = model.backbone.layers[5].register_forward_pre_hook(grab("ref"))
+    with torch.no_grad():
+        model(x)
+    unpruned.remove()
+    with vlmprune.wrap(model, "top_vim", budget=100) as handle:
+        hooks = [model.backbone.layers[k].register_forward_pre_hook(grab(k)) for k in (5, 10, 15)]
+        with torch.no_grad():
+            model(x)
+        for h in hooks:
+            h.remove()
+        assert [str(p["point"]) for p in handle.stats["points"]] == ["mixer:5", "mixer:10", "mixer:15"]
+    assert [seen[k].shape[1] for k in (5, 10, 15)] == [157, 125, 101]
+    assert torch.equal(seen[5][:, 157 // 2], seen["ref"][:, 98])
+
+
+def planted_ctx(out_b: torch.Tensor, budget: int, cls_pos: int = 8) -> TokenContext:
+    """A context at ToP-ViM's first point on :func:`tiny_vim` (16 patches, points 1, 2, 3) whose
+    ``mixer_backward`` signal is ``out_b [B, 17, C]`` (flipped order)."""
+    b, length, c = out_b.shape
+    info = VimAdapter(tiny_vim()).info()
+    tokens = torch.arange(b * (length - 1) * c, dtype=torch.float).view(b, length - 1, c)
+    cls = torch.full((b,), cls_pos)
+    signals = Signals({"mixer_backward": lambda: out_b, "cls_position": lambda: cls})
+    return TokenContext(tokens=tokens, stage="mixer", layer=1, budget=budget, target=budget, grid=(4, 4),
+                        token_index=torch.arange(length - 1).expand(b, -1), signals=signals,
+                        cls_token=torch.full((b, c), -7.0), info=info, images=tuple(range(b)))
+
+
+def test_planted_score_survives_aligned_and_its_mirror_under_code_exact():
+    """Sequence position 3 planted at +1e4 in every channel of the backward output (flipped index
+    17 - 1 - 3): ToP-ViM keeps patch 3; ``code_exact`` keeps the mirror, position 13 = patch 12."""
+    out_b = torch.rand(1, 17, 4, generator=torch.Generator().manual_seed(0)) - 2
+    out_b[0, 17 - 1 - 3] = 1e4
+    ctx = planted_ctx(out_b, budget=2)
+    method = ToPViM()
+    method.check(ctx.info)
+    keep = method.select(ctx).keep[0].tolist()
+    assert 3 in keep and 12 not in keep
+    exact = ToPViM(code_exact=True)
+    exact.check(ctx.info)
+    keep = exact.select(ctx).keep[0].tolist()
+    assert 12 in keep and 3 not in keep
+
+
+def test_clip_ranks_positive_channels():
+    """Channels {+5, -100} (position 2) against {+1, +1} (position 5): unclipped sums rank 5 first,
+    clipped sums rank 2 first (budget of one patch: count rounding keeps 1 at least)."""
+    out_b = torch.full((1, 17, 2), -50.0)
+    out_b[0, 16 - 2] = torch.tensor([5.0, -100.0])
+    out_b[0, 16 - 5] = torch.tensor([1.0, 1.0])
+    ctx = planted_ctx(out_b, budget=1)
+    for clip, want in ((False, 5), (True, 2)):
+        method = ToPViM(clip=clip)
+        method.check(ctx.info)
+        assert ToPViM.count(method, ctx) == 1
+        assert method.select(ctx).keep[0].tolist() == [want]
+
+
+def test_code_exact_excludes_the_class_token_in_row_0_only():
+    """The class token's score is the highest in both rows: row 0 never keeps it (masked); row 1
+    keeps it in a patch slot (one patch fewer, its value duplicated through ``merged``), as the
+    released code does; the default never does (it is not among the tokens)."""
+    out_b = torch.rand(2, 17, 3, generator=torch.Generator().manual_seed(1))
+    out_b[:, 8] = 1e4  # the middle maps to itself under the flip
+    ctx = planted_ctx(out_b, budget=4)
+    exact = ToPViM(code_exact=True)
+    exact.check(ctx.info)
+    sel = exact.select(ctx)
+    merged = sel.merged
+    assert merged is not None and not (merged[0] == -7.0).all(-1).any()
+    assert int((merged[1] == -7.0).all(-1).sum()) == 1
+    method = ToPViM()
+    method.check(ctx.info)
+    assert method.select(ctx).merged is None
+
+
+def test_kept_indices_ascend_and_halves_are_equal():
+    """Every ToP-ViM selection ascends, keeps an even count below the full set, and the class token
+    then sits with as many kept patches before it as after it."""
+    model = tiny_vim()
+    x = pixels(3, seed=4)
+    with vlmprune.wrap(model, "top_vim", budget=5) as handle, record_selections(handle) as seen:
+        with torch.no_grad():
+            model(x)
+    for point, _, sel in seen:
+        keep = sel.keep
+        assert bool((keep[:, 1:] > keep[:, :-1]).all()) and keep.shape[1] % 2 == 0, point
+    assert handle.adapter.runtime.cls_pos.tolist() == [keep.shape[1] // 2] * 3
+
+
+@pytest.mark.parametrize("code_exact", [False, True])
+def test_manual_equivalence_and_batch(code_exact):
+    """ToP-ViM (and its code-exact form, duplicates included) equals the by-hand block loop on the
+    recorded selections; the default's batch equals its single runs."""
+    model = tiny_vim()
+    x = pixels(3, seed=2)
+    with vlmprune.wrap(model, "top_vim", budget=4, code_exact=code_exact) as handle:
+        with record_selections(handle) as seen:
+            pruned = sequence_and_logits(model, x)
+        singles = [sequence_and_logits(model, x[i : i + 1])[0] for i in range(3)]
+    prunes = {rec[0].layer: [(k, m) for k, m, _ in rec[2].per_image()] for rec in seen}
+    torch.testing.assert_close(pruned, run_by_hand(model, x, prunes, "middle"), atol=1e-5, rtol=1e-5)
+    if not code_exact:
+        for i in range(3):
+            torch.testing.assert_close(singles[i], pruned[i], atol=1e-5, rtol=1e-5)
+
+
+# -- scan order --------------------------------------------------------------------------------
+def test_scan_order_matters_and_a_permuted_keep_is_refused():
+    """The same kept patches in another order change the output (the scan reads them in
+    sequence), and the adapter refuses a keep that does not ascend rather than reorder it."""
+    model = tiny_vim()
+    x = pixels(1, seed=3)
+    keep = torch.tensor([1, 4, 6, 9, 11, 14])
+    in_order = run_by_hand(model, x, {2: [(keep, None)]}, "stay")
+    permuted = run_by_hand(model, x, {2: [(keep[[3, 0, 1, 2, 4, 5]], None)]}, "stay")
+    assert not torch.allclose(in_order, permuted, atol=1e-3)
+    with vlmprune.wrap(model, RowKeep(rows=(keep.tolist(),)), budget=6):
+        wrapped = sequence_and_logits(model, x)
+    torch.testing.assert_close(wrapped, in_order, atol=1e-5, rtol=1e-5)
+    with vlmprune.wrap(model, RowKeep(rows=(keep[[3, 0, 1, 2, 4, 5]].tolist(),)), budget=6):
+        with pytest.raises(RuntimeError, match="does not ascend at stage 'mixer'"):
+            model(x)
+
+
+# -- the class token ---------------------------------------------------------------------------
+@pytest.mark.parametrize("cls_position", [0, 5, 16])
+def test_class_token_protected_at_any_position_with_different_rows(cls_position):
+    """A class token first, inside or last; rows keeping different patches (so their class tokens
+    land at different places): each row equals the by-hand loop and its own single run, and the
+    logits read each row's class token."""
+    model = tiny_vim(cls_position=cls_position)
+    x = pixels(2, seed=5)
+    rows = ((0, 1, 2, 3, 4, 5), (10, 11, 12, 13, 14, 15))
+    keep = [(torch.tensor(r), None) for r in rows]
+    with vlmprune.wrap(model, RowKeep(rows=rows), budget=6) as handle:
+        pruned = sequence_and_logits(model, x)
+        assert handle.adapter.runtime.cls_pos.tolist() == [min(cls_position, 6), max(0, cls_position - 10)]
+    torch.testing.assert_close(pruned, run_by_hand(model, x, {2: keep}, "stay"), atol=1e-5, rtol=1e-5)
+    for i in range(2):
+        with vlmprune.wrap(model, RowKeep(rows=(rows[i],)), budget=6):
+            torch.testing.assert_close(sequence_and_logits(model, x[i : i + 1])[0], pruned[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["uniform", "random", "divprune"])
+def test_boundary_methods_at_the_default_point_and_cls_place_middle(method):
+    """Boundary methods act at ``mixer:depth // 2``; ``cls_place="middle"`` re-centres the class
+    token after ``k // 2`` kept patches (by-hand loop)."""
+    model = tiny_vim()
+    x = pixels(2, seed=6)
+    with vlmprune.wrap(model, method, budget=5, cls_place="middle") as handle, record_selections(handle) as seen:
+        pruned = sequence_and_logits(model, x)
+    ((point, _, sel),) = seen
+    assert str(point) == "mixer:2"
+    prunes = {2: [(k, m) for k, m, _ in sel.per_image()]}
+    torch.testing.assert_close(pruned, run_by_hand(model, x, prunes, "middle"), atol=1e-5, rtol=1e-5)
+
+
+# -- unwrap, copies, refusals ------------------------------------------------------------------
+def test_unwrap_exact_and_deepcopy():
+    model = tiny_vim()
+    x = pixels(2, seed=7)
+    ref = sequence_and_logits(model, x)
+    before = hook_count(model)
+    handle = vlmprune.wrap(model, "top_vim", budget=4)
+    assert "ssm" in vars(model.backbone.layers[0].mixer)
+    twin = copy.deepcopy(model)
+    handle.unwrap()
+    assert hook_count(model) == before and all("ssm" not in vars(b.mixer) for b in model.backbone.layers)
+    assert torch.equal(sequence_and_logits(model, x), ref)
+    assert twin._vlmprune_handle is not None and sequence_and_logits(twin, x).shape[1] < ref.shape[1]
+
+
+def test_refusals_name_the_parameter():
+    model = tiny_vim()
+    with pytest.raises(ValueError, match="parameter 'boundary_layer' must be an int in \\[1, 4\\]"):
+        vlmprune.wrap(model, "uniform", budget=4, boundary_layer=9)
+    with pytest.raises(ValueError, match="parameter 'cls_place' must be one of \\['stay', 'middle'\\]"):
+        vlmprune.wrap(model, "uniform", budget=4, cls_place="left")
+    with pytest.raises(ValueError, match="option 'keep_ratio' of method 'top_vim' must be in \\(0, 1\\]"):
+        ToPViM(keep_ratio=1.5)
+    with pytest.raises(ValueError, match="method 'top_vim' acts at stage"):
+        vlmprune.wrap(tests.cases.VIT.model(), "top_vim", budget=4)
+    with pytest.raises(ValueError, match="method 'visionzip' needs signal\\(s\\) \\['cls_attention', 'encoder_qkv'\\], which the vim adapter cannot provide"):
+        vlmprune.wrap(model, "visionzip", budget=4)
