@@ -162,7 +162,7 @@ def test_methods_without_a_boundary_and_bad_points_are_refused():
     # refused before any hook is installed, so the next wrap works
     for layer in (None, 2):
         with pytest.raises(ValueError, match=rf"method 'prumerge_plus' reads the attention of block\(s\) \[{layer or 3}\], "
-                           rf"which have not run at its point vit:{layer or 3} \(blocks 0..{(layer or 3) - 1} have\)"):
+                           rf"which have not run at its last point vit:{layer or 3} \(blocks 0..{(layer or 3) - 1} have\)"):
             vlmprune.wrap(model, "prumerge_plus", budget=0.5, boundary_layer=layer)
     assert hooks(model) == before and not hasattr(model, "_vlmprune_handle")
     with vlmprune.wrap(model, "divprune", budget=4):
