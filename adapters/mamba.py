@@ -16,6 +16,15 @@ Methods acting at the boundary role (uniform, random, DivPrune) act at ``Point("
 the adapter option ``boundary_layer`` (default ``depth // 2``: half the blocks run on the kept
 tokens; after the last block nothing reads the patches, so pruning there would change no logit).
 
+Adapter option ``alignment`` (ToP-ViM's "pruning-aware hidden state alignment" is in no released
+code; these are readings of it [unverified]): ``"none"`` (default, the released code) or
+``"gap_decay"``: each scan after a point discretises the step into a kept token as
+``exp(g * dt * A)`` instead of ``exp(dt * A)``, ``g`` the distance between it and the token before it
+in the scan in the original sequence (1 where nothing was removed between them), so the state
+decays over the removed stretch as if input-free tokens with that ``dt`` had been scanned there
+(:func:`gap_selective_scan`; the class token counts at its original position). ``"state_carry"``
+(removed tokens scanned as input-free transitions with their own ``dt``) is not offered.
+
 Signals at a point ``l``: ``hidden`` and ``projected`` (the patches; no projector), ``cls_position``
 (``[B]``, each row's class-token index in the current sequence) and ``mixer_backward``: block
 ``l - 1``'s backward-branch gated output ``y_b * SiLU(z_b)`` (``[B, L, d_inner]`` over the whole
@@ -43,12 +52,19 @@ SIGNALS = ("hidden", "projected", "cls_position", "mixer_backward")
 #: ``ctx.tokens``), so methods that need one are refused for the signals they lack, not for its absence
 STAGE = StageSpec("mixer", "inside", signals=frozenset(SIGNALS), ordered=True, cls=True)
 CLS_PLACES = ("stay", "middle")
+ALIGNMENTS = ("none", "gap_decay", "state_carry")
 
 OPTIONS = {
     "boundary_layer": AdapterOption(
         choices=(),
         doc="the layer L (an int, 1..depth) of the boundary point Point('mixer', L) where boundary methods act; "
         "None: depth // 2",
+    ),
+    "alignment": AdapterOption(
+        choices=ALIGNMENTS,
+        offered=("none", "gap_decay"),
+        doc="how the scans after a point see the removed stretches: 'none' (released code) or 'gap_decay' "
+        "(decay over each gap as over input-free tokens) [unverified readings of ToP-ViM's alignment]",
     ),
     "cls_place": AdapterOption(
         choices=CLS_PLACES,
@@ -110,10 +126,8 @@ class VimAdapter(Adapter):
         layer = values.get("boundary_layer")
         if layer is not None:
             self.boundary_layer(layer)
-        place = values.get("cls_place")
-        if place is not None and place not in CLS_PLACES:
-            raise ValueError(f"parameter 'cls_place' must be one of {list(CLS_PLACES)} or None, got {place!r}")
-        return {"boundary_layer": layer, "cls_place": place}
+        checked = super().check_options({k: v for k, v in values.items() if k != "boundary_layer"}, method, points)
+        return {**checked, "boundary_layer": layer}
 
     def install(self, plan: Plan) -> Installed:
         info = self.info(plan.adapter_options.get("boundary_layer"))
@@ -129,27 +143,45 @@ class VimAdapter(Adapter):
             target = layers[point.layer] if point.layer < self.depth else model.norm_f
             installed.hook(target.register_forward_pre_hook(rt.pre_hook(point.layer)))
         installed.hook(model.pool.register_forward_pre_hook(rt.pool))
-        if "mixer_backward" in plan.method.needs:
-            for block in sorted({p.layer - 1 for p in plan.points}):
-                mixer = layers[block].mixer
-                installed.set_attribute(mixer, "ssm", _capturing_ssm(mixer, block, rt))
+        captured = {p.layer - 1 for p in plan.points} if "mixer_backward" in plan.method.needs else set()
+        aligned = set(range(min(p.layer for p in plan.points), self.depth)) if rt.alignment == "gap_decay" else set()
+        for block in sorted(captured | aligned):
+            mixer = layers[block].mixer
+            installed.set_attribute(mixer, "ssm", _wrapped_ssm(mixer, block, rt, block in captured))
+            if block in aligned:
+                installed.set_attribute(mixer, "selective_scan", rt.gap_scan)
         self.runtime = rt
         return installed
 
 
-def _capturing_ssm(mixer: nn.Module, block: int, rt: VimRuntime):
-    """``mixer.ssm`` that also stores the backward branch's gated output ``y_b * SiLU(z_b)`` of
-    ``block`` in ``rt.backward`` (mambapy calls ``ssm`` once per branch; the backward one reads
-    ``x_proj_b``)."""
+def _wrapped_ssm(mixer: nn.Module, block: int, rt: VimRuntime, capture: bool):
+    """``mixer.ssm`` that tells ``rt`` which branch is scanning (``rt.branch``: mambapy calls
+    ``ssm`` once per branch; the backward one reads ``x_proj_b``) and, with ``capture``, stores the
+    backward branch's gated output ``y_b * SiLU(z_b)`` of ``block`` in ``rt.backward``."""
     original = mixer.ssm
 
     def ssm(*args, **kwargs):
+        backward = read_arg(args, kwargs, "x_proj", 3) is mixer.x_proj_b
+        rt.branch = "backward" if backward else "forward"
         y = original(*args, **kwargs)
-        if read_arg(args, kwargs, "x_proj", 3) is mixer.x_proj_b:
+        if capture and backward:
             rt.backward[block] = y * F.silu(read_arg(args, kwargs, "z", 1))
         return y
 
     return ssm
+
+
+def gap_selective_scan(x, delta, A, B, C, D, gap: torch.Tensor) -> torch.Tensor:
+    """mambapy's selective scan (``x, delta [B, L, ED]``, ``A [ED, N]``, ``B, C [B, L, N]``,
+    ``D [ED]``) with the step into token ``t`` decaying the state by ``exp(gap[:, t] * delta * A)``
+    (``gap [B, L]``; all ones: the plain scan): the state reaching ``t`` is the one a scan would
+    reach after ``gap - 1`` input-free tokens with ``t``'s ``delta`` before ``t``."""
+    from mambapy.pscan import pscan
+
+    decay = torch.exp(gap[..., None, None] * delta.unsqueeze(-1) * A)
+    inputs = delta.unsqueeze(-1) * B.unsqueeze(2) * x.unsqueeze(-1)
+    hs = pscan(decay, inputs)
+    return (hs @ C.unsqueeze(-1)).squeeze(3) + D * x
 
 
 class VimRuntime(Runtime):
@@ -160,9 +192,23 @@ class VimRuntime(Runtime):
         super().__init__(plan, info)
         self.adapter = adapter
         self.place = place
+        self.alignment = plan.adapter_options.get("alignment") or "none"
         self.alive: torch.Tensor | None = None  # [B, n]
         self.cls_pos: torch.Tensor | None = None  # [B]
+        self.origin: torch.Tensor | None = None  # [B, n + 1]: each token's position in the input sequence
         self.backward: dict[int, torch.Tensor] = {}
+        self.branch = "forward"
+
+    def gaps(self) -> torch.Tensor:
+        """``[B, L]``: each token's distance in the input sequence from the token before it in the
+        current branch's scan order (1 for the first)."""
+        origin = self.origin if self.branch == "forward" else self.origin.flip(1)
+        steps = (origin[:, 1:] - origin[:, :-1]).abs().clamp(min=1)
+        return torch.cat([torch.ones_like(origin[:, :1]), steps], 1).float()
+
+    def gap_scan(self, x, delta, A, B, C, D):
+        """``mixer.selective_scan`` under ``alignment="gap_decay"`` (:func:`gap_selective_scan`)."""
+        return gap_selective_scan(x, delta, A, B, C, D, self.gaps().to(x.device))
 
     def start(self, module, args) -> None:
         """Pre-hook of the patch embedding: a new forward on these pixels' grid."""
@@ -174,6 +220,7 @@ class VimRuntime(Runtime):
         self.backward = {}
         self.alive = torch.arange(n, device=pixels.device).expand(pixels.shape[0], -1)
         self.cls_pos = torch.full((pixels.shape[0],), self.adapter.model.cls_index, dtype=torch.long, device=pixels.device)
+        self.origin = torch.arange(n + 1, device=pixels.device).expand(pixels.shape[0], -1)
 
     def pre_hook(self, layer: int):
         def hook(module, args):
@@ -192,6 +239,7 @@ class VimRuntime(Runtime):
         positions = torch.arange(length, device=x.device).expand(b, -1)
         patch_pos = positions[positions != self.cls_pos[:, None]].view(b, length - 1)
         patches = x.gather(1, patch_pos[..., None].expand(-1, -1, x.shape[-1]))
+        origin = self.origin.gather(1, patch_pos)
         cls_pos = self.cls_pos
         signals = Signals(
             {
@@ -217,6 +265,10 @@ class VimRuntime(Runtime):
         out = x.new_empty(b, k + 1, x.shape[-1])
         out.scatter_(1, slots[..., None].expand(-1, -1, x.shape[-1]), kept)
         out[rows, new_cls] = x[rows, cls_pos]
+        new_origin = self.origin.new_empty(b, k + 1)
+        new_origin.scatter_(1, slots, reduction.apply(origin))
+        new_origin[rows, new_cls] = self.origin[rows, cls_pos]
+        self.origin = new_origin
         self.alive = reduction.apply(self.alive)
         self.cls_pos = new_cls
         return out

@@ -248,3 +248,50 @@ def test_refusals_name_the_parameter():
         vlmprune.wrap(tests.cases.VIT.model(), "top_vim", budget=4)
     with pytest.raises(ValueError, match="method 'visionzip' needs signal\\(s\\) \\['cls_attention', 'encoder_qkv'\\], which the vim adapter cannot provide"):
         vlmprune.wrap(model, "visionzip", budget=4)
+
+
+# -- alignment="gap_decay" [unverified reading of ToP-ViM's alignment] --------------------------
+def test_gap_scan_equals_a_scan_over_input_free_tokens():
+    """The gap scan over kept tokens equals mambapy's sequential scan over the sequence with
+    ``gap - 1`` input-free tokens (x = 0, the next kept token's dt) put back before each kept token,
+    read at the kept tokens."""
+    from mambapy.vim import MambaConfig, VMambaBlock
+
+    from vlmprune.adapters.mamba import gap_selective_scan
+
+    torch.manual_seed(0)
+    block = VMambaBlock(MambaConfig(d_model=4, n_layers=1, d_state=3))
+    g = torch.Generator().manual_seed(1)
+    x, delta = torch.randn(2, 5, 8, generator=g), torch.rand(2, 5, 8, generator=g)
+    A, D = -torch.rand(8, 3, generator=g), torch.randn(8, generator=g)
+    B, C = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
+    gap = torch.tensor([[1.0, 3, 1, 2, 1], [1, 1, 4, 1, 2]])
+    got = gap_selective_scan(x, delta, A, B, C, D, gap)
+    for row in range(2):
+        idx = torch.repeat_interleave(torch.arange(5), gap[row].long())  # each kept token repeated gap times
+        real = torch.cumsum(gap[row].long(), 0) - 1  # where the kept tokens sit in the long sequence
+        xs = torch.zeros(1, len(idx), 8)
+        xs[0, real] = x[row]
+        ref = block.selective_scan_seq(xs, delta[row : row + 1, idx], A, B[row : row + 1, idx], C[row : row + 1, idx], D)
+        torch.testing.assert_close(got[row], ref[0, real], atol=1e-5, rtol=1e-5)
+
+
+def test_gap_decay_tracks_original_positions():
+    """Keep-all under gap_decay is the unwrapped model; pruned, each token's input position is
+    tracked (class token included) and the output differs from the released code's ('none');
+    'state_carry' is refused naming what the adapter offers."""
+    model = tiny_vim()
+    x = pixels(2, seed=8)
+    ref = sequence_and_logits(model, x)
+    with vlmprune.wrap(model, "uniform", budget=16, alignment="gap_decay"):
+        torch.testing.assert_close(sequence_and_logits(model, x), ref, atol=1e-6, rtol=0)
+    rows = ((0, 1, 2, 3, 4, 5), (10, 11, 12, 13, 14, 15))
+    with vlmprune.wrap(model, RowKeep(rows=rows, layer=1), budget=6, alignment="gap_decay") as handle:
+        aligned = sequence_and_logits(model, x)
+        assert handle.adapter.runtime.origin.tolist() == [[0, 1, 2, 3, 4, 5, 8], [8, 11, 12, 13, 14, 15, 16]]
+    with vlmprune.wrap(model, RowKeep(rows=rows, layer=1), budget=6):
+        plain = sequence_and_logits(model, x)
+    assert aligned.shape == plain.shape and not torch.allclose(aligned, plain, atol=1e-4)
+    assert all("selective_scan" not in vars(b.mixer) for b in model.backbone.layers)
+    with pytest.raises(ValueError, match="parameter 'alignment': the vim adapter offers \\['none', 'gap_decay'\\], not 'state_carry'"):
+        vlmprune.wrap(model, "uniform", budget=4, alignment="state_carry")

@@ -7,7 +7,10 @@ patches + a middle class token) learns the image's colour x shape (24 classes,
 :func:`~vlmprune.embedded.vim_model.label_of`) on the train split of
 :func:`vlmprune.embedded.vit.cls_data`; AdamW, cosine learning rate, batch 64. Every epoch is
 checkpointed under ``<cache>/embedded-vim/`` (model, optimiser, generator states) and a rerun of
-the same command resumes from the last one. Training stops after ``--epochs`` or once the test
+the same command resumes from the last one. ``--distil W`` adds W times a dense distillation loss:
+a training-only linear map of the Vim's final patch tokens regresses the embedded ViT-S/14's
+final-norm patch tokens (``vlmprune.embedded.vit_training``'s feature cache, 16 x 16 averaged to
+8 x 8, standardised per channel); the cache must have been filled by that command. Training stops after ``--epochs`` or once the test
 accuracy reaches ``--stop-at``; the weights, ``config.json``, ``training.json`` (figures, command,
 time) and ``README.md`` go to ``--out``. One thread by default (``--threads``): unpinned, torch
 spreads a small Mamba's scan over every core of a shared machine and runs far slower.
@@ -63,18 +66,50 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 128) -> dict[
     }
 
 
+def teacher_tokens(split: str, n: int | None) -> torch.Tensor:
+    """``[M, 64, 384]`` float16: the embedded ViT's final-norm patch tokens of ``split`` (the cached
+    16 x 16 grid averaged over 2 x 2 cells), standardised per channel with the split's statistics."""
+    from .vit_training import open_caches
+    from .model import cache_root as root
+
+    cache = open_caches(root() / "embedded-vit-features", (5, 7, 11))[split]
+    if not cache.done.all():
+        raise RuntimeError(f"the embedded ViT feature cache of {split!r} is incomplete: run python -m vlmprune.embedded.vit_training first")
+    rows = list(range(len(cache.ids) if n is None else n))
+    out = []
+    for i in range(0, len(rows), 256):
+        t = cache.tokens(11, rows[i : i + 256])[:, 1:]  # [b, 256, 384]
+        g = t.view(-1, 16, 16, t.shape[-1]).permute(0, 3, 1, 2)
+        out.append(F.avg_pool2d(g, 2).flatten(2).transpose(1, 2))  # [b, 64, 384]
+    t = torch.cat(out)
+    mean, std = t.mean((0, 1)), t.std((0, 1)).clamp(min=1e-3)
+    return ((t - mean) / std).half()
+
+
+def final_patches(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, the final-norm patch tokens ``[B, M, D]``) of one forward of ``model``."""
+    seq = model.norm_f(model.backbone(model.embed(x)))
+    c = model.cls_index
+    return model.head(seq[:, c]), torch.cat([seq[:, :c], seq[:, c + 1 :]], 1)
+
+
 def train(args) -> dict:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
     ckpt_dir = Path(args.cache) if args.cache else cache_root() / "embedded-vim"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_dir / f"seed{args.seed}.pt"
+    ckpt = ckpt_dir / f"seed{args.seed}{f'-distil{args.distil:g}' if args.distil else ''}.pt"
     xtr, ytr = dataset("train", args.n_train)
     xte, yte = dataset("test")
     log(f"data: {len(xtr)} train, {len(xte)} test images")
     model = vim_model.VimClassifier(vim_model.VimConfig(**ARCH))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    params = list(model.parameters())
+    if args.distil:
+        teacher = teacher_tokens("train", args.n_train)
+        probe = torch.nn.Linear(ARCH["d_model"], teacher.shape[-1])  # training only, not saved with the model
+        params += list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = (len(xtr) + args.batch - 1) // args.batch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.05)
     gen = torch.Generator().manual_seed(args.seed)
@@ -82,6 +117,8 @@ def train(args) -> dict:
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
         model.load_state_dict(saved["model"])
+        if args.distil:
+            probe.load_state_dict(saved["probe"])
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
         gen.set_state(saved["gen"])
@@ -94,7 +131,11 @@ def train(args) -> dict:
         total = 0.0
         for i in range(0, len(xtr), args.batch):
             idx = order[i : i + args.batch]
-            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+            if args.distil:
+                logits, patches = final_patches(model, xtr[idx])
+                loss = F.cross_entropy(logits, ytr[idx]) + args.distil * F.mse_loss(probe(patches), teacher[idx].float())
+            else:
+                loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -105,11 +146,12 @@ def train(args) -> dict:
         state["seconds"] += time.time() - started
         state["history"].append({"epoch": state["epoch"], "loss": total / len(xtr), "test": test})
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "gen": gen.get_state(), "state": state}, ckpt)
+                    "gen": gen.get_state(), "state": state, **({"probe": probe.state_dict()} if args.distil else {})}, ckpt)
         log(f"epoch {state['epoch']}: loss {total / len(xtr):.4f} test {test} ({state['seconds'] / 60:.1f} min)")
     model.eval()
     result = {
         "seed": args.seed,
+        "distil": args.distil,
         "epochs": state["epoch"],
         "train_minutes": round(state["seconds"] / 60, 1),
         "test": accuracy(model, xte, yte),
@@ -138,6 +180,7 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--n-train", type=int, default=None, help="the first n train images (default: all)")
+    p.add_argument("--distil", type=float, default=0.0, help="weight of the dense distillation from the embedded ViT (0: none)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default=None, help="checkpoint directory (default: <cache>/embedded-vim)")
     p.add_argument("--out", default=str(vim_model.ASSETS))

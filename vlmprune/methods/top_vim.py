@@ -39,10 +39,11 @@ class ToPViM(Method):
     through its centre), and the class token is excluded in batch row 0 only; in another row it can
     win a slot and then appears twice (a kept slot holding its value, through ``Selection.merged``).
 
-    Not implemented: the paper's "pruning-aware hidden state alignment" (not in the released
-    code; readings such as a gap-scaled decay ``exp((p_j - p_{j-1}) dt A)`` or pruned positions
-    kept as input-free state transitions are reconstructions [unverified]); the fine-tuning the
-    released scripts run after inserting the pruning (this is the training-free application).
+    The paper's "pruning-aware hidden state alignment" is in no released code; the Vim adapter's
+    option ``alignment="gap_decay"`` is one reading of it [unverified]: the scans after a point
+    decay the state over each removed stretch, ``exp((p_j - p_{j-1}) dt A)`` (adapters/mamba.py);
+    default ``"none"``, the released code. Not done: the fine-tuning the released scripts run after
+    inserting the pruning (this is the training-free application).
     """
 
     name = "top_vim"

@@ -1,0 +1,51 @@
+"""``python -m vlmprune.tools.eval_vim`` on a tiny random Vim saved like the embedded one, and the
+token-blocks count its table reports; the committed embedded Vim's accuracy on a few test images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlmprune.embedded import vim_training
+from vlmprune.embedded.vim_model import ASSETS, VimClassifier, VimConfig, load_vim, save_vim
+from vlmprune.tools import eval_vim
+
+torch.set_num_threads(1)
+
+
+def test_token_blocks_counts_each_block_on_its_tokens():
+    """64 patches, 6 blocks; 32 kept from block 1 on, 16 from block 3 on: (65 + 33 * 2 + 17 * 3) / (65 * 6)."""
+    points = [{"point": "mixer:1", "out": [32, 32]}, {"point": "mixer:3", "out": [16, 16]}]
+    assert eval_vim.token_blocks(points, 64, 6) == pytest.approx((65 + 33 * 2 + 17 * 3) / (65 * 6))
+    assert eval_vim.token_blocks([], 64, 6) == 1.0
+
+
+def test_eval_rows_and_files(tmp_path):
+    """One row per run x budget (x layer for the one-point methods) after the unwrapped one, the
+    final counts as budgeted, files written; a batch below 1 is refused."""
+    torch.manual_seed(0)
+    save_vim(VimClassifier(VimConfig(d_model=8, depth=4, d_state=2)), tmp_path / "w")
+    runs = (("top_vim", "top_vim", {}), ("uniform", "uniform", {}))
+    rows = eval_vim.evaluate(images=8, batch=4, runs=runs, budgets=(16, 4), layers=(2,), log=lambda r: None, weights=tmp_path / "w")
+    assert [(r["method"], r["budget"], r["layers"], r["tokens_kept"]) for r in rows] == [
+        ("none", None, None, 64), ("top_vim", 16, [1, 2, 3], 16), ("top_vim", 4, [1, 2, 3], 4),
+        ("uniform", 16, [2], 16), ("uniform", 4, [2], 4),
+    ]
+    assert all(r["images"] == 8 and r["timed_batches"] == 1 and 0 <= r["both"] <= 1 for r in rows)
+    assert rows[3]["token_blocks"] == pytest.approx((65 * 2 + 17 * 2) / (65 * 4))
+    eval_vim.write(rows, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == rows
+    assert (tmp_path / "out" / "accuracy_vs_tokens.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        eval_vim.evaluate(batch=0)
+
+
+@pytest.mark.skipif(not (ASSETS / "config.json").exists(), reason="the embedded Vim's weights are not committed yet")
+def test_committed_embedded_vim_classifies_easyvqa():
+    """The committed weights: both labels right on at least 30 of the first 32 test images."""
+    x, y = vim_training.dataset("test", 32)
+    with torch.no_grad():
+        pred = load_vim()(x).argmax(-1)
+    assert int((pred == y).sum()) >= 30
