@@ -260,6 +260,11 @@ def check_selection(sel, ctx, method: str) -> None:
             raise RuntimeError(f"method {method!r}: merged must have one row per kept token")
         if extra is not None and not spec.extra:
             raise RuntimeError(f"method {method!r} returned extra tokens at stage {ctx.stage!r}, where none can be added")
+    if sel.exit_outputs is not None and spec.restore != "head":
+        raise RuntimeError(
+            f"method {method!r} returned exit_outputs at stage {ctx.stage!r}, where no dense head takes them "
+            "(a stage with restore='head')"
+        )
     if sel.keep_cls and not (spec.extra or spec.prefix):
         raise RuntimeError(
             f"method {method!r} asked to keep CLS at stage {ctx.stage!r}, which has no prefix token and adds none"

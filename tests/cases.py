@@ -79,6 +79,7 @@ class AdapterCase:
     full_counts: list[int] = []
     steps: int = 4
     cache_steps: int = 5
+    dense_output: bool = False  # the output has a row per input token whatever is pruned (a dense head)
 
     def build(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -629,8 +630,9 @@ class ViTCase(AdapterCase):
             return model.vit(**inputs).last_hidden_state
 
     def visual_counts(self, handle):
-        # no point ran (ToMe with r=0): every patch reached the end
-        return [out for p in handle.stats["points"] for out in p["out"]] or self.full_counts
+        """The tokens per image after the last point (no point ran, ToMe with r=0: every patch)."""
+        points = handle.stats["points"]
+        return points[-1]["out"] if points else self.full_counts
 
     def assert_unpatched(self, model):
         assert not hasattr(model, "_vlmprune_handle")
@@ -849,11 +851,99 @@ class HFTowerCase(TowerCase):
         return torch.cat([out.pooler_output, out.last_hidden_state.flatten(1)], dim=1)
 
 
+def segmenter(backbone, head):
+    """A plain-ViT segmenter the adapter serves (its ``embedded`` flavour): ``backbone`` (timm),
+    then ``head`` (a per-token :class:`vlmprune.embedded.vit.SegHead`) on the final-norm tokens,
+    logits on the token grid."""
+    from vlmprune.embedded.vit import EmbeddedViT
+
+    class Segmenter(EmbeddedViT):
+        def forward(self, pixel_values):
+            return self.head(self.backbone.forward_features(pixel_values), size=None)
+
+    return Segmenter(backbone, head).eval()
+
+
+class DenseCase(TimmCase):
+    """A segmenter with a dense head (:func:`segmenter`: a 3-block timm ViT with CLS and
+    LayerScale, a per-token linear head of 4 classes): the ``vit`` stage restores every patch
+    before the head (``restore="head"``). :meth:`forward` gives the head's logits per token.
+    :meth:`manual` replays every recorded selection image by image on the unwrapped modules:
+    kept (or merged) tokens go on through the blocks, a patch merged into a kept token takes that
+    token's final state, a patch that leaves keeps the state it left with (or the method's exit
+    output, DToP's early prediction), all patches return before the final norm and the head."""
+
+    family = "vit"
+    served = ViTCase.served | {"dtop"}
+    dense_output = True
+
+    def __init__(self):
+        self.id = "vit-dense"
+        self.has_cls = True
+        self.prefix = 1
+
+    def build(self):
+        from timm.models.vision_transformer import VisionTransformer
+
+        from vlmprune.embedded.vit import DEPTH, SegHead
+
+        torch.manual_seed(0)
+        backbone = VisionTransformer(img_size=self.SIDE, patch_size=self.PATCH, embed_dim=32, depth=self.DEPTH, num_heads=4,
+                                     mlp_ratio=2.0, num_classes=0, init_values=0.5).eval()
+        head = SegHead(DEPTH - 1, width=32)
+        head.block = self.DEPTH - 1  # the tiny backbone's last block
+        return segmenter(backbone, head)
+
+    def forward(self, model, inputs):
+        with torch.no_grad():
+            return model(inputs["pixel_values"]).flatten(1)
+
+    def options(self, row, oracle):
+        """Boundary methods act before block 2: pruned after the last block, a token would come
+        back to the head with the state it has anyway."""
+        return {**super().options(row, oracle), "boundary_layer": 2}
+
+    def manual(self, model, inputs, handle, seen, pruned):
+        bb, p, n = model.backbone, self.prefix, self.N
+        with torch.no_grad():
+            for i in range(inputs["pixel_values"].shape[0]):
+                x = self.embed(bb, inputs["pixel_values"][i : i + 1])[0]
+                owner, left, exits = torch.arange(n), torch.zeros(n, x.shape[-1]), {}
+                for layer in range(self.DEPTH + 1):
+                    for rec in seen:
+                        point, _, sel = rec
+                        if point.layer != layer or i not in rec.images:
+                            continue
+                        j = rec.images.index(i)
+                        keep = sel.keep[j]
+                        if sel.merge_map is not None:  # a token merged into a kept one follows it (ToMe's unmerge)
+                            slot = sel.merge_map[j].clone()
+                        else:
+                            slot = torch.full((x.shape[0] - p,), -1)
+                            slot[keep] = torch.arange(keep.shape[0])
+                        gone = (owner >= 0) & (slot[owner.clamp(min=0)] < 0)
+                        left[gone] = x[p:][owner[gone]]
+                        if sel.exit_outputs is not None:
+                            exits.update({int(t): sel.exit_outputs[j][owner[t]] for t in gone.nonzero()[:, 0]})
+                        owner = torch.where(owner >= 0, slot[owner.clamp(min=0)], owner)
+                        body = x[p:][keep] if sel.merged is None else sel.merged[j]
+                        x = torch.cat([x[:p], body])
+                    if layer < self.DEPTH:
+                        x = bb.blocks[layer](x[None])[0]
+                full = torch.where((owner >= 0)[:, None], x[p:][owner.clamp(min=0)], left)
+                tokens = bb.norm(torch.cat([x[:p], full])[None])
+                logits = model.head.classifier(model.head.norm(tokens[:, 1:]))[0]
+                for t, value in exits.items():
+                    logits[t] = value
+                ref = logits.T.reshape(-1, 4, 4).flatten()
+                torch.testing.assert_close(pruned[i], ref, atol=1e-5, rtol=1e-5)
+
+
 LLAVA = [LlavaCase("clip", "sdpa"), LlavaCase("clip", "eager"), LlavaCase("siglip", "sdpa"), LlavaCase("dinov2", "sdpa")]
 NEXT = NextCase()
 QWEN = [QwenCase("2"), QwenCase("2.5")]
 VIT = ViTCase()
-TOWERS = [TimmCase("token"), TimmCase("avg"), OpenClipCase(), HFTowerCase("clip"), HFTowerCase("siglip"), HFTowerCase("dinov2")]
+TOWERS = [TimmCase("token"), TimmCase("avg"), OpenClipCase(), HFTowerCase("clip"), HFTowerCase("siglip"), HFTowerCase("dinov2"), DenseCase()]
 from tests.cases_vim import VimCase  # noqa: E402  (a vision Mamba; it subclasses AdapterCase above)
 
 VIM = VimCase()
@@ -914,6 +1004,19 @@ def tome_options(case: AdapterCase, oracle: str) -> dict:
     return options
 
 
+def dtop_options(oracle: str) -> dict:
+    """DToP's row: random auxiliary heads after blocks 0 and 1, one finished token kept per
+    class, p0 = 0.3 (4 classes: counts differ per image), 1.0 for keep-all (nothing exits)."""
+    from vlmprune.methods.dtop import ExitHeads
+
+    torch.manual_seed(5)
+    heads = ExitHeads((0, 1), 32, 4).eval()
+    with torch.no_grad():
+        for param in heads.parameters():
+            param.normal_()
+    return {"weights": heads, "blocks": (0, 1), "keep_per_class": 1, "threshold": 1.0 if oracle == "keep_all" else 0.3}
+
+
 RNG = "draws from one generator per forward: batch and single runs differ by design"
 MERGES = "merges tokens by design (VisionZip and PruMerge+ also add CLS): no identity at full budget"
 NEXT_MULTI = "several points on NeXT's crops: covered by keep-all, batch and cache here"
@@ -970,6 +1073,10 @@ EXPECT: dict[str, Expect] = {
               for fam in ("llava", "next", "qwen")},
     ),
     "top_vim": Expect("top_vim", skip={("*", fam): "ToP-ViM prunes between the blocks of a vision Mamba (its backward-scan score); a VLM has none" for fam in ("llava", "next", "qwen")}),
+    "dtop": Expect(
+        "dtop", options=lambda case, oracle: dtop_options(oracle),
+        skip={("*", fam): "early exit needs a ViT with a dense head: runs on the vit-dense case" for fam in ("llava", "next", "qwen", "vim")},
+    ),
     "todre": Expect("todre", identity_at_full_budget="stage 2 halves the tokens inside the LLM at any budget", skip={("manual", "next"): NEXT_MULTI}),
     "transprune": Expect("transprune", skip={("manual", "next"): NEXT_MULTI}),  # TTV softmax per sample (official: over the batch)
     "uniform": Expect("uniform"),

@@ -150,7 +150,10 @@ def test_unwrap_restores(case, row):
     handle = wrap(case, row, "unwrap", case.unwrap_budget)
     assert hook_count(model) > before
     pruned = case.forward(model, inputs)
-    assert pruned.shape[1] < ref.shape[1]
+    if case.dense_output:  # every token comes back before a dense head: same shape, other values
+        assert pruned.shape == ref.shape and not torch.allclose(pruned, ref)
+    else:
+        assert pruned.shape[1] < ref.shape[1]
     handle.unwrap()
     assert hook_count(model) == before
     case.assert_unpatched(model)

@@ -197,7 +197,10 @@ class Selection:
     ``merged_space``: ``"tokens"`` (``merged`` lives where ``ctx.tokens`` do) or, at the
     projector stage, ``"projected"``: ``merged`` holds LLM-space values (like signal
     ``projected``) that replace the kept tokens' projections (VFlowOpt recycles projected
-    features).
+    features). ``exit_outputs``: optional ``[B, N, D]`` (or one ``[N, D]`` per image) aligned
+    with ``ctx.tokens``: for each token the selection removes, the value the model's dense head
+    gives it instead of its own output (DToP's early-exit predictions); only at stages whose spec
+    has ``restore="head"``; rows of kept tokens are ignored.
     """
 
     keep: torch.Tensor | list[torch.Tensor]
@@ -207,6 +210,7 @@ class Selection:
     scores: torch.Tensor | None = None
     merge_map: torch.Tensor | None = None
     merged_space: str = "tokens"
+    exit_outputs: torch.Tensor | list[torch.Tensor] | None = None
 
     def per_image(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
         """``(keep_i, merged_i, extra_i)`` for each image, whatever the batch layout."""
