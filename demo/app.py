@@ -51,6 +51,8 @@ from .engine import (
 from .samples import samples as bundled_samples
 from .samples import samples_dir
 from .view import draw_heatmap, draw_overlay, legend_text, placeholder
+from .vit_tab import vit_tab
+from .vit_view import LazyViT
 
 __all__ = ["build_app", "main", "result_markdown"]
 
@@ -139,10 +141,13 @@ def _supported(component, **kwargs) -> dict:
 
 
 def build_app(store: ModelStore | None = None, default_model: str = DEFAULT_MODEL, samples: list[dict] | None = None,
-              default_methods=DEFAULT_METHODS, default_budget: int = DEFAULT_BUDGET, max_slots: int = MAX_SLOTS):
+              default_methods=DEFAULT_METHODS, default_budget: int = DEFAULT_BUDGET, max_slots: int = MAX_SLOTS,
+              vit: LazyViT | None = None):
     """The Gradio Blocks app. ``store`` holds the models (a fresh :class:`ModelStore` loading
-    with :func:`vlmprune.demo.engine.load_model` by default; tests add their own model)."""
+    with :func:`vlmprune.demo.engine.load_model` by default; tests add their own model); ``vit``
+    the ViT tab's model (default: the embedded ViT-S/14, loaded on its first run)."""
     store = store or ModelStore()
+    vit = vit or LazyViT()
     samples = bundled_samples() if samples is None else samples
     from gradio.utils import get_upload_folder
 
@@ -267,77 +272,81 @@ def build_app(store: ModelStore | None = None, default_model: str = DEFAULT_MODE
 
     # -- layout ------------------------------------------------------------------------------------
     with gr.Blocks(title="vlmprune demo", analytics_enabled=False) as demo:
-        gr.Markdown(
-            "## vlmprune: which visual tokens does each method keep?\n"
-            "Pick an image and a question, one or more training-free pruning methods and a budget. "
-            "Each column shows the image as the model sees it with its patch grid (dropped patches dimmed, "
-            "kept ones outlined, merged ones tinted with the colour of the token they went into), the scores the "
-            "method ranked tokens by, and the answer with only those tokens; the first column is the unpruned model."
-        )
-        with gr.Row():
-            model_box = gr.Textbox(value=default_model, label="model", scale=5, elem_id="model",
-                                   info="'embedded' (the bundled easy-VQA LLaVA, offline) or a transformers LLaVA "
-                                        "checkpoint: hub id or local directory")
-            load_btn = gr.Button("load model", scale=1, elem_id="load")
-        with gr.Row():
-            with gr.Column(scale=2):
-                image = gr.Image(value=first["path"] if first else None, type="filepath", label="image",
-                                 sources=["upload", "clipboard"], height=260, elem_id="image")
-            with gr.Column(scale=3):
-                question = gr.Textbox(value=first["question"] if first else "", label="question", elem_id="question")
-                methods = gr.Dropdown(choices=choices, value=default_methods, multiselect=True, label="methods",
-                                      max_choices=max_slots, elem_id="methods",
-                                      info=f"up to {max_slots}, shown side by side")
-                with gr.Row():
-                    unit = gr.Radio(["tokens", "fraction"], value="tokens", label="budget as", elem_id="unit", scale=1)
-                    budget = gr.Slider(1, FALLBACK_TOKENS, value=default_budget, step=1, elem_id="budget", scale=3,
-                                       label=f"budget: visual tokens kept per image (of {FALLBACK_TOKENS})")
-                with gr.Accordion("generation", open=False):
-                    max_new = gr.Slider(1, 64, value=8, step=1, label="max new tokens")
-                run_btn = gr.Button("Run", variant="primary", elem_id="run")
-        gallery = None
-        if samples:
-            gallery = gr.Gallery(
-                value=[(s["path"], s["kind"]) for s in samples], label="samples (click one): easy-VQA test images, "
-                "easyvqa-grid mosaics, scikit-image photos", columns=len(samples), height=150, allow_preview=False,
-                object_fit="contain", elem_id="samples", interactive=False, **_supported(gr.Gallery, buttons=[]),
+        with gr.Tab("VLM: answers", elem_id="tab-vlm"):
+            gr.Markdown(
+                "## vlmprune: which visual tokens does each method keep?\n"
+                "Pick an image and a question, one or more training-free pruning methods and a budget. "
+                "Each column shows the image as the model sees it with its patch grid (dropped patches dimmed, "
+                "kept ones outlined, merged ones tinted with the colour of the token they went into), the scores the "
+                "method ranked tokens by, and the answer with only those tokens; the first column is the unpruned model."
             )
-        status = gr.Markdown(elem_id="status")
-        slots = []
-        out_kw = _supported(gr.Image, buttons=["download", "fullscreen"])
-        with gr.Row(equal_height=False):
-            with gr.Column(min_width=240, elem_id="slot-base"):
-                gr.Markdown("**all tokens (unpruned)**")
-                base_img = gr.Image(label="all patches", type="pil", format="png", interactive=False, elem_id="overlay-base", **out_kw)
-                base_md = gr.Markdown(elem_id="info-base")
-            for i in range(max_slots):
-                with gr.Column(visible=False, min_width=240, elem_id=f"slot-{i}") as col:
-                    title = gr.Markdown(elem_id=f"title-{i}")
-                    over = gr.Image(label="kept tokens", type="pil", format="png", interactive=False, elem_id=f"overlay-{i}", **out_kw)
-                    heat = gr.Image(label="scores", type="pil", format="png", interactive=False, elem_id=f"heatmap-{i}", **out_kw)
-                    info = gr.Markdown(elem_id=f"info-{i}")
-                slots += [col, title, over, heat, info]
+            with gr.Row():
+                model_box = gr.Textbox(value=default_model, label="model", scale=5, elem_id="model",
+                                       info="'embedded' (the bundled easy-VQA LLaVA, offline) or a transformers LLaVA "
+                                            "checkpoint: hub id or local directory")
+                load_btn = gr.Button("load model", scale=1, elem_id="load")
+            with gr.Row():
+                with gr.Column(scale=2):
+                    image = gr.Image(value=first["path"] if first else None, type="filepath", label="image",
+                                     sources=["upload", "clipboard"], height=260, elem_id="image")
+                with gr.Column(scale=3):
+                    question = gr.Textbox(value=first["question"] if first else "", label="question", elem_id="question")
+                    methods = gr.Dropdown(choices=choices, value=default_methods, multiselect=True, label="methods",
+                                          max_choices=max_slots, elem_id="methods",
+                                          info=f"up to {max_slots}, shown side by side")
+                    with gr.Row():
+                        unit = gr.Radio(["tokens", "fraction"], value="tokens", label="budget as", elem_id="unit", scale=1)
+                        budget = gr.Slider(1, FALLBACK_TOKENS, value=default_budget, step=1, elem_id="budget", scale=3,
+                                           label=f"budget: visual tokens kept per image (of {FALLBACK_TOKENS})")
+                    with gr.Accordion("generation", open=False):
+                        max_new = gr.Slider(1, 64, value=8, step=1, label="max new tokens")
+                    run_btn = gr.Button("Run", variant="primary", elem_id="run")
+            gallery = None
+            if samples:
+                gallery = gr.Gallery(
+                    value=[(s["path"], s["kind"]) for s in samples], label="samples (click one): easy-VQA test images, "
+                    "easyvqa-grid mosaics, scikit-image photos", columns=len(samples), height=150, allow_preview=False,
+                    object_fit="contain", elem_id="samples", interactive=False, **_supported(gr.Gallery, buttons=[]),
+                )
+            status = gr.Markdown(elem_id="status")
+            slots = []
+            out_kw = _supported(gr.Image, buttons=["download", "fullscreen"])
+            with gr.Row(equal_height=False):
+                with gr.Column(min_width=240, elem_id="slot-base"):
+                    gr.Markdown("**all tokens (unpruned)**")
+                    base_img = gr.Image(label="all patches", type="pil", format="png", interactive=False, elem_id="overlay-base", **out_kw)
+                    base_md = gr.Markdown(elem_id="info-base")
+                for i in range(max_slots):
+                    with gr.Column(visible=False, min_width=240, elem_id=f"slot-{i}") as col:
+                        title = gr.Markdown(elem_id=f"title-{i}")
+                        over = gr.Image(label="kept tokens", type="pil", format="png", interactive=False, elem_id=f"overlay-{i}", **out_kw)
+                        heat = gr.Image(label="scores", type="pil", format="png", interactive=False, elem_id=f"heatmap-{i}", **out_kw)
+                        info = gr.Markdown(elem_id=f"info-{i}")
+                    slots += [col, title, over, heat, info]
 
-        outputs = [status, base_img, base_md] + slots
-        inputs = [model_box, image, question, methods, unit, budget, max_new]
-        # one listener for every way of starting a run: within a page, runs never overlap (a new
-        # trigger during a run starts one more run afterwards, with the latest values), so the
-        # columns never mix two runs' outputs; runs of different pages share the model's lock.
-        # preprocess=False: the image arrives raw (see image_input()).
-        gr.on([run_btn.click, question.submit, budget.release], run, inputs, outputs,
-              trigger_mode="always_last", concurrency_limit=4, preprocess=False)
-        unit.change(change_unit, [model_box, unit, budget], budget, queue=False)
-        load_btn.click(load, [model_box, unit, budget], [status, budget])
-        model_box.submit(load, [model_box, unit, budget], [status, budget])
-        demo.load(load, [model_box, unit, budget], [status, budget])
-        if gallery is not None:
+            outputs = [status, base_img, base_md] + slots
+            inputs = [model_box, image, question, methods, unit, budget, max_new]
+            # one listener for every way of starting a run: within a page, runs never overlap (a new
+            # trigger during a run starts one more run afterwards, with the latest values), so the
+            # columns never mix two runs' outputs; runs of different pages share the model's lock.
+            # preprocess=False: the image arrives raw (see image_input()).
+            gr.on([run_btn.click, question.submit, budget.release], run, inputs, outputs,
+                  trigger_mode="always_last", concurrency_limit=4, preprocess=False)
+            unit.change(change_unit, [model_box, unit, budget], budget, queue=False)
+            load_btn.click(load, [model_box, unit, budget], [status, budget])
+            model_box.submit(load, [model_box, unit, budget], [status, budget])
+            demo.load(load, [model_box, unit, budget], [status, budget])
+            if gallery is not None:
 
-            def pick(evt: gr.SelectData):
-                chosen = samples[evt.index]
-                return chosen["path"], chosen["question"]
+                def pick(evt: gr.SelectData):
+                    chosen = samples[evt.index]
+                    return chosen["path"], chosen["question"]
 
-            gallery.select(pick, None, [image, question], queue=False)
+                gallery.select(pick, None, [image, question], queue=False)
+        with gr.Tab("ViT: classification / segmentation", elem_id="tab-vit"):
+            vit_tab(vit, samples, lambda payload: image_input(payload, roots))
     demo.vlmprune_store = store
+    demo.vlmprune_vit = vit
     return demo
 
 
