@@ -8,8 +8,9 @@ come closest to the boundary methods' at that budget (:func:`tome_r`); DToP (seg
 exits tokens at the official heads after blocks 5 and 7 with p0 in :data:`THRESHOLDS`. Each row
 has the metric on the first ``--images`` easy-VQA test images, the mean patch tokens after the
 last point, the GFLOPs per image from the token counts each block saw (:func:`gflops_of`; rows
-of different lengths counted unpadded), the images/s of the batches after the first (a warm-up)
-and its ratio to the unwrapped model timed right before on the same batches. The unwrapped model
+of different lengths counted unpadded), the images/s of the batches after the first (a warm-up;
+the better of that pass and one more) and its ratio to the unwrapped model's best of two passes
+on the same batches right before. The unwrapped model
 is the ``method="none"`` row. Writes ``results_<task>.csv``/``.json`` and ``<task>_vs_gflops.png``
 under ``--out``.
 """
@@ -180,10 +181,14 @@ def evaluate(task: str = "cls", images: int = 256, batch: int = 64, methods=METH
     log(base)
     for method in methods:
         for label, options in settings(task, method, budgets, thresholds):
-            reference = _speed(model, data.batches[1:]) if timed else None
+            # the better of two passes each way, right before and during the wrapped run: a burst
+            # of load from other jobs on shared cores then hits neither figure alone
+            reference = max(_speed(model, data.batches[1:]) for _ in range(2)) if timed else None
             torch.manual_seed(seed)
             with vlmprune.wrap(model, method, **options) as handle:
                 metrics, speed, flops, kept = _run(model, data, handle)
+                if timed:
+                    speed = max(speed, _speed(model, data.batches[1:]))
             row = {"task": task, "method": method, "setting": label, "tokens_kept": kept, "images": images, **metrics,
                    "gflops": sum(flops) / len(flops), "images_per_s": speed,
                    "speed_ratio": speed / reference if reference else None, "timed_batches": timed}
