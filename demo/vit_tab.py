@@ -142,7 +142,7 @@ def vit_tab(vit: LazyViT, samples: list[dict], resolve_image: Callable, max_slot
             image = gr.Image(value=first["path"] if first else None, type="filepath", label="image",
                              sources=["upload", "clipboard"], height=240, elem_id="vit-image")
         with gr.Column(scale=3):
-            task = gr.Radio(list(TASKS), value=TASKS[0], label="task", elem_id="vit-task")
+            task = gr.Radio(list(TASKS), value="segmentation", label="task", elem_id="vit-task")
             methods = gr.Dropdown(choices=list(VIT_METHODS), value=[m for m in default_methods if m in VIT_METHODS][:max_slots],
                                   multiselect=True, max_choices=max_slots, label="methods", elem_id="vit-methods",
                                   info=f"up to {max_slots}; DToP needs the segmentation task (a dense head)")
@@ -175,7 +175,7 @@ def vit_tab(vit: LazyViT, samples: list[dict], resolve_image: Callable, max_slot
         for i in range(max_slots):
             with gr.Column(visible=False, min_width=240, elem_id=f"vit-slot-{i}") as col:
                 title = gr.Markdown(elem_id=f"vit-title-{i}")
-                points = gr.Gallery(label="tokens after each point", columns=4, height=200, object_fit="contain",
+                points = gr.Gallery(label="tokens after each point (click to enlarge)", columns=3, object_fit="contain",
                                     format="png", interactive=False, elem_id=f"vit-points-{i}")
                 output = gr.Image(label="output", type="pil", format="png", interactive=False, elem_id=f"vit-output-{i}")
                 info = gr.Markdown(elem_id=f"vit-info-{i}")

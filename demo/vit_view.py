@@ -173,8 +173,8 @@ def draw_point(image: Image.Image, view: TokenView, width: int = 336) -> Image.I
 
 
 def point_caption(point: str, view: TokenView) -> str:
-    """``after vit_mlp:3: 224 tokens`` (patch tokens alive after the point)."""
-    return f"after {point}: {np.unique(view.owner[view.owner >= 0]).size} tokens"
+    """``vit_mlp:3 → 224``: the point and the patch tokens alive after it."""
+    return f"{point} → {np.unique(view.owner[view.owner >= 0]).size}"
 
 
 # ----------------------------------------------------------------------------------- outputs

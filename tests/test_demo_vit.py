@@ -246,7 +246,7 @@ def test_app_vit_tab_builds_and_runs(tiny):
     assert isinstance(final[1], Image.Image) and "pixels:" in final[2]
     tome, divprune, dtop = (final[3 + 5 * i : 8 + 5 * i] for i in range(3))
     assert len(tome[2]) == 3 and all(isinstance(im, Image.Image) for im, _ in tome[2])
-    assert tome[2][-1][1] == "after vit_mlp:2: 10 tokens" and isinstance(tome[3], Image.Image)
+    assert tome[2][-1][1] == "vit_mlp:2 → 10" and isinstance(tome[3], Image.Image)
     assert len(divprune[2]) == 1 and "tokens after the last point: **6** of 16" in divprune[4]
     assert isinstance(dtop[3], Image.Image) and "p0 = 0.3" in dtop[4]
     final = list(run(_image(), "classification", ["dtop", "random"], 6, 2, 2, 0.9))[-1]
