@@ -82,9 +82,10 @@ CLS_LABELS = {"colour": COLORS, "shape": SHAPES}
 
 @dataclass
 class Setting:
-    """A method's setting: ``budget`` (patch tokens kept, boundary methods) at ``boundary_layer``
-    (None: the model's default, :attr:`ViTDemoModel.default_boundary`), ``r`` (ToMe: tokens
-    merged per block; the official example's 8) and ``threshold`` (DToP's p0; its card's 0.9)."""
+    """A method's setting: ``budget`` (patch tokens kept by a boundary method; 64, a quarter of
+    the embedded ViT's 256) at ``boundary_layer`` (None: ``ViTDemoModel.default_boundary``, half
+    the depth: 6 on the ViT-S, the ViT benchmark's inner boundary), ``r`` (ToMe's tokens merged
+    per block; 8 as in ``wrap(model, "tome", r=8)``) and ``threshold`` (DToP's p0; its 0.9)."""
 
     budget: int | float = 64
     boundary_layer: int | None = None
