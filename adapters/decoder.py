@@ -125,6 +125,20 @@ class FirstStep:
         return keep.shape[1] - length
 
 
+@dataclass
+class InstructionStates:
+    """Signal ``instruction_states`` for one image: keys of its tokens ``[N, H_kv * D]`` and of
+    the prompt's text after it ``[T, H_kv * D]`` at a captured layer, the text tokens' hidden
+    states at the point ``[T, C]``, and both token sets' places in the prompt (from its first
+    real token)."""
+
+    image_keys: torch.Tensor
+    text_keys: torch.Tensor
+    text_hidden: torch.Tensor
+    image_places: torch.Tensor
+    text_places: torch.Tensor
+
+
 class Decoder:
     """Anatomy of a decoder-only language model (Llama, Qwen2, Mistral, Vicuna...)."""
 
@@ -503,7 +517,7 @@ class DecoderPruner:
             self.rt.n_visual = layout.totals[group[0]]
             if grids is not None:
                 self.rt.grid = grids[group[0]]
-            signals = self._llm_signals(idx, group, pos, tokens, lambda: self._project_ahead(idx, hidden, args, kwargs, ahead))
+            signals = self._llm_signals(idx, group, pos, tokens, lambda: self._project_ahead(idx, hidden, args, kwargs, ahead), hidden)
             sel = self.rt.run(point, tokens, raster, signals, group).selection
             for j, (keep, merged, _) in enumerate(sel.per_image()):  # counts may differ per image
                 row = int(layout.row[group[j]])
@@ -535,7 +549,8 @@ class DecoderPruner:
             memo.update(q=attn.q_proj(x), k=attn.k_proj(x), v=attn.v_proj(x), cos_sin=current.get("position_embeddings"), mask2d=self.state.mask2d)
         return memo
 
-    def _llm_signals(self, idx: int, group: list[int], pos: torch.Tensor, tokens: torch.Tensor, ahead: Callable[[], dict]) -> Signals:
+    def _llm_signals(self, idx: int, group: list[int], pos: torch.Tensor, tokens: torch.Tensor, ahead: Callable[[], dict],
+                     hidden: torch.Tensor) -> Signals:
         st = self.state
         layout = st.layout
         rows = layout.row[group]
@@ -615,6 +630,24 @@ class DecoderPruner:
                 out.append(tuple(t[row][:, idx] for t in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))))
             return tuple(torch.stack(t) for t in zip(*out))
 
+        def instruction_states(layer: int = cap_layer) -> list[InstructionStates]:
+            """Per image of the call: LLM layer ``layer``'s keys (after RoPE, heads concatenated)
+            of the image's current tokens and of the prompt's text tokens after the image, those
+            text tokens' hidden states at this point (the input of its layer), and every token's
+            place counted from the row's first real token (DART's pivots)."""
+            _, k, _ = qkv(layer)
+            mask2d = captured(layer).get("mask2d", st.mask2d).bool()
+            out = []
+            for j in range(len(group)):
+                row = int(rows[j])
+                after = torch.zeros_like(mask2d[row])
+                after[int(pos[j].max()) + 1 :] = True
+                text = (st.text_mask[row] & after).nonzero().flatten()
+                first = int(mask2d[row].nonzero().min())
+                keys = k[row].transpose(0, 1).flatten(1)  # [L, H_kv * D]
+                out.append(InstructionStates(keys[pos[j]], keys[text], hidden[row, text], pos[j] - first, text - first))
+            return out
+
         def sublayer_io(layer: int = cap_layer) -> SublayerIO:
             """The attention and MLP sub-layers' inputs and outputs at decoder layer ``layer``
             (captured at prefill; the method lists the layers under ``"sublayer_io"`` in
@@ -640,6 +673,8 @@ class DecoderPruner:
                 "text_attention": text_attention,
                 "llm_qkv": qkv,
                 "relay_qkv": relay_qkv,
+                "instruction_states": instruction_states,
+                "llm_norm": lambda: self.decoder.model.norm,
                 "hidden": lambda: tokens,
                 "sublayer_io": sublayer_io,
             }

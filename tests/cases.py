@@ -1042,6 +1042,8 @@ EXPECT: dict[str, Expect] = {
         "covipal", options=lambda case, oracle: {"weights": PPM(64, seed=0)},
         skip={("*", "next"): NEXT_UNTESTED, ("*", "qwen"): "not run on Qwen-VL (no Qwen path checked for it yet)"},
     ),
+    "dart": Expect("dart", identity_at_full_budget="the code's count, image pivots + pivots x (budget // pivots), can fall "
+                   "short of every token (Qwen's 48-token image with 7 pivots: 46)"),
     "divprune": Expect("divprune"),
     "fastv": Expect("fastv"),
     "feather": Expect("feather", skip={("manual", "next"): NEXT_MULTI}),

@@ -24,6 +24,8 @@ SIGNALS = frozenset(
         "text_attention",  # LLM attention rows (last / instruction tokens -> image tokens)
         "llm_qkv",  # per-head queries (post-RoPE), keys and values at an LLM layer
         "relay_qkv",  # per image: q/k/v at an LLM layer of the prompt's last token, then the image's tokens
+        "instruction_states",  # per image: LLM keys of its tokens and of the text after it, that text's hidden states
+        "llm_norm",  # the language model's final norm, as a callable
         "text_embedding",  # the LLM input embeddings of the prompt's text tokens
         "pixels",  # each current token's pixel patch, as fed to the vision tower
         "sublayer_io",  # inputs and outputs of an LLM layer's attention and MLP sub-layers (prefill)
