@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlmprune.embedded import vim_training
-from vlmprune.embedded.vim_model import ASSETS, VimClassifier, VimConfig, load_vim, save_vim
+from vlmprune.embedded.vim_model import VimClassifier, VimConfig, load_vim, save_vim
 from vlmprune.tools import eval_vim
 
 torch.set_num_threads(1)
@@ -42,9 +42,9 @@ def test_eval_rows_and_files(tmp_path):
         eval_vim.evaluate(batch=0)
 
 
-@pytest.mark.skipif(not (ASSETS / "config.json").exists(), reason="the embedded Vim's weights are not committed yet")
 def test_committed_embedded_vim_classifies_easyvqa():
-    """The committed weights: both labels right on at least 30 of the first 32 test images."""
+    """The committed weights (assets/embedded_vim): both labels right on at least 30 of the first 32
+    test images (94.9 % of all 954 when trained)."""
     x, y = vim_training.dataset("test", 32)
     with torch.no_grad():
         pred = load_vim()(x).argmax(-1)
