@@ -47,6 +47,7 @@ class ToPViM(Method):
     """
 
     name = "top_vim"
+    stages = ("mixer",)  # declared metadata; the points are at the model's ordered stage (the Vim adapter's)
     roles = ("inside",)
     needs = frozenset({"mixer_backward", "cls_position"})
     paper = {"title": "Exploring Token Pruning in Vision State Space Models", "arxiv": "2409.18962"}
