@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from vlmprune.adapters.mamba import VimAdapter
 
-import tests.cases  # noqa: F401  (imports tests.cases_vim in the order its case needs)
+import tests.cases
 import vlmprune
 from tests.cases_vim import run_by_hand, sequence_and_logits, tiny_vim
 from tests.truth import hook_count, record_selections
-from vlmprune.adapters.mamba import VimAdapter
 from vlmprune.context import Selection, Signals, TokenContext
 from vlmprune.embedded.vim_model import VimClassifier, VimConfig
 from vlmprune.method import Method
@@ -144,9 +144,8 @@ def test_kept_indices_ascend_and_halves_are_equal():
     then sits with as many kept patches before it as after it."""
     model = tiny_vim()
     x = pixels(3, seed=4)
-    with vlmprune.wrap(model, "top_vim", budget=5) as handle, record_selections(handle) as seen:
-        with torch.no_grad():
-            model(x)
+    with vlmprune.wrap(model, "top_vim", budget=5) as handle, record_selections(handle) as seen, torch.no_grad():
+        model(x)
     for point, _, sel in seen:
         keep = sel.keep
         assert bool((keep[:, 1:] > keep[:, :-1]).all()) and keep.shape[1] % 2 == 0, point
@@ -183,9 +182,9 @@ def test_scan_order_matters_and_a_permuted_keep_is_refused():
     with vlmprune.wrap(model, RowKeep(rows=(keep.tolist(),)), budget=6):
         wrapped = sequence_and_logits(model, x)
     torch.testing.assert_close(wrapped, in_order, atol=1e-5, rtol=1e-5)
-    with vlmprune.wrap(model, RowKeep(rows=(keep[[3, 0, 1, 2, 4, 5]].tolist(),)), budget=6):
-        with pytest.raises(RuntimeError, match="does not ascend at stage 'mixer'"):
-            model(x)
+    permuted_keep = RowKeep(rows=(keep[[3, 0, 1, 2, 4, 5]].tolist(),))
+    with vlmprune.wrap(model, permuted_keep, budget=6), pytest.raises(RuntimeError, match="does not ascend at stage 'mixer'"):
+        model(x)
 
 
 # -- the class token ---------------------------------------------------------------------------
@@ -256,7 +255,6 @@ def test_gap_scan_equals_a_scan_over_input_free_tokens():
     ``gap - 1`` input-free tokens (x = 0, the next kept token's dt) put back before each kept token,
     read at the kept tokens."""
     from mambapy.vim import MambaConfig, VMambaBlock
-
     from vlmprune.adapters.mamba import gap_selective_scan
 
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ from . import vim_model, vit
 from .model import cache_root
 
 #: the architecture trained here (:class:`~vlmprune.embedded.vim_model.VimConfig`)
-ARCH = dict(image_size=64, patch_size=8, d_model=48, depth=6, d_state=8, num_classes=len(vit.COLORS) * len(vit.SHAPES))
+ARCH = {"image_size": 64, "patch_size": 8, "d_model": 48, "depth": 6, "d_state": 8, "num_classes": len(vit.COLORS) * len(vit.SHAPES)}
 
 
 def log(msg: str) -> None:
@@ -69,8 +69,8 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 128) -> dict[
 def teacher_tokens(split: str, n: int | None) -> torch.Tensor:
     """``[M, 64, 384]`` float16: the embedded ViT's final-norm patch tokens of ``split`` (the cached
     16 x 16 grid averaged over 2 x 2 cells), standardised per channel with the split's statistics."""
-    from .vit_training import open_caches
     from .model import cache_root as root
+    from .vit_training import open_caches
 
     cache = open_caches(root() / "embedded-vit-features", (5, 7, 11))[split]
     if not cache.done.all():

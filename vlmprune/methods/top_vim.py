@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -100,7 +99,6 @@ class ToPViM(Method):
         if not self.code_exact:
             score = score.flip(1)
         k = self.count(ctx)
-        rows = torch.arange(b, device=score.device)
         positions = torch.arange(length, device=score.device).expand(b, -1)
         if not self.code_exact:
             patch_scores = score[positions != cls_pos[:, None]].view(b, length - 1)
@@ -112,7 +110,7 @@ class ToPViM(Method):
         """The released code's choice: top-``k`` of the sequence (class token included) by the
         unflipped score, the class token masked in row 0 only; a row whose top ``k`` holds its
         class token keeps it in a patch slot (a duplicate) and one patch fewer."""
-        b, length = score.shape
+        b = score.shape[0]
         score = score.clone()
         score[0, cls_pos[0]] = float("-inf")
         top = score.topk(k, dim=-1).indices.sort(-1).values  # sequence positions
