@@ -54,14 +54,17 @@ def vim_24() -> VimClassifier:
 # -- the card's oracle -------------------------------------------------------------------------
 def test_official_counts_and_class_token_in_the_middle():
     """Budget 100 of 196 patches on 24 blocks: points after blocks 5, 10, 15; sequences of 157,
-    125, 101 tokens (the code's counts) with the class token at ``len // 2``, where its value at the
-    first point is bit-exact the unpruned run's class token after block 5."""
+    125, 101 tokens (the code's counts) with the class token at ``len // 2``, bit-exact the class
+    token the block before the point returned (at the first point: the unpruned run's)."""
     model = vim_24()
     x = pixels(2, side=56)
-    seen = {}
+    seen, before = {}, {}
 
     def grab(layer):
         return lambda m, args: seen.setdefault(layer, args[0].clone())
+
+    def output(layer):
+        return lambda m, args, out: before.setdefault(layer, out.clone())
 
     unpruned = model.backbone.layers[5].register_forward_pre_hook(grab("ref"))
     with torch.no_grad():
@@ -69,6 +72,7 @@ def test_official_counts_and_class_token_in_the_middle():
     unpruned.remove()
     with vlmprune.wrap(model, "top_vim", budget=100) as handle:
         hooks = [model.backbone.layers[k].register_forward_pre_hook(grab(k)) for k in (5, 10, 15)]
+        hooks += [model.backbone.layers[k - 1].register_forward_hook(output(k)) for k in (5, 10, 15)]
         with torch.no_grad():
             model(x)
         for h in hooks:
@@ -76,6 +80,8 @@ def test_official_counts_and_class_token_in_the_middle():
         assert [str(p["point"]) for p in handle.stats["points"]] == ["mixer:5", "mixer:10", "mixer:15"]
     assert [seen[k].shape[1] for k in (5, 10, 15)] == [157, 125, 101]
     assert torch.equal(seen[5][:, 157 // 2], seen["ref"][:, 98])
+    for k in (5, 10, 15):
+        assert torch.equal(seen[k][:, seen[k].shape[1] // 2], before[k][:, before[k].shape[1] // 2])
 
 
 def planted_ctx(out_b: torch.Tensor, budget: int, cls_pos: int = 8) -> TokenContext:
