@@ -256,6 +256,11 @@ def check_selection(sel, ctx, method: str) -> None:
             raise RuntimeError(f"method {method!r} returned indices outside [0, {n}) or an empty/oversized keep set")
         if torch.unique(keep).numel() != keep.numel():
             raise RuntimeError(f"method {method!r} returned duplicate indices in keep")
+        if spec.ordered and keep.numel() > 1 and not bool((keep[1:] > keep[:-1]).all()):
+            raise RuntimeError(
+                f"method {method!r} returned keep that does not ascend at stage {ctx.stage!r}, whose tokens stay in "
+                "scan order (StageSpec.ordered): sort it"
+            )
         if merged is not None and merged.shape[0] != keep.shape[0]:
             raise RuntimeError(f"method {method!r}: merged must have one row per kept token")
         if extra is not None and not spec.extra:

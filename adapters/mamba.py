@@ -251,12 +251,7 @@ class VimRuntime(Runtime):
         )
         rows = torch.arange(b, device=x.device)
         reduction = self.run(Point("mixer", layer), patches, self.alive, signals, cls_token=x[rows, cls_pos])
-        keep = reduction.keep
-        if keep.shape[1] > 1 and not bool((keep[:, 1:] > keep[:, :-1]).all()):
-            raise RuntimeError(
-                f"method {self.method.name!r} returned keep that does not ascend at stage 'mixer', whose tokens "
-                "stay in scan order (StageSpec.ordered): sort it"
-            )
+        keep = reduction.keep  # ascending: check_selection holds ordered stages to it
         kept = reduction.tokens(patches)
         k = kept.shape[1]
         new_cls = (keep < cls_pos[:, None]).sum(1) if self.place == "stay" else torch.full_like(cls_pos, k // 2)

@@ -136,6 +136,11 @@ def test_check_selection_reads_what_the_stage_allows_from_its_spec():
     check_selection(ragged, make_context(x, 2, {}, info=llava, stage="llm", layer=2), "m")
     with pytest.raises(RuntimeError, match="per-image keep lists at stage 'encoder'"):
         check_selection(ragged, make_context(x, 2, {}, info=llava, stage="encoder", layer=2), "m")
+    scan = ModelInfo("mixer", {"mixer": StageSpec("mixer", "inside", ordered=True)}, grid=(2, 3))
+    descending = Selection(keep=torch.tensor([[0, 2], [3, 1]]))
+    with pytest.raises(RuntimeError, match="does not ascend at stage 'mixer'"):
+        check_selection(descending, make_context(x, 2, {}, info=scan, stage="mixer"), "m")
+    assert check_selection(descending, make_context(x, 2, {}, info=strict, stage="vit"), "m") is None
 
 
 def test_a_prefix_of_registers_only_is_no_cls_token():
