@@ -34,7 +34,15 @@ from torch import nn
 from vlmprune.context import ModelInfo, Point, Signals, StageSpec
 from vlmprune.method import Method
 
-from .base import Adapter, AdapterOption, Installed, Plan, read_arg, register_adapter, write_arg
+from .base import (
+    Adapter,
+    AdapterOption,
+    Installed,
+    Plan,
+    read_arg,
+    register_adapter,
+    write_arg,
+)
 from .runtime import Runtime
 from .vision import (
     EncoderCapture,

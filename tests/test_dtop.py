@@ -15,7 +15,7 @@ from vlmprune.context import Selection
 from vlmprune.method import Method
 from vlmprune.methods.dtop import ExitHeads
 
-from .cases import DenseCase, TimmCase, VIT
+from .cases import VIT, DenseCase, TimmCase
 
 pytest.importorskip("timm")
 DENSE = DenseCase()

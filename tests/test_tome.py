@@ -23,7 +23,7 @@ def official_merge(x, k_mean, size, r, prefix, class_token):
     facebookresearch/ToMe's ``bipartite_soft_matching`` + ``merge_wavg`` do it, every prefix token
     protected (the official code protects the class and distillation tokens: the same for a
     prefix of 1 or 2). Returns the merged sequence, prefix first, and the new sizes."""
-    b, t, c = x.shape
+    b, t, _ = x.shape
     r = min(r, (t - prefix) // 2)
     if r <= 0:
         return x, size

@@ -12,7 +12,7 @@ from torch import nn
 from ..context import ModelInfo, Point, Selection, TokenContext
 from ..method import Method, option
 from ..registry import register
-from ..weights import build_module, load_module, save_module
+from ..weights import load_module, save_module
 
 FORMAT = "vlmprune-dtop-heads"
 TRAIN = "python -m vlmprune.embedded.vit_training (auxiliary heads of the embedded ViT)"

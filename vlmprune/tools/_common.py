@@ -1,15 +1,26 @@
-"""What the calibration commands (``calibrate_vflowopt``, ``calibrate_adatoken3d``) share: the
-models and samples they calibrate on (``--model tiny|embedded``), how they fail and the JSON
-file they write."""
+"""What the tools share: for the calibration commands (``calibrate_vflowopt``,
+``calibrate_adatoken3d``) the models and samples they calibrate on (``--model tiny|embedded``),
+how they fail and the JSON file they write; for the benchmarks (``eval_vit``, ``eval_vim``) the
+images/s of a model over batches."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
+
+
+def images_per_second(model, batches) -> float:
+    """images/s of ``model`` (already warm) over ``batches`` of pixels, without gradients."""
+    with torch.no_grad():
+        t = time.perf_counter()
+        for x in batches:
+            model(x)
+        return sum(len(x) for x in batches) / (time.perf_counter() - t)
 
 
 def tiny_model_and_batches(samples: int, seed: int, batch_size: int):

@@ -26,6 +26,7 @@ import torch
 import vlmprune
 from vlmprune.embedded import vim_training
 from vlmprune.embedded.vim_model import load_vim
+from vlmprune.tools._common import images_per_second
 
 #: (row name, method, options): the methods that act on a Vim
 RUNS = (
@@ -71,13 +72,6 @@ def _run(model, batches, labels) -> tuple[dict, float, int]:
     return acc, (timed / seconds if timed else float("nan")), len(batches) - 1
 
 
-def _speed(model, batches) -> float:
-    with torch.no_grad():
-        t = time.perf_counter()
-        for x in batches:
-            model(x)
-        return sum(len(x) for x in batches) / (time.perf_counter() - t)
-
 
 def evaluate(images: int = 954, batch: int = 64, runs=RUNS, budgets=BUDGETS, layers=LAYERS, seed: int = 0,
              log=print, weights=None) -> list[dict]:
@@ -99,7 +93,7 @@ def evaluate(images: int = 954, batch: int = 64, runs=RUNS, budgets=BUDGETS, lay
         for layer in ([None] if method == "top_vim" else layers):
             for budget in budgets:
                 extra = dict(options) if layer is None else {**options, "boundary_layer": layer}
-                reference = _speed(model, batches[1:])
+                reference = images_per_second(model, batches[1:])
                 torch.manual_seed(seed)
                 with vlmprune.wrap(model, method, budget=budget, **extra) as handle:
                     acc, speed, timed = _run(model, batches, labels)

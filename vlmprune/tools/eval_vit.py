@@ -27,8 +27,17 @@ import torch
 
 import vlmprune
 from vlmprune.embedded import model as embedded
-from vlmprune.embedded.vit import DEPTH, cls_data, confusion, load_vit, mean_iou, preprocess, seg_data
+from vlmprune.embedded.vit import (
+    DEPTH,
+    cls_data,
+    confusion,
+    load_vit,
+    mean_iou,
+    preprocess,
+    seg_data,
+)
 from vlmprune.methods.tome import parse_r, token_counts
+from vlmprune.tools._common import images_per_second
 
 TASKS = ("cls", "seg")
 #: the methods at the ViT adapter's boundary (README "Models"), then the ViT family's own
@@ -77,7 +86,7 @@ def tome_r(kept: int, layer: int = LAYER, depth: int = DEPTH, n: int = PATCHES) 
         counts = token_counts(n, parse_r(depth, r))
         return gflops_of([1 + c for c in counts[:-1]], [1 + c for c in counts[1:]])
 
-    return min(range(0, n // 2 + 1), key=lambda r: abs(cost(r) - target))
+    return min(range(n // 2 + 1), key=lambda r: abs(cost(r) - target))
 
 
 def block_counts(points: list[dict], images: int, depth: int = DEPTH, n: int = PATCHES) -> tuple[list, list]:
@@ -99,14 +108,6 @@ def block_counts(points: list[dict], images: int, depth: int = DEPTH, n: int = P
         mlp.append(m)
     return attention, mlp
 
-
-def _speed(model, batches) -> float:
-    """images/s of ``model`` (already warm) over ``batches``."""
-    with torch.no_grad():
-        t = time.perf_counter()
-        for x in batches:
-            model(x)
-        return sum(len(x) for x in batches) / (time.perf_counter() - t)
 
 
 class Task:
@@ -183,12 +184,12 @@ def evaluate(task: str = "cls", images: int = 256, batch: int = 64, methods=METH
         for label, options in settings(task, method, budgets, thresholds):
             # the better of two passes each way, right before and during the wrapped run: a burst
             # of load from other jobs on shared cores then hits neither figure alone
-            reference = max(_speed(model, data.batches[1:]) for _ in range(2)) if timed else None
+            reference = max(images_per_second(model, data.batches[1:]) for _ in range(2)) if timed else None
             torch.manual_seed(seed)
             with vlmprune.wrap(model, method, **options) as handle:
                 metrics, speed, flops, kept = _run(model, data, handle)
                 if timed:
-                    speed = max(speed, _speed(model, data.batches[1:]))
+                    speed = max(speed, images_per_second(model, data.batches[1:]))
             row = {"task": task, "method": method, "setting": label, "tokens_kept": kept, "images": images, **metrics,
                    "gflops": sum(flops) / len(flops), "images_per_s": speed,
                    "speed_ratio": speed / reference if reference else None, "timed_batches": timed}
