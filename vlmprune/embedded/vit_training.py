@@ -332,6 +332,7 @@ def main(argv=None) -> dict:
     save_file({k: v.contiguous() for k, v in cls_head.state_dict().items()}, str(out / vit.head_file("cls")))
     for block, head in seg_heads.items():
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / vit.head_file("seg", block)))
+    write_dtop_heads(seg_heads, out)
     check = subset_check({"cls": cls_head, "seg": seg_heads})
     log(f"subset check: {check}")
     import timm
@@ -353,6 +354,19 @@ def main(argv=None) -> dict:
     (out / "README.md").write_text(render_readme(meta))
     log(f"wrote {out}")
     return meta
+
+
+def write_dtop_heads(seg_heads: dict, out: Path) -> Path | None:
+    """The auxiliary segmentation heads (every block but the last) as one DToP weights file,
+    ``dtop_heads.safetensors`` (``wrap(seg_model, "dtop", weights=...)``); None without any."""
+    from vlmprune.methods.dtop import ExitHeads
+
+    aux = {b: h for b, h in seg_heads.items() if b != vit.DEPTH - 1}
+    if not aux:
+        return None
+    path = out / "dtop_heads.safetensors"
+    ExitHeads.from_seg_heads(aux).save(path)
+    return path
 
 
 def _pct(x: float) -> str:
