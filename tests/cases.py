@@ -591,7 +591,17 @@ def run_qwen_layers(model, embeds, pos3, prunes: dict[int, torch.Tensor]) -> tor
 
 
 # -- plain ViT (the core's acceptance skeleton, adapters/vit.py) ------------------------------------
-class ViTCase(AdapterCase):
+class PixelCase(AdapterCase):
+    """A case whose model takes ``pixel_values`` only (a ViT, a Vim): each image alone gives the
+    batch's row (atol 1e-5)."""
+
+    def assert_batch_equals_single(self, model, inputs, seed):
+        batched = self.forward(model, inputs)
+        for i in range(inputs["pixel_values"].shape[0]):
+            torch.testing.assert_close(self.forward(model, self.single(inputs, i, seed))[0], batched[i], atol=1e-5, rtol=1e-5)
+
+
+class ViTCase(PixelCase):
     """transformers' ViTForImageClassification, 3 blocks, 32 x 32 images of 4 x 4 patches of 8 px
     (16 patches, CLS prefix), SDPA. The oracles read the final token sequence (CLS first, after
     the final layernorm), which the classifier's CLS pooling reads, so equal sequences mean equal
@@ -636,11 +646,6 @@ class ViTCase(AdapterCase):
 
     def assert_unpatched(self, model):
         assert not hasattr(model, "_vlmprune_handle")
-
-    def assert_batch_equals_single(self, model, inputs, seed):
-        batched = self.forward(model, inputs)
-        for i in range(inputs["pixel_values"].shape[0]):
-            torch.testing.assert_close(self.forward(model, self.single(inputs, i, seed))[0], batched[i], atol=1e-5, rtol=1e-5)
 
     def restriction(self, row, oracle):
         if oracle == "cache":
@@ -944,7 +949,7 @@ NEXT = NextCase()
 QWEN = [QwenCase("2"), QwenCase("2.5")]
 VIT = ViTCase()
 TOWERS = [TimmCase("token"), TimmCase("avg"), OpenClipCase(), HFTowerCase("clip"), HFTowerCase("siglip"), HFTowerCase("dinov2"), DenseCase()]
-from tests.cases_vim import VimCase  # noqa: E402  (a vision Mamba; it subclasses AdapterCase above)
+from tests.cases_vim import VimCase  # noqa: E402  (a vision Mamba; it subclasses PixelCase above)
 
 VIM = VimCase()
 #: every case the kit runs

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.cases import AdapterCase
+from tests.cases import PixelCase
 
 
 def tiny_vim(cls_position=None, depth: int = 4, seed: int = 0):
@@ -60,7 +60,7 @@ def run_by_hand(model, pixels: torch.Tensor, prunes: dict[int, list[tuple]], pla
     return torch.cat(rows)
 
 
-class VimCase(AdapterCase):
+class VimCase(PixelCase):
     """:class:`vlmprune.embedded.vim_model.VimClassifier` (:func:`tiny_vim`, 4 blocks, class token
     in the middle of 16 patches). The oracles read the logits and the final token sequence
     (:func:`sequence_and_logits`); boundary methods act at ``mixer:2`` (the adapter's default,
@@ -94,11 +94,6 @@ class VimCase(AdapterCase):
     def assert_unpatched(self, model):
         assert not hasattr(model, "_vlmprune_handle")
         assert all("ssm" not in vars(layer.mixer) for layer in model.backbone.layers)
-
-    def assert_batch_equals_single(self, model, inputs, seed):
-        batched = self.forward(model, inputs)
-        for i in range(inputs["pixel_values"].shape[0]):
-            torch.testing.assert_close(self.forward(model, self.single(inputs, i, seed))[0], batched[i], atol=1e-5, rtol=1e-5)
 
     def restriction(self, row, oracle):
         from tests.cases import EXPECT
