@@ -251,6 +251,8 @@ def test_refusals_name_the_parameter():
         ToPViM(keep_ratio=1.5)
     with pytest.raises(ValueError, match="method 'top_vim' acts at stage"):
         vlmprune.wrap(tests.cases.VIT.model(), "top_vim", budget=4)
+    with pytest.raises(ValueError, match="option 'layers' of method 'top_vim': .* of a 24-layer Vim map to .* on this 4-layer Vim"):
+        vlmprune.wrap(model, "top_vim", budget=4, layers=(1, 2, 3, 4, 5, 6))
     with pytest.raises(ValueError, match="method 'visionzip' needs signal\\(s\\) \\['cls_attention', 'encoder_qkv'\\], which the vim adapter cannot provide"):
         vlmprune.wrap(model, "visionzip", budget=4)
 

@@ -41,7 +41,7 @@ def option(default: Any, doc: str, choices: tuple | None = None):
     return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices})
 
 
-def scale_llm_layers(layers, reference: int, depth: int, where: str, spread: bool = False) -> tuple[int, ...]:
+def scale_llm_layers(layers, reference: int, depth: int, where: str, spread: bool = False, model: str = "LLM") -> tuple[int, ...]:
     """Map LLM layer indices a paper gives for a ``reference``-layer language model onto one of
     ``depth`` layers: ``K -> floor(K * depth / reference + 0.5)`` (``reference=0``: used as
     given). The result must be strictly increasing in ``[1, depth - 1]`` (a pruning point sits
@@ -49,7 +49,8 @@ def scale_llm_layers(layers, reference: int, depth: int, where: str, spread: boo
     (e.g. VFlowOpt's 9, 18 of 28 give 10, 21 of 32 and 1, 3 of 4). ``spread=True`` (scaled
     layers only) first separates layers that collide after rounding, moving each later one up
     to one past its predecessor and then, from the last, down below ``depth`` (TransPrune's
-    7, 9, 12 of 32 round to 1, 1, 2 of 4 and spread to 1, 2, 3)."""
+    7, 9, 12 of 32 round to 1, 1, 2 of 4 and spread to 1, 2, 3). ``model`` names the stack in
+    the error (ToP-ViM scales a Vim's blocks the same way)."""
     mapped = tuple(int(k * depth / reference + 0.5) if reference else int(k) for k in layers)
     if spread and reference and mapped:
         out = list(mapped)
@@ -62,8 +63,8 @@ def scale_llm_layers(layers, reference: int, depth: int, where: str, spread: boo
     if any(not 1 <= k < depth for k in mapped) or any(a >= b for a, b in zip(mapped, mapped[1:])):
         raise ValueError(
             f"{where}: layers {tuple(layers)}"
-            + (f" of a {reference}-layer LLM" if reference else "")
-            + f" map to {mapped} on this {depth}-layer LLM; they must be strictly increasing in "
+            + (f" of a {reference}-layer {model}" if reference else "")
+            + f" map to {mapped} on this {depth}-layer {model}; they must be strictly increasing in "
             f"[1, {depth - 1}] (pass explicit layers with a layers-of value of 0)"
         )
     return mapped

@@ -71,7 +71,8 @@ class ToPViM(Method):
         depth = getattr(info, "encoder_layers", 0)
         if not depth:
             raise AttributeError("the model's info gives no depth (encoder_layers)")
-        return scale_llm_layers(self.layers, self.layers_of, depth, "option 'layers' of method 'top_vim'", spread=True)
+        return scale_llm_layers(self.layers, self.layers_of, depth, "option 'layers' of method 'top_vim'", spread=True,
+                                model="Vim")
 
     def points(self, info) -> list[Point]:
         stage = next((name for name, spec in info.stages.items() if spec.ordered), None)
