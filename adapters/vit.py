@@ -270,6 +270,7 @@ class ViTAdapter(Adapter):
         bias = tower.attention_bias() if plan.method.proportional_attention and plan.points else self._optional_bias()
         installed = Installed()
         rt = ViTRuntime(plan, info, self)
+        rt.bias_spec = bias
         installed.hook(_at(self.vit, self.embed).register_forward_pre_hook(rt.start, with_kwargs=True))
         batch_first = _batch_first if self.seq_first else (lambda fn: fn)
         for point in plan.points:
@@ -367,6 +368,8 @@ class ViTRuntime(Runtime):
         #: blocks captured for their own vit_mlp point only, released once it ran
         self.release = set(plan.capture.get("vit_mlp", ())) - set(plan.capture.get("vit", ())) - set(plan.capture.get("encoder", ()))
         self.restoring = adapter.dense is not None
+        #: the blocks' attention-mask argument (anatomy ``attention_bias``), None where they take none
+        self.bias_spec: tuple[str, int, str] | None = None
         self.owner: torch.Tensor | None = None  # [B, N]
         self.left: torch.Tensor | None = None  # [B, N, C]
         self.exits: torch.Tensor | None = None  # [B, N, D]
@@ -424,24 +427,23 @@ class ViTRuntime(Runtime):
         captured = encoder_signals(tower, self.capture, alive, layer) if layer is not None else {}
         signals = Signals({**captured, "hidden": lambda: patches, "projected": lambda: patches})
         cls_token = hidden[:, 0] if tower.has_cls else None
-        sizes = None if self.sizes is None else self.sizes[first : first + hidden.shape[0], : hidden.shape[1]]
+        sizes = self._sizes(hidden, first)
         images = None if layer is not None else list(rows)
         return self.run(point, patches, alive, signals, images=images, cls_token=cls_token, sizes=sizes)
+
+    def _sizes(self, hidden: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """The sizes of ``hidden``'s tokens (rows from ``first``), prefix first: one each before
+        any merge."""
+        if self.sizes is None:
+            return torch.ones(hidden.shape[:2], device=hidden.device)
+        return self.sizes[first : first + hidden.shape[0], : hidden.shape[1]]
 
     def _carried(self, reduction):
         """The sizes after ``reduction`` (prefix first; a list for per-image keep lists), None
         while nothing was merged."""
         if self.sizes is None and reduction.selection.merge_map is None:
             return None
-        sizes = reduction.sizes
-        if self.sizes is None:  # the first merge: the prefix tokens stand for themselves
-            prefix = self.adapter.tower.prefix
-
-            def with_prefix(z):
-                return torch.cat([z.new_ones(*z.shape[:-1], prefix), z], -1)
-
-            sizes = [with_prefix(z) for z in sizes] if isinstance(sizes, list) else with_prefix(sizes)
-        return sizes
+        return reduction.sizes
 
     def _pad(self, rows: list[torch.Tensor], alive: list[torch.Tensor], sizes: list) -> torch.Tensor:
         """Rows of different lengths as one batch padded at the end (zeros; alive -1; the
@@ -453,7 +455,7 @@ class ViTRuntime(Runtime):
             self.sizes = None if sizes[0] is None else torch.stack(sizes)
             self._bias()
             return torch.stack(rows)
-        if self.adapter._optional_bias() is None:
+        if self.bias_spec is None:
             raise RuntimeError(
                 f"method {self.method.name!r} kept different counts per image ({lengths}); the "
                 f"{self.adapter.tower.flavour} tower's blocks take no attention mask to pad them with"
@@ -543,7 +545,7 @@ class ViTRuntime(Runtime):
         if self.lengths is not None:
             raise RuntimeError("a vit_mlp point after a point that kept different counts per image is not supported")
         tower = self.adapter.tower
-        sizes = self.sizes if self.sizes is not None else torch.ones(hidden.shape[:2], device=hidden.device)
+        sizes = self._sizes(hidden)
         patches = hidden[:, tower.prefix :]
         signals = Signals({**encoder_signals(tower, self.capture, self.alive, layer), "hidden": lambda: patches,
                            "sizes": lambda: sizes[:, tower.prefix :]})
