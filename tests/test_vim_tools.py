@@ -49,3 +49,16 @@ def test_committed_embedded_vim_classifies_easyvqa():
     with torch.no_grad():
         pred = load_vim()(x).argmax(-1)
     assert int((pred == y).sum()) >= 30
+
+
+def test_random_flips_move_the_distillation_targets_with_their_images():
+    """A planted image whose 8 x 8 patches each hold their own index: after the flips, each patch
+    of the image and the target at that patch agree (and some images were flipped)."""
+    ids = torch.arange(64.0).view(1, 1, 8, 8)
+    x = ids.repeat_interleave(8, 2).repeat_interleave(8, 3).expand(16, 3, 64, 64)
+    target = torch.arange(64.0).view(1, 64, 1).expand(16, 64, 2)
+    fx, ft = vim_training.random_flips(x, target, torch.Generator().manual_seed(0))
+    patch_ids = fx[:, 0, ::8, ::8].flatten(1)
+    assert torch.equal(patch_ids, ft[..., 0]) and torch.equal(patch_ids, ft[..., 1])
+    assert (patch_ids != torch.arange(64.0)).any(1).sum() >= 8
+    assert torch.equal(x[:, 0, ::8, ::8].flatten(1), torch.arange(64.0).expand(16, 64))  # inputs untouched

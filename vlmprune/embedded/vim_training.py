@@ -7,7 +7,9 @@ patches + a middle class token) learns the image's colour x shape (24 classes,
 :func:`~vlmprune.embedded.vim_model.label_of`) on the train split of
 :func:`vlmprune.embedded.vit.cls_data`; AdamW, cosine learning rate, batch 64. Every epoch is
 checkpointed under ``<cache>/embedded-vim/`` (model, optimiser, generator states) and a rerun of
-the same command resumes from the last one. ``--distil W`` adds W times a dense distillation loss:
+the same command resumes from the last one. ``--flip`` flips each training image left-right and/or
+upside down at random every epoch (colour and shape unchanged; the distillation targets flip with
+it). ``--distil W`` adds W times a dense distillation loss:
 a training-only linear map of the Vim's final patch tokens regresses the embedded ViT-S/14's
 final-norm patch tokens (``vlmprune.embedded.vit_training``'s feature cache, 16 x 16 averaged to
 8 x 8, standardised per channel); the cache must have been filled by that command. Training stops after ``--epochs`` or once the test
@@ -86,6 +88,22 @@ def teacher_tokens(split: str, n: int | None) -> torch.Tensor:
     return ((t - mean) / std).half()
 
 
+def random_flips(x: torch.Tensor, target: torch.Tensor | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flip each image of ``x`` ``[B, 3, H, W]`` left-right and, independently, upside down with
+    probability 1/2 each (drawn from ``gen``); ``target`` ``[B, g * g, C]`` (patch tokens on a
+    g x g grid) flips with its image."""
+    x = x.clone()
+    if target is not None:
+        g = int(target.shape[1] ** 0.5)
+        target = target.view(len(target), g, g, -1).clone()
+    for dim_img, dim_grid in ((3, 2), (2, 1)):  # left-right, upside down
+        rows = torch.rand(len(x), generator=gen) < 0.5
+        x[rows] = x[rows].flip(dim_img)
+        if target is not None:
+            target[rows] = target[rows].flip(dim_grid)
+    return x, None if target is None else target.flatten(1, 2)
+
+
 def final_patches(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, the final-norm patch tokens ``[B, M, D]``) of one forward of ``model``."""
     seq = model.norm_f(model.backbone(model.embed(x)))
@@ -99,7 +117,7 @@ def train(args) -> dict:
     np.random.seed(args.seed)
     ckpt_dir = Path(args.cache) if args.cache else cache_root() / "embedded-vim"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_dir / f"seed{args.seed}{f'-distil{args.distil:g}' if args.distil else ''}.pt"
+    ckpt = ckpt_dir / f"seed{args.seed}{f'-distil{args.distil:g}' if args.distil else ''}{'-flip' if args.flip else ''}-e{args.epochs}.pt"
     xtr, ytr = dataset("train", args.n_train)
     xte, yte = dataset("test")
     log(f"data: {len(xtr)} train, {len(xte)} test images")
@@ -131,11 +149,15 @@ def train(args) -> dict:
         total = 0.0
         for i in range(0, len(xtr), args.batch):
             idx = order[i : i + args.batch]
+            x = xtr[idx]
+            target = teacher[idx].float() if args.distil else None
+            if args.flip:
+                x, target = random_flips(x, target, gen)
             if args.distil:
-                logits, patches = final_patches(model, xtr[idx])
-                loss = F.cross_entropy(logits, ytr[idx]) + args.distil * F.mse_loss(probe(patches), teacher[idx].float())
+                logits, patches = final_patches(model, x)
+                loss = F.cross_entropy(logits, ytr[idx]) + args.distil * F.mse_loss(probe(patches), target)
             else:
-                loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+                loss = F.cross_entropy(model(x), ytr[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -152,6 +174,7 @@ def train(args) -> dict:
     result = {
         "seed": args.seed,
         "distil": args.distil,
+        "flip": args.flip,
         "epochs": state["epoch"],
         "train_minutes": round(state["seconds"] / 60, 1),
         "test": accuracy(model, xte, yte),
@@ -181,6 +204,7 @@ def main(argv=None) -> dict:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--n-train", type=int, default=None, help="the first n train images (default: all)")
     p.add_argument("--distil", type=float, default=0.0, help="weight of the dense distillation from the embedded ViT (0: none)")
+    p.add_argument("--flip", action="store_true", help="random left-right / upside-down flips of the training images")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default=None, help="checkpoint directory (default: <cache>/embedded-vim)")
     p.add_argument("--out", default=str(vim_model.ASSETS))
