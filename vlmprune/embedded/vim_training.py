@@ -7,9 +7,9 @@ patches + a middle class token) learns the image's colour x shape (24 classes,
 :func:`~vlmprune.embedded.vim_model.label_of`) on the train split of
 :func:`vlmprune.embedded.vit.cls_data`; AdamW, cosine learning rate, batch 64. Every epoch is
 checkpointed under ``<cache>/embedded-vim/`` (model, optimiser, generator states) and a rerun of
-the same command resumes from the last one. ``--flip`` flips each training image left-right and/or
-upside down at random every epoch (colour and shape unchanged; the distillation targets flip with
-it). ``--distil W`` adds W times a dense distillation loss:
+the same command resumes from the last one. ``--flip`` flips each training image left-right with probability 1/2
+every epoch (colour and shape unchanged; the distillation targets flip with it; not upside down:
+easy-VQA's triangles always point up). ``--distil W`` adds W times a dense distillation loss:
 a training-only linear map of the Vim's final patch tokens regresses the embedded ViT-S/14's
 final-norm patch tokens (``vlmprune.embedded.vit_training``'s feature cache, 16 x 16 averaged to
 8 x 8, standardised per channel); the cache must have been filled by that command. Training stops after ``--epochs`` or once the test
@@ -89,19 +89,17 @@ def teacher_tokens(split: str, n: int | None) -> torch.Tensor:
 
 
 def random_flips(x: torch.Tensor, target: torch.Tensor | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Flip each image of ``x`` ``[B, 3, H, W]`` left-right and, independently, upside down with
-    probability 1/2 each (drawn from ``gen``); ``target`` ``[B, g * g, C]`` (patch tokens on a
-    g x g grid) flips with its image."""
+    """Flip each image of ``x`` ``[B, 3, H, W]`` left-right with probability 1/2 (drawn from ``gen``);
+    ``target`` ``[B, g * g, C]`` (patch tokens on a g x g grid, row-major) flips with its image."""
+    rows = torch.rand(len(x), generator=gen) < 0.5
     x = x.clone()
-    if target is not None:
-        g = int(target.shape[1] ** 0.5)
-        target = target.view(len(target), g, g, -1).clone()
-    for dim_img, dim_grid in ((3, 2), (2, 1)):  # left-right, upside down
-        rows = torch.rand(len(x), generator=gen) < 0.5
-        x[rows] = x[rows].flip(dim_img)
-        if target is not None:
-            target[rows] = target[rows].flip(dim_grid)
-    return x, None if target is None else target.flatten(1, 2)
+    x[rows] = x[rows].flip(3)
+    if target is None:
+        return x, None
+    g = int(target.shape[1] ** 0.5)
+    grid = target.view(len(target), g, g, -1).clone()
+    grid[rows] = grid[rows].flip(2)
+    return x, grid.flatten(1, 2)
 
 
 def final_patches(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +202,7 @@ def main(argv=None) -> dict:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--n-train", type=int, default=None, help="the first n train images (default: all)")
     p.add_argument("--distil", type=float, default=0.0, help="weight of the dense distillation from the embedded ViT (0: none)")
-    p.add_argument("--flip", action="store_true", help="random left-right / upside-down flips of the training images")
+    p.add_argument("--flip", action="store_true", help="random left-right flips of the training images")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default=None, help="checkpoint directory (default: <cache>/embedded-vim)")
     p.add_argument("--out", default=str(vim_model.ASSETS))
