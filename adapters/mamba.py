@@ -29,7 +29,11 @@ Signals at a point ``l``: ``hidden`` and ``projected`` (the patches; no projecto
 (``[B]``, each row's class-token index in the current sequence) and ``mixer_backward``: block
 ``l - 1``'s backward-branch gated output ``y_b * SiLU(z_b)`` (``[B, L, d_inner]`` over the whole
 current sequence, class token included, in the *flipped* order the backward scan runs in), read by
-wrapping that mixer's ``ssm`` method for the wrap's lifetime (mambapy's forward is not copied).
+wrapping that mixer's ``ssm`` method for the wrap's lifetime (mambapy's forward is not copied);
+``sizes`` (``[B, n]``): how many input patches each patch stands for after earlier merges.
+
+Merges (ToMe's ``Selection.merged``, ``merge_map``) apply in place: a merged token takes its kept
+token's slot in the scan (the keep ascends), and the sizes accumulate over the points.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from vlmprune.method import Method
 from .base import Adapter, AdapterOption, Installed, Plan, read_arg, register_adapter
 from .runtime import Runtime
 
-SIGNALS = ("hidden", "projected", "cls_position", "mixer_backward")
+SIGNALS = ("hidden", "projected", "cls_position", "mixer_backward", "sizes")
 #: ``cls=True``: the model has a class token, though not as a prefix (it sits mid-sequence, outside
 #: ``ctx.tokens``), so methods that need one are refused for the signals they lack, not for its absence
 STAGE = StageSpec("mixer", "inside", signals=frozenset(SIGNALS), ordered=True, cls=True)
@@ -196,6 +200,7 @@ class VimRuntime(Runtime):
         self.alive: torch.Tensor | None = None  # [B, n]
         self.cls_pos: torch.Tensor | None = None  # [B]
         self.origin: torch.Tensor | None = None  # [B, n + 1]: each token's position in the input sequence
+        self.sizes: torch.Tensor | None = None  # [B, n]; None: one each (nothing merged yet)
         self.backward: dict[int, torch.Tensor] = {}
         self.branch = "forward"
 
@@ -218,6 +223,7 @@ class VimRuntime(Runtime):
         n = grid[0] * grid[1]
         self.begin(n, grid, pixels.device)
         self.backward = {}
+        self.sizes = None
         self.alive = torch.arange(n, device=pixels.device).expand(pixels.shape[0], -1)
         self.cls_pos = torch.full((pixels.shape[0],), self.adapter.model.cls_index, dtype=torch.long, device=pixels.device)
         self.origin = torch.arange(n + 1, device=pixels.device).expand(pixels.shape[0], -1)
@@ -247,10 +253,11 @@ class VimRuntime(Runtime):
                 "projected": lambda: patches,
                 "cls_position": lambda: cls_pos,
                 "mixer_backward": lambda: self.backward[layer - 1],
+                "sizes": lambda: self.sizes if self.sizes is not None else patches.new_ones(patches.shape[:2]),
             }
         )
         rows = torch.arange(b, device=x.device)
-        reduction = self.run(Point("mixer", layer), patches, self.alive, signals, cls_token=x[rows, cls_pos])
+        reduction = self.run(Point("mixer", layer), patches, self.alive, signals, cls_token=x[rows, cls_pos], sizes=self.sizes)
         keep = reduction.keep  # ascending: check_selection holds ordered stages to it
         kept = reduction.tokens(patches)
         k = kept.shape[1]
@@ -265,5 +272,7 @@ class VimRuntime(Runtime):
         new_origin[rows, new_cls] = self.origin[rows, cls_pos]
         self.origin = new_origin
         self.alive = reduction.apply(self.alive)
+        if self.sizes is not None or reduction.selection.merge_map is not None:
+            self.sizes = reduction.sizes
         self.cls_pos = new_cls
         return out

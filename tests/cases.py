@@ -998,10 +998,13 @@ def random_atp_heads() -> ThresholdHeads:
 
 def tome_options(case: AdapterCase, oracle: str) -> dict:
     """ToMe's row: r=0 for keep-all, else 2 per block; proportional attention where the blocks take
-    an attention mask (transformers 5.17's ``Dinov2Layer`` takes none: ``prop_attn=False`` there)."""
+    an attention mask (transformers 5.17's ``Dinov2Layer`` takes none: ``prop_attn=False`` there;
+    a Vim has no attention)."""
     from vlmprune.adapters.vit import ViTAdapter
 
     options = {"r": 0 if oracle == "keep_all" else 2}
+    if case.family == "vim":
+        return options
     try:
         ViTAdapter(case.model()).tower.attention_bias()
     except ValueError:
@@ -1075,9 +1078,9 @@ EXPECT: dict[str, Expect] = {
     "random": Expect("random", batch_independent=RNG),
     "tome": Expect(
         "tome", options=lambda case, oracle: tome_options(case, oracle),
-        manual="merges inside every block: the official algorithm rebuilt by hand in tests/test_tome.py",
-        skip={("*", fam): "merges between attention and MLP of a plain ViT's blocks; the VLM adapters offer no such stage"
-              for fam in ("llava", "next", "qwen")},
+        skip={("manual", "vit"): "merges inside every block: the official algorithm rebuilt by hand in tests/test_tome.py",
+              **{("*", fam): "merges between attention and MLP of a plain ViT's blocks (or between a Vim's); the VLM "
+                 "adapters offer no such stage" for fam in ("llava", "next", "qwen")}},
     ),
     "top_vim": Expect("top_vim", skip={("*", fam): "ToP-ViM prunes between the blocks of a vision Mamba (its backward-scan score); a VLM has none" for fam in ("llava", "next", "qwen")}),
     "dtop": Expect(

@@ -64,7 +64,8 @@ class VimCase(PixelCase):
     """:class:`vlmprune.embedded.vim_model.VimClassifier` (:func:`tiny_vim`, 4 blocks, class token
     in the middle of 16 patches). The oracles read the logits and the final token sequence
     (:func:`sequence_and_logits`); boundary methods act at ``mixer:2`` (the adapter's default,
-    depth // 2), ToP-ViM at 1, 2, 3 (5, 10, 15 of 24 scaled). No text, no generate()."""
+    depth // 2), ToP-ViM at 1, 2, 3 (5, 10, 15 of 24 scaled), ToMe (r=2) at 1..4. No text,
+    no generate()."""
 
     id = family = "vim"
     N = 16
@@ -72,8 +73,9 @@ class VimCase(PixelCase):
     full_counts = [N, N]
     budget = unwrap_budget = 6
     has_generate = False
-    #: the methods that act on a Vim: boundary methods reading the tokens only, and ToP-ViM
-    served = frozenset({"uniform", "random", "divprune", "top_vim"})
+    #: the methods that act on a Vim: boundary methods reading the tokens only, ToP-ViM, and ToMe
+    #: (merging between blocks on the hidden states, in place)
+    served = frozenset({"uniform", "random", "divprune", "top_vim", "tome"})
 
     def build(self):
         return tiny_vim()
@@ -88,8 +90,9 @@ class VimCase(PixelCase):
         return sequence_and_logits(model, inputs["pixel_values"])
 
     def visual_counts(self, handle):
-        """Patches per image after the last point."""
-        return list(handle.stats["points"][-1]["out"])
+        """Patches per image after the last point (no point ran, ToMe with r=0: every patch)."""
+        points = handle.stats["points"]
+        return list(points[-1]["out"]) if points else self.full_counts
 
     def assert_unpatched(self, model):
         assert not hasattr(model, "_vlmprune_handle")
@@ -103,13 +106,14 @@ class VimCase(PixelCase):
         if EXPECT[row].method not in self.served:
             return (
                 "acts on a Vim only through signals it lacks (attention, a projector, text, an LLM) or at stages it "
-                "does not have (fixed names VLM stages); the Vim serves uniform, random, DivPrune and ToP-ViM"
+                "does not have (fixed names VLM stages); the Vim serves uniform, random, DivPrune, ToP-ViM and ToMe"
             )
         return super().restriction(row, oracle)
 
     def manual(self, model, inputs, handle, seen, pruned):
         """:func:`run_by_hand` with the recorded selections, the class token placed as the wrap's
-        method asks (ToP-ViM: the middle; the others: where it was)."""
+        method asks (ToP-ViM: the middle; the others: where it was); ToMe's merged values in its kept
+        slots."""
         prunes = {rec[0].layer: rec[2].per_image() for rec in seen}
         prunes = {layer: [(keep, merged) for keep, merged, _ in rows] for layer, rows in prunes.items()}
         place = getattr(handle.method, "cls_place", "stay")

@@ -301,3 +301,78 @@ def test_gap_decay_tracks_original_positions():
     assert all("selective_scan" not in vars(b.mixer) for b in model.backbone.layers)
     with pytest.raises(ValueError, match="parameter 'alignment': the vim adapter offers \\['none', 'gap_decay'\\], not 'state_carry'"):
         vlmprune.wrap(model, "uniform", budget=4, alignment="state_carry")
+
+
+# -- ToMe on the ordered stage (in-place merges) ------------------------------------------------
+def test_tome_merges_two_planted_parallel_patches_first_in_place():
+    """Method level: patch 11 (set B) is 3 x patch 4 (set A), so their cosine is 1 and r=1 merges
+    4 into 11; with sizes 2 and 3 the merged value is (2 x4 + 3 x11) / 5 in 11's place, every other
+    patch keeps its own value and place (keep ascends), the merge map sends both to that slot."""
+    from vlmprune.methods.tome import ToMe
+
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randn(2, 16, 6, generator=gen)
+    tokens[:, 11] = 3 * tokens[:, 4]
+    sizes = torch.ones(2, 16)
+    sizes[:, 4], sizes[:, 11] = 2.0, 3.0
+    info = VimAdapter(tiny_vim()).info()
+    ctx = TokenContext(tokens=tokens, stage="mixer", layer=1, budget=16, target=16, grid=(4, 4),
+                       token_index=torch.arange(16).expand(2, -1), info=info, images=(0, 1),
+                       signals=Signals({"hidden": lambda: tokens, "sizes": lambda: sizes}))
+    sel = ToMe(r=1).select(ctx)
+    rest = [p for p in range(16) if p != 4]
+    assert sel.keep.tolist() == [rest, rest]
+    by_hand = tokens[:, rest].clone()
+    by_hand[:, rest.index(11)] = (2 * tokens[:, 4] + 3 * tokens[:, 11]) / 5
+    torch.testing.assert_close(sel.merged, by_hand, atol=1e-6, rtol=0)
+    expected_map = [rest.index(p) if p != 4 else rest.index(11) for p in range(16)]
+    assert sel.merge_map.tolist() == [expected_map, expected_map]
+
+
+def test_tome_on_the_vim_merges_in_place_and_sizes_accumulate():
+    """Model level: block 0's output holds patch 5 = 3 x patch 2 (a hook plants it), so ToMe
+    (r=[1, 1]) merges 2 into 5 at mixer:1; the sequence block 1 takes in is the unpruned one
+    without patch 2, patch 5's slot holding the mean 2 x patch 2 and the class token where it was;
+    the second point's sizes give 5's token the 2 patches it stands for."""
+    model = tiny_vim()
+    x = pixels(2, seed=1)
+    a, b, cls = 2, 5, model.cls_index  # patch indices; both before the class token (8): sequence positions too
+    layers = model.backbone.layers
+
+    def plant(module, args, out):
+        out = out.clone()
+        out[:, b] = 3 * out[:, a]
+        return out
+
+    layers[0].register_forward_hook(plant)
+    reference, seen_in = [], []
+    handle = layers[1].register_forward_pre_hook(lambda m, args: reference.append(args[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    with vlmprune.wrap(model, "tome", r=[1, 1]) as wrapped, record_selections(wrapped) as seen, torch.no_grad():
+        layers[1].register_forward_pre_hook(lambda m, args: seen_in.append(args[0]))
+        model(x)
+        sizes = wrapped.adapter.runtime.sizes
+    full = reference[0]
+    by_hand = torch.cat([full[:, :a], full[:, a + 1 :]], 1).clone()
+    by_hand[:, b - 1] = 2 * full[:, a]
+    torch.testing.assert_close(seen_in[0], by_hand, atol=1e-6, rtol=1e-6)
+    assert torch.equal(seen_in[0][:, cls - 1], full[:, cls])
+    before = torch.ones(2, 15)
+    before[:, b - 1] = 2.0  # after mixer:1, patch 5's slot stands for 2 patches
+    second = list(seen)[1][2].merge_map
+    assert torch.equal(sizes, torch.zeros(2, 14).scatter_add_(1, second, before))
+    assert wrapped.stats["points"][0] == {"point": "mixer:1", "in": [16, 16], "out": [15, 15]}
+
+
+def test_tome_on_the_vim_keeps_scan_order_and_never_merges_the_class_token():
+    """r=3 on 4 blocks: every point's keep ascends, the class token comes out bit-exact where
+    ``cls_place='stay'`` puts it, and ``prop_attn`` is no refusal (a Vim has no attention)."""
+    model = tiny_vim(cls_position=3)
+    with vlmprune.wrap(model, "tome", r=3, prop_attn=True) as handle, record_selections(handle) as seen, torch.no_grad():
+        model(pixels(2, seed=2))
+    assert [rec[0].layer for rec in seen] == [1, 2, 3, 4]
+    assert [p["out"] for p in handle.stats["points"]] == [[13, 13], [10, 10], [7, 7], [4, 4]]
+    for rec in seen:
+        assert bool((rec[2].keep[:, 1:] > rec[2].keep[:, :-1]).all())

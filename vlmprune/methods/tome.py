@@ -12,6 +12,8 @@ from ..registry import register
 
 #: the adapter stage ToMe acts at: inside each block, between attention and MLP
 STAGE = "vit_mlp"
+#: on a vision Mamba (no attention, no MLP): between blocks, at the model's ordered stage
+MIXER = "mixer"
 
 
 def parse_r(depth: int, r) -> list[int]:
@@ -75,12 +77,21 @@ class ToMe(Method):
     registers; here they stay (the paper's intent: special tokens are not image content).
     Pooling after the tower is the model's own: a CLS head reads the CLS token; timm's average
     pooling takes the plain mean of the merged tokens, as in the official patch.
+
+    On a vision Mamba (the Vim adapter's ordered ``mixer`` stage; our reading, no official code):
+    block ``i``'s ``r`` merges after that block, at ``Point("mixer", i + 1)`` (``r`` of the last
+    block: after it, before the final norm). A Mamba block has no attention keys, so the metric is
+    the hidden state the next block takes in (cosine); sets A and B alternate over the patches in
+    scan order (the class token, wherever it sits, is outside them and never merged); merges are
+    size-weighted means as above, and every kept token stays at its own place in the scan (a
+    merged token at its B destination's), so keep ascends and the merge map is remapped to that
+    order. ``prop_attn`` does nothing there (no attention).
     """
 
     name = "tome"
-    stages = (STAGE,)
+    stages = (STAGE, MIXER)
     roles = ("inside",)
-    needs = frozenset({"encoder_qkv", "sizes"})
+    needs = frozenset({"encoder_qkv", "hidden", "sizes"})
     uses_budget = False
     paper = {"title": "Token Merging: Your ViT But Faster", "arxiv": "2210.09461"}
 
@@ -95,33 +106,61 @@ class ToMe(Method):
             parse_r(len(self.r) if isinstance(self.r, list) else 2, self.r)  # the depth is checked at wrap()
         self.proportional_attention = self.prop_attn
 
+    @staticmethod
+    def stage(info: ModelInfo) -> str | None:
+        """The stage ToMe merges at on this model: ``vit_mlp`` where offered, else an ordered
+        (scan-order) stage such as the Vim's ``mixer``; None: neither."""
+        if info.spec(STAGE) is not None:
+            return STAGE
+        return next((name for name, spec in info.stages.items() if spec.ordered), None)
+
     def schedule(self, info: ModelInfo) -> list[int]:
-        """``r`` for each block of the model's ``vit_mlp`` stage (:func:`parse_r`)."""
-        spec = info.spec(STAGE)
-        if spec is None:
+        """``r`` for each block (:func:`parse_r`): of the ``vit_mlp`` stage, or of the blocks
+        before the ordered stage's points."""
+        stage = self.stage(info)
+        if stage is None:
             raise ValueError(
-                f"method 'tome' merges between attention and MLP inside each block; the {info.family} adapter offers "
-                f"no such stage (it offers {list(info.stages)}): ToMe runs on plain ViTs whose anatomy row names "
-                "the MLP branch (timm, open_clip, transformers ViT/CLIP/SigLIP/DINOv2)"
+                f"method 'tome' merges between attention and MLP inside each block (or between the blocks of a vision "
+                f"Mamba); the {info.family} adapter offers no such stage (it offers {list(info.stages)}): ToMe runs on "
+                "plain ViTs whose anatomy row names the MLP branch (timm, open_clip, transformers ViT/CLIP/SigLIP/DINOv2) "
+                "and on the Vim"
             )
         if self.r is None:
             raise ValueError("option 'r' of method 'tome' is required: tokens merged per block, e.g. wrap(model, 'tome', r=8)")
-        return parse_r(len(spec.layers), self.r)
+        return parse_r(len(info.spec(stage).layers), self.r)
 
     def points(self, info: ModelInfo) -> list[Point]:
         """One point per block that merges (``r > 0``)."""
-        layers = info.spec(STAGE).layers if info.spec(STAGE) is not None else ()
-        return [Point(STAGE, layer) for layer, r in zip(layers, self.schedule(info)) if r > 0]
+        stage = self.stage(info)
+        layers = info.spec(stage).layers if stage is not None else ()
+        return [Point(stage, layer) for layer, r in zip(layers, self.schedule(info)) if r > 0]
+
+    def needs_for(self, info: ModelInfo) -> frozenset[str]:
+        """The attention keys and sizes in a ViT block; the hidden states and sizes on a Vim."""
+        return frozenset({"encoder_qkv" if self.stage(info) == STAGE else "hidden", "sizes"})
 
     def capture_layers(self, info: ModelInfo) -> dict[str, tuple[int, ...]]:
-        """The keys of the block each point sits in."""
-        return {"encoder": (), "llm": (), STAGE: tuple(p.layer for p in self.points(info))}
+        """The keys of the block each point sits in (nothing to capture on a Vim)."""
+        layers = tuple(p.layer for p in self.points(info)) if self.stage(info) == STAGE else ()
+        return {"encoder": (), "llm": (), STAGE: layers}
 
     def select(self, ctx: TokenContext) -> Selection:
         spec = ctx.info.spec(ctx.stage)
         r = self.schedule(ctx.info)[list(spec.layers).index(ctx.layer)]
+        if spec.ordered:
+            return self._in_place(ctx, r)
         _, keys, _ = ctx.signals.encoder_qkv()  # [B, H, (CLS) + N, d]: the CLS row first where there is one
         metric = keys[:, :, int(spec.has_cls) :].mean(1)
         merge, provenance, keep = bipartite_soft_matching(metric, r, offset=spec.prefix, sort_unmerged=spec.has_cls)
         merged, _ = merge(ctx.tokens, ctx.signals.sizes())
         return Selection(keep=keep, merged=merged, merge_map=provenance)
+
+    def _in_place(self, ctx: TokenContext, r: int) -> Selection:
+        """The merge at an ordered stage: matched on the hidden states, every output slot at its
+        token's place in the scan (keep ascending, merged values and merge map in that order)."""
+        merge, provenance, keep = bipartite_soft_matching(ctx.signals.hidden(), r)
+        merged, _ = merge(ctx.tokens, ctx.signals.sizes())
+        order = keep.argsort(-1)
+        slot = order.argsort(-1)  # each output slot's place in the ascending order
+        merged = merged.gather(1, order[..., None].expand(-1, -1, merged.shape[-1]))
+        return Selection(keep=keep.gather(1, order), merged=merged, merge_map=slot.gather(1, provenance))
