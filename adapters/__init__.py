@@ -7,5 +7,6 @@ from .llava_next import LlavaNextAdapter
 from .mamba import VimAdapter
 from .qwen import QwenVLAdapter
 from .vit import ViTAdapter
+from .vla import VLAAdapter
 
-__all__ = ["ADAPTERS", "Adapter", "Plan", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "ViTAdapter", "VimAdapter", "find_adapter", "register_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "Plan", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "ViTAdapter", "VimAdapter", "VLAAdapter", "find_adapter", "register_adapter"]

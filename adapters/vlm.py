@@ -96,6 +96,8 @@ def check_llm_attention(model: nn.Module, method: Method, points: list[Point]) -
 class VLMRuntime(Runtime):
     #: keyword of the model's forward that carries images
     pixel_key = "pixel_values"
+    #: the decoder mechanics this family installs (the VLA adapter adds its decode capture)
+    decoder_class = DecoderPruner
 
     def __init__(self, plan: Plan, info: ModelInfo, adapter):
         super().__init__(plan, info)
@@ -126,7 +128,7 @@ class VLMRuntime(Runtime):
         input hook, the adapter's own ``get_image_features`` and (on the top model) labels."""
         llm_points = [p for p in self.plan.points if p.stage == "llm"]
         llm_capture = tuple(sorted(self.plan.capture.get("llm", ()))) if llm_points else ()
-        self.decoder = DecoderPruner(decoder, self, llm_points, llm_capture)
+        self.decoder = self.decoder_class(decoder, self, llm_points, llm_capture)
         self.decoder.install(installed)
         installed.hook(core.register_forward_pre_hook(self.on_model_input, with_kwargs=True))
         installed.set_attribute(core, "get_image_features", self._encode_once())

@@ -952,8 +952,11 @@ TOWERS = [TimmCase("token"), TimmCase("avg"), OpenClipCase(), HFTowerCase("clip"
 from tests.cases_vim import VimCase  # noqa: E402  (a vision Mamba; it subclasses PixelCase above)
 
 VIM = VimCase()
+from tests.cases_vla import VLACase  # noqa: E402  (an OpenVLA-style policy; it subclasses LlavaCase above)
+
+VLA = VLACase()
 #: every case the kit runs
-CASES: list[AdapterCase] = [*LLAVA, NEXT, *QWEN, VIT, *TOWERS, VIM]
+CASES: list[AdapterCase] = [*LLAVA, NEXT, *QWEN, VIT, *TOWERS, VIM, VLA]
 
 
 # -- the expectation table -------------------------------------------------------------------------
@@ -1032,6 +1035,7 @@ NEXT_MERGE = "merging on NeXT's crops: covered by keep-all, batch and cache here
 NEXT_ENCODER = "encoder points on NeXT's crops: rebuilt by hand in tests/test_truth_next.py::test_encoder_manual"
 ONLY_NEXT = "a variant for LLaVA-NeXT's per-crop encoder (interval 1 on its 4-block tower); the plain row runs here"
 NEXT_UNTESTED = "not run on LLaVA-NeXT (no NeXT path checked for it yet)"
+VLA_ONLY = {("*", c.family): "a VLA method: run on the VLA case" for c in CASES if c.family != "vla"}
 
 
 def _next_variant(**options) -> Expect:
@@ -1095,6 +1099,9 @@ EXPECT: dict[str, Expect] = {
         skip={("*", "next"): "VFlowOpt on LLaVA-NeXT has its own batch, cache and unwrap tests: tests/test_vflowopt_next.py"},
     ),
     "visionzip": Expect("visionzip", identity_at_full_budget=MERGES, skip={("manual", "next"): NEXT_MERGE}),
+    # the kit's forwards are warm-up steps of one episode (nothing pruned): the temporal term runs in tests/test_vla_pruner.py
+    "vla_pruner": Expect("vla_pruner", options={"use_temporal": False}, skip=VLA_ONLY),
+    "vla_pruner-prefill": Expect("vla_pruner", options={"use_temporal": False, "use_prefill_attention": True}, skip=VLA_ONLY),
     "zoo_prune": Expect("zoo_prune"),  # the same directions at every call
 }
 
