@@ -52,6 +52,8 @@ from .engine import (
 from .samples import samples as bundled_samples
 from .samples import samples_dir
 from .view import draw_heatmap, draw_overlay, legend_text, placeholder
+from .vim_tab import vim_tab
+from .vim_view import LazyVim
 from .vit_tab import vit_tab
 from .vit_view import LazyViT
 
@@ -143,12 +145,14 @@ def _supported(component, **kwargs) -> dict:
 
 def build_app(store: ModelStore | None = None, default_model: str = DEFAULT_MODEL, samples: list[dict] | None = None,
               default_methods=DEFAULT_METHODS, default_budget: int = DEFAULT_BUDGET, max_slots: int = MAX_SLOTS,
-              vit: LazyViT | None = None):
+              vit: LazyViT | None = None, vim: LazyVim | None = None):
     """The Gradio Blocks app. ``store`` holds the models (a fresh :class:`ModelStore` loading
     with :func:`vlmprune.demo.engine.load_model` by default; tests add their own model); ``vit``
-    the ViT tab's model (default: the embedded ViT-S/14, loaded on its first run)."""
+    the ViT tab's model (default: the embedded ViT-S/14, loaded on its first run); ``vim`` the Vim
+    tab's (default: the embedded Vim, loaded on its first run)."""
     store = store or ModelStore()
     vit = vit or LazyViT()
+    vim = vim or LazyVim()
     samples = bundled_samples() if samples is None else samples
     from gradio.utils import get_upload_folder
 
@@ -346,8 +350,11 @@ def build_app(store: ModelStore | None = None, default_model: str = DEFAULT_MODE
                 gallery.select(pick, None, [image, question], queue=False)
         with gr.Tab("ViT: classification / segmentation", elem_id="tab-vit"):
             vit_tab(vit, samples, lambda payload: image_input(payload, roots))
+        with gr.Tab("Vim: vision Mamba", elem_id="tab-vim"):
+            vim_tab(vim, samples, lambda payload: image_input(payload, roots))
     demo.vlmprune_store = store
     demo.vlmprune_vit = vit
+    demo.vlmprune_vim = vim
     return demo
 
 
