@@ -6,7 +6,8 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .mamba import VimAdapter
 from .qwen import QwenVLAdapter
+from .unet import UNetAdapter
 from .vit import ViTAdapter
 from .vla import VLAAdapter
 
-__all__ = ["ADAPTERS", "Adapter", "Plan", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "ViTAdapter", "VimAdapter", "VLAAdapter", "find_adapter", "register_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "Plan", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "UNetAdapter", "ViTAdapter", "VimAdapter", "VLAAdapter", "find_adapter", "register_adapter"]

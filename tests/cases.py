@@ -955,8 +955,11 @@ VIM = VimCase()
 from tests.cases_vla import VLACase  # noqa: E402  (an OpenVLA-style policy; it subclasses LlavaCase above)
 
 VLA = VLACase()
+from tests.cases_unet import UNetCase  # noqa: E402  (a diffusers UNet; it subclasses PixelCase above)
+
+UNET = UNetCase()
 #: every case the kit runs
-CASES: list[AdapterCase] = [*LLAVA, NEXT, *QWEN, VIT, *TOWERS, VIM, VLA]
+CASES: list[AdapterCase] = [*LLAVA, NEXT, *QWEN, VIT, *TOWERS, VIM, VLA, UNET]
 
 
 # -- the expectation table -------------------------------------------------------------------------
@@ -1036,6 +1039,9 @@ NEXT_ENCODER = "encoder points on NeXT's crops: rebuilt by hand in tests/test_tr
 ONLY_NEXT = "a variant for LLaVA-NeXT's per-crop encoder (interval 1 on its 4-block tower); the plain row runs here"
 NEXT_UNTESTED = "not run on LLaVA-NeXT (no NeXT path checked for it yet)"
 VLA_ONLY = {("*", c.family): "a VLA method: run on the VLA case" for c in CASES if c.family != "vla"}
+UNET_ONLY = {("*", c.family): "a diffusion-UNet method: run on the UNet case" for c in CASES if c.family != "unet"}
+#: ToMeSD and OptiPrune: half the tokens (none for keep-all), deterministic destinations
+UNET_OPTIONS = lambda case, oracle: {"ratio": 0.0 if oracle == "keep_all" else 0.5, "use_rand": False}  # noqa: E731
 
 
 def _next_variant(**options) -> Expect:
@@ -1078,6 +1084,7 @@ EXPECT: dict[str, Expect] = {
     "fopru": Expect("fopru"),
     "hiprune": Expect("hiprune"),
     "holov": Expect("holov"),
+    "optiprune": Expect("optiprune", options=UNET_OPTIONS, skip=UNET_ONLY),
     "prumerge_plus": Expect("prumerge_plus", identity_at_full_budget=MERGES, skip={("manual", "next"): NEXT_MERGE}),
     "random": Expect("random", batch_independent=RNG),
     "tome": Expect(
@@ -1086,6 +1093,7 @@ EXPECT: dict[str, Expect] = {
               **{("*", fam): "merges between attention and MLP of a plain ViT's blocks (or between a Vim's); the VLM "
                  "adapters offer no such stage" for fam in ("llava", "next", "qwen")}},
     ),
+    "tomesd": Expect("tomesd", options=UNET_OPTIONS, skip=UNET_ONLY),
     "top_vim": Expect("top_vim", skip={("*", fam): "ToP-ViM prunes between the blocks of a vision Mamba (its backward-scan score); a VLM has none" for fam in ("llava", "next", "qwen")}),
     "dtop": Expect(
         "dtop", options=lambda case, oracle: dtop_options(oracle),

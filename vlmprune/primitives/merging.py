@@ -75,7 +75,8 @@ def similarity_merge(
 
 
 def bipartite_soft_matching(
-    metric: torch.Tensor, r: int, protect_first: bool = False, offset: int = 0, sort_unmerged: bool = True
+    metric: torch.Tensor, r: int, protect_first: bool = False, offset: int = 0, sort_unmerged: bool = True,
+    sets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
     """ToMe's bipartite soft matching (arXiv 2210.09461; facebookresearch/ToMe ``tome/merge.py``).
 
@@ -88,6 +89,9 @@ def bipartite_soft_matching(
     ``protect_first``: token 0 (a CLS token inside ``metric``, offset 0) is never a source.
     ``sort_unmerged``: the unmerged A tokens in sequence order (the official code sorts them
     when the model has a class token; otherwise they stay in descending order of best score).
+    ``sets``: ``(a_idx, b_idx)``, 1-D indices that split the tokens into A and B in place of the
+    alternation (ToMeSD's 2-D stride partition, :func:`.stride_partition.stride_partition`);
+    ``r`` is then capped at ``len(a_idx)`` instead.
 
     Returns ``(merge, provenance, keep)``: ``keep [B, n - r]``, the input token each output slot
     comes from (``[unmerged A, all B]``; a B slot stands for its group); ``provenance [B, n]``,
@@ -95,7 +99,7 @@ def bipartite_soft_matching(
     of ``x``'s groups and their summed sizes (``size`` None: one each).
     """
     b, n, _ = metric.shape
-    r = min(r, (n - int(protect_first)) // 2)
+    r = min(r, (n - int(protect_first)) // 2 if sets is None else sets[0].numel())
     device = metric.device
     if r <= 0:
         identity = torch.arange(n, device=device).expand(b, -1)
@@ -105,8 +109,11 @@ def bipartite_soft_matching(
 
         return unchanged, identity, identity
     m = F.normalize(metric.float(), dim=-1)
-    a_idx = torch.arange(offset % 2, n, 2, device=device)
-    b_idx = torch.arange(1 - offset % 2, n, 2, device=device)
+    if sets is None:
+        a_idx = torch.arange(offset % 2, n, 2, device=device)
+        b_idx = torch.arange(1 - offset % 2, n, 2, device=device)
+    else:
+        a_idx, b_idx = (s.to(device) for s in sets)
     scores = m[:, a_idx] @ m[:, b_idx].transpose(-1, -2)
     if protect_first:
         scores[:, 0, :] = float("-inf")
