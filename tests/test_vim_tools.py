@@ -27,14 +27,20 @@ def test_eval_rows_and_files(tmp_path):
     final counts as budgeted, files written; a batch below 1 is refused."""
     torch.manual_seed(0)
     save_vim(VimClassifier(VimConfig(d_model=8, depth=4, d_state=2)), tmp_path / "w")
-    runs = (("top_vim", "top_vim", {}), ("uniform", "uniform", {}))
+    runs = (("top_vim", "top_vim", {}), ("uniform", "uniform", {}), ("tome", "tome", {}))
     rows = eval_vim.evaluate(images=8, batch=4, runs=runs, budgets=(16, 4), layers=(2,), log=lambda r: None, weights=tmp_path / "w")
-    assert [(r["method"], r["budget"], r["layers"], r["tokens_kept"]) for r in rows] == [
-        ("none", None, None, 64), ("top_vim", 16, [1, 2, 3], 16), ("top_vim", 4, [1, 2, 3], 4),
-        ("uniform", 16, [2], 16), ("uniform", 4, [2], 4),
+    assert [(r["method"], r["budget"], r["r"], r["layers"], r["tokens_kept"]) for r in rows] == [
+        ("none", None, None, None, 64), ("top_vim", 16, None, [1, 2, 3], 16), ("top_vim", 4, None, [1, 2, 3], 4),
+        ("uniform", 16, None, [2], 16), ("uniform", 4, None, [2], 4),
+        # ToMe: r=16 gives 64 -> 48 -> 32 -> 16 at the last block; 8 is the fewest (r=32, capped at half each time)
+        ("tome", 16, 16, [1, 2, 3, 4], 16), ("tome", 4, 32, [1, 2, 3, 4], 8),
     ]
     assert all(r["images"] == 8 and r["timed_batches"] == 1 and 0 <= r["both"] <= 1 for r in rows)
     assert rows[3]["token_blocks"] == pytest.approx((65 * 2 + 17 * 2) / (65 * 4))
+    # per token: in_proj 8 x 32, out_proj 16 x 8, per direction conv 16 x 4, x_proj 16 x 5, dt_proj 1 x 16 and
+    # the scan 4 x 16 x 2 = 960 multiply-adds; the patch embedding 64 x (3 x 8 x 8 x 8)
+    assert rows[0]["gflops"] == pytest.approx(2 * (64 * 1536 + 960 * 65 * 4) / 1e9)
+    assert rows[3]["gflops"] == pytest.approx(2 * (64 * 1536 + 960 * (65 * 2 + 17 * 2)) / 1e9)
     eval_vim.write(rows, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == rows
     assert (tmp_path / "out" / "accuracy_vs_tokens.png").stat().st_size > 0

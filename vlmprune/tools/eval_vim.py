@@ -1,16 +1,18 @@
 """``python -m vlmprune.tools.eval_vim``: the embedded Vim (easyvqa-cls, ``assets/embedded_vim``)
 with its patch tokens pruned, offline on CPU: ToP-ViM against ViT pruning methods on a vision Mamba.
 
-For each row of :data:`RUNS` (ToP-ViM, its code-exact form, uniform, random, DivPrune) and keep
-budget (:data:`BUDGETS`: 50 %, 25 %, 12.5 % of the 64 patches), the accuracy on the first
+For each row of :data:`RUNS` (ToP-ViM, its code-exact form, uniform, random, DivPrune, ToMe) and
+keep budget (:data:`BUDGETS`: 50 %, 25 %, 12.5 % of the 64 patches), the accuracy on the first
 ``--images`` easy-VQA test images (colour and shape both right, and each alone), the images/s of
 the batches after the first (a warm-up), its ratio to the unwrapped model timed right before on
-the same batches, and ``token_blocks``: the tokens each of the 6 blocks scans, summed, as a
-fraction of the unpruned count (the blocks' cost is linear in the tokens). ToP-ViM prunes after
-blocks 1, 3 and 4 (5, 10, 15 of 24 scaled) down to the budget; the ViT methods prune once, at
-``mixer:L`` for each ``L`` in :data:`LAYERS` (3, the adapter's default, and 1, ToP-ViM's first
-point). The unwrapped model is the ``method="none"`` row. Writes ``results.json``,
-``results.csv`` and ``accuracy_vs_tokens.png`` under ``--out``.
+the same batches, ``tokens_kept`` (the patches the last block scans), ``token_blocks`` (the
+tokens each of the 6 blocks scans, summed, as a fraction of the unpruned count) and ``gflops``
+per image (:func:`gflops_of`). ToP-ViM prunes after blocks 1, 3 and 4 (5, 10, 15 of 24 scaled)
+down to the budget; the ViT methods prune once, at ``mixer:L`` for each ``L`` in :data:`LAYERS`
+(3, the adapter's default, and 1, ToP-ViM's first point); ToMe takes no budget and merges a
+constant ``r`` after every block, the ``r`` whose count reaching the last block comes closest to
+the budget (:func:`tome_r`; column ``r``). The unwrapped model is the ``method="none"`` row.
+Writes ``results.json``, ``results.csv`` and ``accuracy_vs_tokens.png`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import vlmprune
 from vlmprune.embedded import vim_training
 from vlmprune.embedded.vim_model import load_vim
+from vlmprune.methods.tome import token_counts
 from vlmprune.tools._common import images_per_second
 
 #: (row name, method, options): the methods that act on a Vim
@@ -35,24 +38,53 @@ RUNS = (
     ("uniform", "uniform", {}),
     ("random", "random", {}),
     ("divprune", "divprune", {}),
+    ("tome", "tome", {}),
 )
 #: patches kept at the end: 50 %, 25 %, 12.5 % of the 8 x 8 grid
 BUDGETS = (32, 16, 8)
 #: where the one-point ViT methods prune: the adapter's default (depth // 2) and ToP-ViM's first point
 LAYERS = (3, 1)
-FIELDS = ("method", "budget", "layers", "tokens_kept", "images", "colour", "shape", "both",
-          "token_blocks", "images_per_s", "speed_ratio", "timed_batches")
+FIELDS = ("method", "budget", "r", "layers", "tokens_kept", "images", "colour", "shape", "both",
+          "token_blocks", "gflops", "images_per_s", "speed_ratio", "timed_batches")
 
 
-def token_blocks(points: list[dict], n: int, depth: int) -> float:
-    """Tokens (class token included) scanned by the ``depth`` blocks, summed, over the unpruned
-    count: a point ``mixer:l`` with ``out`` patches sets the count from block ``l`` on."""
+def block_counts(points: list[dict], n: int, depth: int) -> list[int]:
+    """The patches each of the ``depth`` blocks scans: a point ``mixer:l`` with ``out`` patches
+    sets the count from block ``l`` on (a point after the last block changes none)."""
     counts = [n] * depth
     for p in points:
         layer = int(str(p["point"]).split(":")[1])
         for b in range(layer, depth):
             counts[b] = p["out"][0]
-    return sum(c + 1 for c in counts) / ((n + 1) * depth)
+    return counts
+
+
+def token_blocks(points: list[dict], n: int, depth: int) -> float:
+    """Tokens (class token included) scanned by the ``depth`` blocks, summed, over the unpruned
+    count (:func:`block_counts`)."""
+    return sum(c + 1 for c in block_counts(points, n, depth)) / ((n + 1) * depth)
+
+
+def gflops_of(model, counts: list[int]) -> float:
+    """GFLOPs per image (1 multiply-add = 2 FLOPs) of the patch embedding and of blocks that scan
+    ``counts[l] + 1`` tokens (class token included): per token, the mixer's linear and
+    depthwise-convolution weights once each, and per scan direction ``4 * d_inner * d_state``
+    multiply-adds for the selective scan (discretisation, input, state update, readout; an
+    estimate: mambapy's parallel scan pads to a power of two, not counted). Norms, the head and
+    the method's own work are left out."""
+    block = model.backbone.layers[0].mixer
+    weights = sum(m.weight.numel() for m in block.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)))
+    d_inner, d_state = block.A_log.shape
+    per_token = weights + 2 * 4 * d_inner * d_state
+    embed = model.patch_embed.weight.numel() * model.config.n_patches
+    return 2 * (embed + per_token * sum(c + 1 for c in counts)) / 1e9
+
+
+def tome_r(n: int, depth: int, budget: int) -> int:
+    """The constant ToMe ``r`` whose patch count reaching the last of ``depth`` blocks (after
+    ``depth - 1`` merges, ToMe's cap of half the tokens applied) is closest to ``budget`` (the
+    smaller ``r`` on a tie)."""
+    return min(range(n // 2 + 1), key=lambda r: abs(token_counts(n, [r] * depth)[depth - 1] - budget))
 
 
 def _run(model, batches, labels) -> tuple[dict, float, int]:
@@ -86,25 +118,39 @@ def evaluate(images: int = 954, batch: int = 64, runs=RUNS, budgets=BUDGETS, lay
     x, labels = vim_training.dataset("test", images)
     batches = list(x.split(batch))
     acc, speed, timed = _run(model, batches, labels)
-    rows = [{"method": "none", "budget": None, "layers": None, "tokens_kept": n, "images": len(x), **acc,
-             "token_blocks": 1.0, "images_per_s": speed, "speed_ratio": 1.0, "timed_batches": timed}]
+    rows = [{"method": "none", "budget": None, "r": None, "layers": None, "tokens_kept": n, "images": len(x), **acc,
+             "token_blocks": 1.0, "gflops": gflops_of(model, [n] * depth), "images_per_s": speed, "speed_ratio": 1.0,
+             "timed_batches": timed}]
     log(rows[0])
     for name, method, options in runs:
-        for layer in ([None] if method == "top_vim" else layers):
+        for layer in ([None] if method in ("top_vim", "tome") else layers):
             for budget in budgets:
                 extra = dict(options) if layer is None else {**options, "boundary_layer": layer}
+                r = tome_r(n, depth, budget) if method == "tome" else None
+                amount = {"r": r} if method == "tome" else {"budget": budget}
                 reference = images_per_second(model, batches[1:])
                 torch.manual_seed(seed)
-                with vlmprune.wrap(model, method, budget=budget, **extra) as handle:
+                with vlmprune.wrap(model, method, **amount, **extra) as handle:
                     acc, speed, timed = _run(model, batches, labels)
                     points = handle.stats["points"]
-                row = {"method": name, "budget": budget, "layers": [int(str(p["point"]).split(":")[1]) for p in points],
-                       "tokens_kept": points[-1]["out"][0], "images": len(x), **acc,
-                       "token_blocks": token_blocks(points, n, depth), "images_per_s": speed,
+                counts = block_counts(points, n, depth)
+                row = {"method": name, "budget": budget, "r": r, "layers": [int(str(p["point"]).split(":")[1]) for p in points],
+                       "tokens_kept": counts[-1], "images": len(x), **acc,
+                       "token_blocks": token_blocks(points, n, depth), "gflops": gflops_of(model, counts), "images_per_s": speed,
                        "speed_ratio": speed / reference, "timed_batches": timed}
                 rows.append(row)
                 log(row)
     return rows
+
+
+def _curve(row: dict) -> tuple[str, str]:
+    """The plot line a row belongs to: (method, legend label)."""
+    name, layers = row["method"], row["layers"]
+    if name.startswith("top_vim"):
+        return name, f"{name} (blocks {'/'.join(map(str, layers))})"
+    if name == "tome":
+        return name, "tome (constant r, after every block)"
+    return name, f"{name} (mixer:{layers[0]})"
 
 
 def write(rows: list[dict], out: Path) -> None:
@@ -122,15 +168,15 @@ def write(rows: list[dict], out: Path) -> None:
         w.writerows({**r, "layers": " ".join(map(str, r["layers"] or []))} for r in rows)
     base = rows[0]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for label in dict.fromkeys((r["method"], tuple(r["layers"])) if r["method"].startswith("top_vim") else (r["method"], r["layers"][0]) for r in rows[1:]):
-        name, where = label
-        pts = sorted((r["tokens_kept"], r["both"]) for r in rows[1:] if r["method"] == name
-                     and (tuple(r["layers"]) == where if name.startswith("top_vim") else r["layers"][0] == where))
-        tag = f"{name} (blocks {'/'.join(map(str, where))})" if name.startswith("top_vim") else f"{name} (mixer:{where})"
-        style = "-" if name.startswith("top_vim") or where == LAYERS[0] else "--"
+    curves: dict[tuple[str, str], list] = {}
+    for r in rows[1:]:
+        curves.setdefault(_curve(r), []).append((r["tokens_kept"], r["both"]))
+    for (name, tag), pts in curves.items():
+        style = "--" if tag.endswith(f"(mixer:{LAYERS[1]})") else "-"
+        pts = sorted(pts)
         ax.plot([k for k, _ in pts] + [base["tokens_kept"]], [a for _, a in pts] + [base["both"]], style, marker="o", label=tag)
     ticks = sorted({r["tokens_kept"] for r in rows})
-    ax.set(xscale="log", xticks=ticks, xticklabels=[str(t) for t in ticks], xlabel=f"patch tokens kept at the end (of {base['tokens_kept']})",
+    ax.set(xscale="log", xticks=ticks, xticklabels=[str(t) for t in ticks], xlabel=f"patch tokens the last block scans (of {base['tokens_kept']})",
            ylabel=f"easyvqa-cls accuracy, both right ({base['images']} test images)", title="embedded Vim (6 blocks)")
     ax.minorticks_off()
     ax.grid(alpha=0.3)
