@@ -90,6 +90,8 @@ class DecoderState:
     fresh: bool = True  # not yet tied to the cache its prefill filled (the LM's output hook ties it)
     replay: tuple[FirstStep, int] | None = None  # (choices, generated tokens) of a later no-cache step
     first: FirstStep | None = None  # recording the choices of a generation's first no-cache step
+    #: the prefill's LM input after any pruning there: (inputs_embeds, layout, text_mask)
+    lm_input: tuple | None = None
 
     @property
     def pruned(self) -> bool:
@@ -360,6 +362,7 @@ class DecoderPruner:
             st.mask2d = real if real is not None else torch.ones(b, length, dtype=torch.long, device=embeds.device)
             st.layout = layout
             st.text_mask = self._text_mask(st.mask2d, layout)
+            st.lm_input = (embeds, st.layout, st.text_mask)
             kwargs["position_ids"] = pos
             return kwargs
         t = SeqTransform.from_keep(keep)
@@ -383,6 +386,7 @@ class DecoderPruner:
             st.mask2d = torch.ones(b, t.l_out, dtype=torch.long, device=embeds.device)
         st.layout = layout.apply(t)
         st.text_mask = self._text_mask(st.mask2d, st.layout)
+        st.lm_input = (kwargs["inputs_embeds"], st.layout, st.text_mask)
         return kwargs
 
     @staticmethod
@@ -571,17 +575,24 @@ class DecoderPruner:
             q, k = d.rope(q, k, cos, sin)
             return q, k, v
 
-        def text_attention(layer: int = cap_layer, query: str = "last", rope: bool = True, reduce: str = "mean"):
+        def text_attention(layer: int = cap_layer, query="last", rope: bool = True, reduce: str = "mean",
+                           per_query: bool = False):
             """Attention that the prompt's last token (``query="last"``), its text tokens after
             the image (``"instruction"``) or the image's own tokens (``"visual"``: the column
             means of the visual -> visual block, O(N^2) per head; ATP's self-modality score) pay
             to each image token at LLM layer ``layer``, mean over the query rows,
-            ``[n_img, N]`` (``reduce="none"``: per head, ``[n_img, H, N]``). ``rope=False``
+            ``[n_img, N]`` (``reduce="none"``: per head, ``[n_img, H, N]``). ``query`` may also
+            be a tuple with one 1-D index tensor per image of the call, naming the row's text
+            tokens counted back from its last one (0: the last text token; pruning inside the LLM
+            never moves them: SparseVLM's raters). ``per_query=True`` keeps the query rows: a
+            list with one ``[Q, N]`` (``reduce="none"``: ``[H, Q, N]``) per image. ``rope=False``
             recomputes it without rotary embeddings (FEATHER). ``layer`` may be a captured layer
             or this point's own layer ``K`` (its projections applied to the current hidden states:
             the "next layer" of PyramidDrop-style methods)."""
             if reduce not in ("mean", "sum", "none"):
                 raise ValueError(f"reduce must be one of 'mean', 'sum', 'none', got {reduce!r}")
+            if not isinstance(query, str) and len(query) != len(group):
+                raise ValueError(f"query as index tensors needs one per image of the call ({len(group)}), got {len(query)}")
             if rope:
                 q, k, _ = qkv(layer)
             else:
@@ -593,7 +604,10 @@ class DecoderPruner:
             out = []
             for j, img in enumerate(group):
                 row = int(rows[j])
-                if query == "last":
+                if not isinstance(query, str):
+                    text = st.text_mask[row].nonzero().flatten().flip(0)
+                    qpos = text[query[j].to(text.device)]
+                elif query == "last":
                     qpos = mask2d[row].nonzero().max().view(1)
                 elif query == "instruction":
                     after = torch.zeros(length, dtype=torch.bool, device=q.device)
@@ -609,11 +623,24 @@ class DecoderPruner:
                 probs = attention_rows(q[row : row + 1, :, qpos], k[row : row + 1], self.decoder.head_dim**-0.5, key_mask)
                 probs = probs[0][:, :, pos[j]]  # [H, Q, N]
                 if reduce == "none":
-                    out.append(probs.mean(1))
+                    out.append(probs if per_query else probs.mean(1))
                     continue
                 red = probs.mean(0) if reduce == "mean" else probs.sum(0)
-                out.append(red.mean(0))
-            return torch.stack(out)
+                out.append(red if per_query else red.mean(0))
+            return out if per_query else torch.stack(out)
+
+        def llm_input() -> list[tuple[torch.Tensor, torch.Tensor]]:
+            """Per image of the call: the prefill's LM input (``inputs_embeds``, after any pruning
+            at the LM input) of the image's tokens there ``[N_in, C]`` and of the row's text tokens
+            after the image ``[T, C]``, in sequence order (SparseVLM's raters)."""
+            embeds, layout0, text0 = st.lm_input
+            out = []
+            for j, img in enumerate(group):
+                row, places = int(rows[j]), layout0.positions[img]
+                after = torch.zeros_like(text0[row])
+                after[int(places.max()) + 1 :] = True
+                out.append((embeds[row, places], embeds[row, (text0[row] & after).nonzero().flatten()]))
+            return out
 
         def relay_qkv(layer: int = cap_layer):
             """Per image of the call, LLM layer ``layer``'s per-head queries and keys (after RoPE)
@@ -675,6 +702,7 @@ class DecoderPruner:
                 "relay_qkv": relay_qkv,
                 "instruction_states": instruction_states,
                 "llm_norm": lambda: self.decoder.model.norm,
+                "llm_input": llm_input,
                 "hidden": lambda: tokens,
                 "sublayer_io": sublayer_io,
             }

@@ -82,6 +82,7 @@ from .vlm import ImageRecord, VLMRuntime, check_llm_attention, position_options
 SIGNALS = (
     "hidden", "projected", "projector", "projector_input", "pixels", "encoder_attention", "encoder_qkv",
     "text_embedding", "text_attention", "llm_qkv", "relay_qkv", "sublayer_io", "instruction_states", "llm_norm",
+    "llm_input",
 )
 
 

@@ -172,7 +172,7 @@ class LlavaCase(AdapterCase):
     full_budget = n_patches()
     full_counts = [n_patches()] * 2
     budget = 24
-    eager_rows = frozenset({"divprune", "fastv", "todre", "vflowopt", "feather", "transprune", "adatoken3d", "atp", "atp_learned"})
+    eager_rows = frozenset({"divprune", "fastv", "todre", "vflowopt", "feather", "transprune", "adatoken3d", "atp", "atp_learned", "sparsevlm"})
 
     def __init__(self, tower: str = "clip", attn: str = "sdpa"):
         self.tower, self.attn = tower, attn
@@ -1100,6 +1100,9 @@ EXPECT: dict[str, Expect] = {
         skip={("*", fam): "early exit needs a ViT with a dense head: runs on the vit-dense case" for fam in ("llava", "next", "qwen", "vim")},
     ),
     "todre": Expect("todre", identity_at_full_budget="stage 2 halves the tokens inside the LLM at any budget", skip={("manual", "next"): NEXT_MULTI}),
+    # manual without recycling (the kit's hand rebuild drops tokens only): recycled values by hand in tests/test_sparsevlm.py
+    "sparsevlm": Expect("sparsevlm", options=lambda case, oracle: {"recycle": False} if oracle == "manual" else {},
+                        skip={("manual", "next"): NEXT_MULTI}),
     "transprune": Expect("transprune", skip={("manual", "next"): NEXT_MULTI}),  # TTV softmax per sample (official: over the batch)
     "uniform": Expect("uniform"),
     "vflowopt": Expect(

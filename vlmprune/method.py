@@ -26,6 +26,7 @@ SIGNALS = frozenset(
         "relay_qkv",  # per image: q/k/v at an LLM layer of the prompt's last token, then the image's tokens
         "instruction_states",  # per image: LLM keys of its tokens and of the text after it, that text's hidden states
         "llm_norm",  # the language model's final norm, as a callable
+        "llm_input",  # per image: the prefill's LM input of its tokens and of the text after it
         "text_embedding",  # the LLM input embeddings of the prompt's text tokens
         "pixels",  # each current token's pixel patch, as fed to the vision tower
         "sublayer_io",  # inputs and outputs of an LLM layer's attention and MLP sub-layers (prefill)
@@ -49,12 +50,14 @@ def scale_llm_layers(layers, reference: int, depth: int, where: str, spread: boo
     before a decoder layer and after at least one); otherwise a ValueError naming ``where``
     (e.g. VFlowOpt's 9, 18 of 28 give 10, 21 of 32 and 1, 3 of 4). ``spread=True`` (scaled
     layers only) first separates layers that collide after rounding, moving each later one up
-    to one past its predecessor and then, from the last, down below ``depth`` (TransPrune's
-    7, 9, 12 of 32 round to 1, 1, 2 of 4 and spread to 1, 2, 3). ``model`` names the stack in
+    to one past its predecessor (the first up to 1) and then, from the last, down below ``depth``
+    (TransPrune's 7, 9, 12 of 32 round to 1, 1, 2 of 4 and spread to 1, 2, 3; SparseVLM's 3, 7,
+    16 round to 0, 1, 2 and spread to 1, 2, 3). ``model`` names the stack in
     the error (ToP-ViM scales a Vim's blocks the same way)."""
     mapped = tuple(int(k * depth / reference + 0.5) if reference else int(k) for k in layers)
     if spread and reference and mapped:
         out = list(mapped)
+        out[0] = max(out[0], 1)
         for i in range(1, len(out)):
             out[i] = max(out[i], out[i - 1] + 1)
         out[-1] = min(out[-1], depth - 1)
