@@ -70,3 +70,16 @@ def test_random_flips_move_the_distillation_targets_with_their_images():
     assert 4 <= flipped.sum() <= 12
     assert torch.equal(patch_ids[flipped], torch.arange(64.0).view(8, 8).flip(1).flatten().expand(int(flipped.sum()), 64))
     assert torch.equal(x[:, 0, ::8, ::8].flatten(1), torch.arange(64.0).expand(16, 64))  # inputs untouched
+
+
+def test_fit_probe_recovers_a_planted_linear_map_of_the_final_patch_tokens():
+    from vlmprune.embedded.vim_model import VimClassifier, VimConfig
+
+    torch.manual_seed(0)
+    model = VimClassifier(VimConfig(image_size=16, patch_size=8, d_model=8, depth=1, d_state=4, num_classes=2))
+    x = torch.randn(6, 3, 16, 16)
+    weight, bias = torch.randn(5, 8), torch.randn(5)
+    teacher = vim_training.final_patches(model.eval(), x)[1] @ weight.T + bias
+    probe = torch.nn.Linear(8, 5)
+    vim_training.fit_probe(probe, model, x, teacher)
+    assert torch.allclose(probe.weight, weight, atol=1e-3) and torch.allclose(probe.bias, bias, atol=1e-3)

@@ -9,7 +9,9 @@ patches + a middle class token) learns the image's colour x shape (24 classes,
 checkpointed under ``<cache>/embedded-vim/`` (model, optimiser, generator states) and a rerun of
 the same command resumes from the last one. ``--flip`` flips each training image left-right with probability 1/2
 every epoch (colour and shape unchanged; the distillation targets flip with it; not upside down:
-easy-VQA's triangles always point up). ``--distil W`` adds W times a dense distillation loss:
+easy-VQA's triangles always point up). ``--init DIR`` starts from a trained Vim saved in ``DIR``
+(this command's ``--out`` of an earlier run; its ``training.json`` is kept under ``"init"``), with
+the distillation map first fitted to it by least squares. ``--distil W`` adds W times a dense distillation loss:
 a training-only linear map of the Vim's final patch tokens regresses the embedded ViT-S/14's
 final-norm patch tokens (``vlmprune.embedded.vit_training``'s feature cache, 16 x 16 averaged to
 8 x 8, standardised per channel); the cache must have been filled by that command. Training stops after ``--epochs`` or once the test
@@ -102,6 +104,19 @@ def random_flips(x: torch.Tensor, target: torch.Tensor | None, gen: torch.Genera
     return x, grid.flatten(1, 2)
 
 
+@torch.no_grad()
+def fit_probe(probe: torch.nn.Linear, model, x: torch.Tensor, teacher: torch.Tensor, batch: int = 256) -> None:
+    """Set ``probe`` to the least-squares map (with bias) of ``model``'s final patch tokens on ``x``
+    onto ``teacher`` (so a run from a trained Vim does not start from a random distillation map)."""
+    model.eval()
+    feats = torch.cat([final_patches(model, x[i : i + batch])[1] for i in range(0, len(x), batch)]).flatten(0, 1)
+    feats = torch.cat([feats, torch.ones(len(feats), 1)], 1)
+    solution = torch.linalg.lstsq(feats, teacher.flatten(0, 1).float()).solution  # [D + 1, C]
+    probe.weight.copy_(solution[:-1].T)
+    probe.bias.copy_(solution[-1])
+    model.train()
+
+
 def final_patches(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, the final-norm patch tokens ``[B, M, D]``) of one forward of ``model``."""
     seq = model.norm_f(model.backbone(model.embed(x)))
@@ -115,15 +130,17 @@ def train(args) -> dict:
     np.random.seed(args.seed)
     ckpt_dir = Path(args.cache) if args.cache else cache_root() / "embedded-vim"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_dir / f"seed{args.seed}{f'-distil{args.distil:g}' if args.distil else ''}{'-flip' if args.flip else ''}-e{args.epochs}.pt"
+    ckpt = ckpt_dir / f"seed{args.seed}{f'-distil{args.distil:g}' if args.distil else ''}{'-flip' if args.flip else ''}-e{args.epochs}{'-init' if args.init else ''}.pt"
     xtr, ytr = dataset("train", args.n_train)
     xte, yte = dataset("test")
     log(f"data: {len(xtr)} train, {len(xte)} test images")
-    model = vim_model.VimClassifier(vim_model.VimConfig(**ARCH))
+    model = vim_model.load_vim(args.init).train() if args.init else vim_model.VimClassifier(vim_model.VimConfig(**ARCH))
     params = list(model.parameters())
     if args.distil:
         teacher = teacher_tokens("train", args.n_train)
         probe = torch.nn.Linear(ARCH["d_model"], teacher.shape[-1])  # training only, not saved with the model
+        if args.init:
+            fit_probe(probe, model, xtr, teacher)
         params += list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = (len(xtr) + args.batch - 1) // args.batch
@@ -173,6 +190,8 @@ def train(args) -> dict:
         "seed": args.seed,
         "distil": args.distil,
         "flip": args.flip,
+        "lr": args.lr,
+        **({"init": json.loads((Path(args.init) / "training.json").read_text())} if args.init else {}),
         "epochs": state["epoch"],
         "train_minutes": round(state["seconds"] / 60, 1),
         "test": accuracy(model, xte, yte),
@@ -203,6 +222,7 @@ def main(argv=None) -> dict:
     p.add_argument("--n-train", type=int, default=None, help="the first n train images (default: all)")
     p.add_argument("--distil", type=float, default=0.0, help="weight of the dense distillation from the embedded ViT (0: none)")
     p.add_argument("--flip", action="store_true", help="random left-right flips of the training images")
+    p.add_argument("--init", default=None, help="start from the trained Vim saved in this directory (an earlier run's --out)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default=None, help="checkpoint directory (default: <cache>/embedded-vim)")
     p.add_argument("--out", default=str(vim_model.ASSETS))
