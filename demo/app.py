@@ -10,7 +10,8 @@ model: the image as the model sees it with the patch grid drawn over it (dropped
 kept ones outlined, merged ones tinted with the colour of the token they were merged into), the
 scores the method ranked tokens by (as a heatmap, at its last scoring point), the answer, the
 visual tokens kept and the time taken. Releasing the budget slider re-runs the methods. A second
-tab shows a plain ViT classifier or segmenter pruned per layer (:mod:`vlmprune.demo.vit_tab`).
+tab shows a plain ViT classifier or segmenter pruned per layer (:mod:`vlmprune.demo.vit_tab`), a
+third the embedded vision Mamba (Vim) pruned per point (:mod:`vlmprune.demo.vim_tab`).
 
 Runs offline: the default model is the embedded easy-VQA LLaVA in ``assets/embedded_vlm``, the
 samples are in ``assets/samples``; Gradio's analytics are off. The model field takes any
