@@ -958,8 +958,11 @@ VLA = VLACase()
 from tests.cases_unet import UNetCase  # noqa: E402  (a diffusers UNet; it subclasses PixelCase above)
 
 UNET = UNetCase()
+from tests.cases_pi0 import PI0Case  # noqa: E402  (transformers' PI0 policy)
+
+PI0 = PI0Case()
 #: every case the kit runs
-CASES: list[AdapterCase] = [*LLAVA, NEXT, *QWEN, VIT, *TOWERS, VIM, VLA, UNET]
+CASES: list[AdapterCase] = [*LLAVA, NEXT, *QWEN, VIT, *TOWERS, VIM, VLA, UNET, PI0]
 
 
 # -- the expectation table -------------------------------------------------------------------------
@@ -1087,6 +1090,8 @@ EXPECT: dict[str, Expect] = {
     "optiprune": Expect("optiprune", options=UNET_OPTIONS, skip=UNET_ONLY),
     "prumerge_plus": Expect("prumerge_plus", identity_at_full_budget=MERGES, skip={("manual", "next"): NEXT_MERGE}),
     "random": Expect("random", batch_independent=RNG),
+    "recoverable_compression": Expect("recoverable_compression", identity_at_full_budget="merges the rest into centres and a summary "
+                                      "token at any budget: no identity at full budget", skip={("manual", "next"): NEXT_MERGE}),
     "tome": Expect(
         "tome", options=lambda case, oracle: tome_options(case, oracle),
         skip={("manual", "vit"): "merges inside every block: the official algorithm rebuilt by hand in tests/test_tome.py",

@@ -198,12 +198,12 @@ def _deepcopy_wrapped(handle: Handle, memo: dict) -> nn.Module:
 
 
 def _serialise_calls(model: nn.Module, installed, lock: _CallLock) -> None:
-    """One call at a time: ``model(...)`` (its hooks included), ``model.forward`` and
-    ``model.generate`` hold the wrap's re-entrant lock for the whole call, because the runtime
+    """One call at a time: ``model(...)`` (its hooks included), ``model.forward``,
+    ``model.generate`` and ``model.sample_actions`` (PI0) hold the wrap's re-entrant lock for the whole call, because the runtime
     keeps the state of the prefill it is pruning (a second thread would otherwise read it)."""
     installed.hook(model.register_forward_pre_hook(lock.enter_hook, prepend=True))
     installed.hook(model.register_forward_hook(lock.exit_hook, always_call=True))
-    for name in ("forward", "generate"):
+    for name in ("forward", "generate", "sample_actions"):  # sample_actions: PI0's control step
         inner = getattr(model, name, None)
         if inner is not None:
             installed.set_attribute(model, name, lock.guard(inner))
