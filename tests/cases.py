@@ -1090,8 +1090,6 @@ EXPECT: dict[str, Expect] = {
     "optiprune": Expect("optiprune", options=UNET_OPTIONS, skip=UNET_ONLY),
     "prumerge_plus": Expect("prumerge_plus", identity_at_full_budget=MERGES, skip={("manual", "next"): NEXT_MERGE}),
     "random": Expect("random", batch_independent=RNG),
-    "recoverable_compression": Expect("recoverable_compression", identity_at_full_budget="merges the rest into centres and a summary "
-                                      "token at any budget: no identity at full budget", skip={("manual", "next"): NEXT_MERGE}),
     "tome": Expect(
         "tome", options=lambda case, oracle: tome_options(case, oracle),
         skip={("manual", "vit"): "merges inside every block: the official algorithm rebuilt by hand in tests/test_tome.py",
