@@ -175,7 +175,7 @@ def write(rows: list[dict], out: Path) -> None:
         style = "--" if tag.endswith(f"(mixer:{LAYERS[1]})") else "-"
         pts = sorted(pts)
         ax.plot([k for k, _ in pts] + [base["tokens_kept"]], [a for _, a in pts] + [base["both"]], style, marker="o", label=tag)
-    ticks = sorted({r["tokens_kept"] for r in rows})
+    ticks = sorted({r["budget"] for r in rows[1:]} | {base["tokens_kept"]})  # ToMe's counts fall between them
     ax.set(xscale="log", xticks=ticks, xticklabels=[str(t) for t in ticks], xlabel=f"patch tokens the last block scans (of {base['tokens_kept']})",
            ylabel=f"easyvqa-cls accuracy, both right ({base['images']} test images)", title="embedded Vim (6 blocks)")
     ax.minorticks_off()
