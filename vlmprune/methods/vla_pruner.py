@@ -3,6 +3,7 @@ steps' action decoding attended to, thinned by max-min diversity when over budge
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,16 +30,17 @@ def temporal_guide(history: list[torch.Tensor], gamma: float, order: str = "code
     return g / g.sum(-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
 
 
-def dual_level_select(guide: torch.Tensor, current: torch.Tensor, embeddings: torch.Tensor, k: int) -> torch.Tensor:
+def dual_level_select(guide: torch.Tensor, current: torch.Tensor, embeddings: Callable[[], torch.Tensor], k: int) -> torch.Tensor:
     """VLA-Pruner's selection, ``[B, k]`` ascending: the union of the top-``k`` of ``guide`` and of
     ``current`` (``[B, N]`` each); when it holds more than ``k`` tokens, DivPrune's greedy max-min
-    diversity on the cosine distance of their ``embeddings`` (``[B, N, C]``) keeps ``k``."""
+    diversity on the cosine distance of their ``embeddings()`` (``[B, N, C]``, asked for only then)
+    keeps ``k``."""
     top_g, top_c = topk_keep_order(guide, k), topk_keep_order(current, k)
     out = []
     for row in range(guide.shape[0]):
         union = torch.unique(torch.cat([top_g[row], top_c[row]]))  # sorted
         if union.numel() > k:
-            union = union[max_min_diversity(embeddings[row, union][None], k)[0]]
+            union = union[max_min_diversity(embeddings()[row, union][None], k)[0]]
         out.append(union)
     return torch.stack(out)
 
@@ -135,5 +137,5 @@ class VLAPruner(Method):
         guide = temporal_guide(history[-self.temporal_w :], self.temporal_gamma, self.temporal_weight_order)
         index = ctx.token_index
         guide = guide.to(current.device).gather(1, index.clamp_min(0)).masked_fill(index < 0, 0)  # a CLS slot: no grid place
-        keep = dual_level_select(guide, current, ctx.signals.projected(), ctx.budget)
+        keep = dual_level_select(guide, current, ctx.signals.projected, ctx.budget)
         return Selection(keep=keep, scores=current)
