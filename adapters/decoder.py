@@ -576,7 +576,7 @@ class DecoderPruner:
             return q, k, v
 
         def text_attention(layer: int = cap_layer, query="last", rope: bool = True, reduce: str = "mean",
-                           per_query: bool = False):
+                           per_query: bool = False, divide_rope: bool = False):
             """Attention that the prompt's last token (``query="last"``), its text tokens after
             the image (``"instruction"``) or the image's own tokens (``"visual"``: the column
             means of the visual -> visual block, O(N^2) per head; ATP's self-modality score) pay
@@ -585,7 +585,10 @@ class DecoderPruner:
             be a tuple with one 1-D index tensor per image of the call, naming the row's text
             tokens counted back from its last one (0: the last text token; pruning inside the LLM
             never moves them: SparseVLM's raters). ``per_query=True`` keeps the query rows: a
-            list with one ``[Q, N]`` (``reduce="none"``: ``[H, Q, N]``) per image. ``rope=False``
+            list with one ``[Q, N]`` (``reduce="none"``: ``[H, Q, N]``) per image.
+            ``divide_rope=True`` divides each probability by the scaled logit that all-ones
+            queries and keys get from the rotary embedding alone at those two positions (the
+            "attention gravity" correction of SparseVLM+). ``rope=False``
             recomputes it without rotary embeddings (FEATHER). ``layer`` may be a captured layer
             or this point's own layer ``K`` (its projections applied to the current hidden states:
             the "next layer" of PyramidDrop-style methods)."""
@@ -601,6 +604,9 @@ class DecoderPruner:
             mask2d = captured(layer).get("mask2d", st.mask2d).bool()
             length = mask2d.shape[1]
             causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+            if divide_rope:
+                ones = q.new_ones(q.shape[0], 1, length, q.shape[-1])
+                ones_q, ones_k = self.decoder.rope(ones, ones, *captured(layer)["cos_sin"])
             out = []
             for j, img in enumerate(group):
                 row = int(rows[j])
@@ -622,6 +628,8 @@ class DecoderPruner:
                 key_mask = (causal[qpos] & mask2d[row][None])[None]
                 probs = attention_rows(q[row : row + 1, :, qpos], k[row : row + 1], self.decoder.head_dim**-0.5, key_mask)
                 probs = probs[0][:, :, pos[j]]  # [H, Q, N]
+                if divide_rope:
+                    probs = probs / (ones_q[row, :, qpos] @ ones_k[row, :, pos[j]].transpose(-1, -2) * self.decoder.head_dim**-0.5)
                 if reduce == "none":
                     out.append(probs if per_query else probs.mean(1))
                     continue

@@ -175,9 +175,9 @@ def _attention_probs(layer, hidden, cos, sin, heads, kv_heads):
     return logits.softmax(-1)[0]
 
 
-def _run(layers, hidden, lm):
+def _run(layers, hidden, lm, pos=None):
     n = hidden.shape[1]
-    pos = torch.arange(n)[None]
+    pos = torch.arange(n)[None] if pos is None else pos
     cos, sin = lm.rotary_emb(hidden, position_ids=pos)
     mask = torch.zeros(1, 1, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
     for layer in layers:
@@ -220,4 +220,42 @@ def test_one_pruning_layer_by_hand_on_tiny_llava():
         drop[visual[recycled[centres]]] = True
         ref = model.lm_head(lm.norm(_run(lm.layers[2:], row[drop][None], lm)))[0]
     assert pruned.shape[0] == ids.shape[0] - 256 + 137
+    torch.testing.assert_close(pruned, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_v2_one_pruning_layer_by_hand_on_tiny_llava():
+    """Version 2.0 (the code's USE_VERSION=2_0) before layer 2: layer 1's probabilities divided
+    by the RoPE-only logit of all-ones q/k, ``2 sum_k cos(theta_k (i - j)) / sqrt(d)``, the mean
+    over the 2 (= 14 * 4 / 32) heads with the largest rater -> image sum, top 133, no
+    recycling, original position ids."""
+    model = tiny_llava(attn="eager")
+    inputs = batch([[10, 11, 12, 13, 14, 15]], seed=5)
+    with torch.no_grad():
+        with vlmprune.wrap(model, "sparsevlm", budget=85, layers=(2,), layers_of=0, version="2.0") as handle:
+            pruned = model(**inputs).logits[0]
+        assert handle.method.llm_positions == "original"
+        lm = model.model.language_model
+        cfg = lm.config
+        embeds = full_embeddings(model, inputs)
+        ids = inputs["input_ids"][0]
+        length = ids.shape[0]
+        visual = (ids == IMAGE_TOKEN).nonzero().flatten()
+        text = torch.arange(int(visual[-1]) + 1, length)
+        raters = text[raters_by_hand(embeds[0, visual], embeds[0, text])]
+        hidden = _run(lm.layers[:1], embeds, lm)
+        cos, sin = lm.rotary_emb(hidden, position_ids=torch.arange(length)[None])
+        probs = _attention_probs(lm.layers[1], hidden, cos, sin, cfg.num_attention_heads, cfg.num_key_value_heads)
+        delta = (raters[:, None] - visual[None, :]).float()
+        gravity = 2 * torch.cos(delta[..., None] * lm.rotary_emb.inv_freq).sum(-1) / lm.layers[1].self_attn.head_dim**0.5
+        corrected = probs[:, raters][:, :, visual] / gravity
+        heads = corrected.sum((1, 2)).topk(2).indices
+        scores = corrected[heads].mean(0).mean(0)
+        kept = scores.topk(133).indices
+        hidden = _run(lm.layers[:2], embeds, lm)
+        keep = torch.ones(length, dtype=torch.bool)
+        keep[visual] = False
+        keep[visual[kept]] = True
+        positions = torch.arange(length)[keep][None]
+        ref = model.lm_head(lm.norm(_run(lm.layers[2:], hidden[:, keep], lm, positions)))[0]
+    assert pruned.shape[0] == length - 256 + 133
     torch.testing.assert_close(pruned, ref, atol=1e-5, rtol=1e-5)

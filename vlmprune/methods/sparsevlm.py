@@ -24,6 +24,8 @@ RANK_RULE = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
 #: layers ``pruning_loc`` = 2, 6, 15 (v1.0: 2, 6, 15, 19) with that layer's own attention
 LAYERS = {"1.5": (3, 7, 16), "2.0": (3, 7, 16), "1.0": (3, 7, 16, 20)}
 REFERENCE_TOKENS = 576
+#: v2.0's priority heads: the top 14 of LLaVA-1.5-7B's 32 by rater -> image attention
+PRIORITY_HEADS = (14, 32)
 
 
 def select_raters(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -84,6 +86,11 @@ class SparseVLM(Method):
     before 3, 7, 16, 20, and ``count = min(int(rank * scale + bias), n - 1)`` from the rank of
     the rater x image attention matrix (nothing pruned when the rank is ``n``), ``scale, bias``
     per budget (:data:`RANK_RULE`; the paper writes it as deleting ``lambda (n - rank)``).
+    ``"2.0"`` (SparseVLM+, the code's ``USE_VERSION=2_0``): the v2.0 lists, each attention
+    probability divided by the scaled RoPE-only logit of all-ones queries and keys at its two
+    positions ("attention gravity" correction), the mean over the ``14 H / 32`` heads (14 of 32)
+    with the largest rater -> image attention sum instead of all heads, no recycling, and kept
+    tokens keep their position ids.
 
     **Budget**: the code's ``RETAIN_TOKN``, the visual tokens per layer averaged over the LLM's
     layers (its "Equal Tokens"), not the count left at the end: at 192 of 576 tokens the last
@@ -110,12 +117,13 @@ class SparseVLM(Method):
     paper = {"title": "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference",
              "arxiv": "2410.04417"}
 
-    version: str = option("1.5", "code version: the repository's current code (v1.5), or the October 2024 rank rule (v1.0)",
-                          choices=("1.5", "1.0"))
+    version: str = option("1.5", "code version: the repository's current code (v1.5), its USE_VERSION=2_0 mode "
+                                 "(v2.0, SparseVLM+), or the October 2024 rank rule (v1.0)", choices=("1.5", "2.0", "1.0"))
     layers: tuple = option((), "pruning points, before these 0-based layers; (): the version's (v1.5: 3, 7, 16; "
                                "v1.0: 3, 7, 16, 20 = after the code's pruning_loc)")
     layers_of: int = option(32, "depth the layers refer to (LLaVA-1.5-7B: 32); 0: use them as given")
-    recycle: bool = option(True, "recycle deleted tokens into cluster means (v1.0, v1.5); False: delete them (v2.0's choice)")
+    recycle: bool = option(True, "recycle deleted tokens into cluster means (code v1.0, v1.5); False: delete them "
+                                 "(version '2.0' always does, as its code cancels the merge)")
     scale: float = option(-1.0, "v1.0: scale of the rank rule; -1: the official value for the budget (13.5 / 9 / 0.8)")
     bias: float = option(-1.0, "v1.0: bias of the rank rule; -1: the official value for the budget (0 / 6 / 0)")
 
@@ -125,6 +133,9 @@ class SparseVLM(Method):
             raise ValueError("options 'scale' and 'bias' of method 'sparsevlm' apply to version '1.0' only")
         if self.scale != -1.0 and self.scale < 0:
             raise ValueError(f"option 'scale' of method 'sparsevlm' must be >= 0 (or -1: official), got {self.scale}")
+        if self.version == "2.0":  # the code's v2.0 mode: no merge, position ids kept
+            self.recycle = False
+            self.llm_positions = "original"
 
     def pruning_layers(self, info) -> tuple[int, ...]:
         layers = self.layers or LAYERS[self.version]
@@ -165,9 +176,14 @@ class SparseVLM(Method):
                 raters = select_raters(image, text) if text.shape[0] else torch.zeros(1, dtype=torch.long)
                 state["raters"] = (text.shape[0] - 1 - raters).clamp(min=0)  # counted back from the last text token
                 state["n0"] = image.shape[0]
-        rows = ctx.signals.text_attention(layer=ctx.layer - 1, query=tuple(s["raters"] for s in states), per_query=True)
+        v2 = self.version == "2.0"
+        rows = ctx.signals.text_attention(layer=ctx.layer - 1, query=tuple(s["raters"] for s in states), per_query=True,
+                                          **({"reduce": "none", "divide_rope": True} if v2 else {}))
         keeps, merged, recycled_any = [], [], False
-        for j, attention in enumerate(rows):  # [raters, N], head mean
+        for j, attention in enumerate(rows):  # [raters, N], head mean (v2.0: [H, raters, N])
+            if v2:
+                heads = max(1, round(attention.shape[0] * PRIORITY_HEADS[0] / PRIORITY_HEADS[1]))
+                attention = attention[attention.sum((1, 2)).topk(heads).indices].mean(0)
             tokens = ctx.tokens[j]
             n = tokens.shape[0]
             scores = attention.float().mean(0)
