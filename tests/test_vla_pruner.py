@@ -312,3 +312,21 @@ def test_a_batch_of_episodes_equals_them_one_by_one():
             assert [k[0] for k in kept_alone] == [k[r] for k in kept]
         with pytest.raises(RuntimeError, match="this episode's earlier steps ran 1 prompts, this one 2.*handle.reset"):
             p.predict_action(**frame(3))
+
+
+@pytest.mark.parametrize("mode", [{"use_cache": False}, {"cache_implementation": "static"}])
+def test_an_episode_without_cache_or_with_a_static_cache_equals_the_cached_one(mode):
+    """generate() without a cache re-runs the prompt at every new id (the adapter replays the
+    step's choice): the same ids and the same history as with the dynamic cache; a static cache too."""
+    p = policy()
+    with vlmprune.wrap(p, "vla_pruner", budget=0.25, temporal_w=1) as handle:
+        runs = []
+        for kwargs in ({}, mode):
+            handle.reset()
+            ids = [p.action_tokens(**frame(t), **kwargs) for t in range(3)]
+            runs.append((ids, list(handle._plan.session.state[HISTORY_KEY].steps), handle.stats["points"]))
+    (ids_a, hist_a, points_a), (ids_b, hist_b, points_b) = runs
+    assert all(torch.equal(a, b) for a, b in zip(ids_a, ids_b)) and points_a == points_b
+    assert points_a == [{"point": "llm:1", "in": [256, 256], "out": [64, 64]}]
+    for a, b in zip(hist_a, hist_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
