@@ -26,7 +26,8 @@ was. A selection with ``merged`` values (a merge: ToMeSD) has each branch's inpu
 the groups of its ``merge_map`` (each branch reads another normalised tensor than the block's
 input); one without (a prune: SimPrune) has it gathered at ``keep``. Self-attention's
 ``attention_mask``, where one is given, is reduced with its keys. Feed-forward chunking
-(``unet.enable_forward_chunking``) cannot run with ``"ff"`` reduced (refused at ``wrap()``).
+(``set_chunk_feed_forward`` on the transformer blocks) cannot run with ``"ff"`` reduced (refused
+at ``wrap()``).
 """
 
 from __future__ import annotations
@@ -151,10 +152,10 @@ class UNetAdapter(Adapter):
         if unknown or not branches:
             raise ValueError(f"method {plan.method.name!r} names branches {list(branches)}; valid choices: {list(BRANCHES)}")
         blocks = self.blocks
-        if "ff" in branches and any(getattr(b, "_chunk_size", None) for p in plan.points for b in blocks[p.stage]):
+        if "ff" in branches and any(getattr(blocks[p.stage][p.layer], "_chunk_size", None) for p in plan.points):
             raise ValueError(
                 f"method {plan.method.name!r} reduces the feed-forward branch, which this UNet runs in chunks "
-                "(unet.enable_forward_chunking): disable chunking (unet.disable_forward_chunking()) or the MLP merge"
+                "(a transformer block's set_chunk_feed_forward): set the chunk size to None or leave merge_mlp off"
             )
         installed = Installed()
         rt = UNetRuntime(plan, self.info())

@@ -128,15 +128,16 @@ class LatentMapper:
                 z = mu + torch.exp(log_sigma) * eps
                 s_cross, s_self = self.objective(*maps(z))
                 loss = s_cross + s_self + self.kl_weight * kl_to_prior(mu, log_sigma)
-                history.append(float(loss))
-                if float(loss) < best_value:
-                    best, best_value = z.detach(), float(loss)
-                if i == self.iterations or (float(s_cross) < self.cross_threshold and float(s_self) < self.self_threshold):
+                value, valid = loss.item(), s_cross.item() < self.cross_threshold and s_self.item() < self.self_threshold
+                history.append(value)
+                if value < best_value:
+                    best, best_value = z.detach(), value
+                if i == self.iterations or valid:
                     break
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
-            if float(s_cross) < self.cross_threshold and float(s_self) < self.self_threshold:
+            if valid:
                 break
         return best, history
 
