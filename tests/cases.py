@@ -1090,6 +1090,10 @@ EXPECT: dict[str, Expect] = {
     "optiprune": Expect("optiprune", options=UNET_OPTIONS, skip=UNET_ONLY),
     "prumerge_plus": Expect("prumerge_plus", identity_at_full_budget=MERGES, skip={("manual", "next"): NEXT_MERGE}),
     "random": Expect("random", batch_independent=RNG),
+    "recoverable_compression": Expect("recoverable_compression", identity_at_full_budget="merges the rest into centres and a summary "
+                                      "token at any budget: no identity at full budget",
+                                      skip={("manual", "next"): NEXT_MERGE, ("manual", "qwen"): "a summary token on Qwen (the oracle "
+                                            "here has none): rebuilt by hand in tests/test_recoverable_compression.py::test_qwen_by_hand"}),
     "tome": Expect(
         "tome", options=lambda case, oracle: tome_options(case, oracle),
         skip={("manual", "vit"): "merges inside every block: the official algorithm rebuilt by hand in tests/test_tome.py",
