@@ -51,13 +51,12 @@ from vlmprune.stats import Stats
 
 from .base import Adapter, Installed, Plan, llm_cost, read_arg, register_adapter
 from .decoder import CACHE_NAMES, Decoder, DecoderPruner
-from .llava import _pixel_patches
 from .vla import HISTORY_KEY, ActionHistory
 from .vlm import ImageRecord, VLMRuntime, check_llm_attention, position_options
 
 #: the signals the PI0 adapter provides
 SIGNALS = ("action_history", "hidden", "instruction_states", "llm_input", "llm_norm", "llm_qkv", "projected", "projector",
-           "projector_input", "relay_qkv", "sublayer_io", "text_attention", "text_embedding")
+           "projector_input", "relay_qkv", "sublayer_io", "text_attention")
 #: ``positions`` both ways; inside the LLM original only (the expert's rotary tables are not renumbered per layer)
 OPTIONS = {**position_options(), "llm_positions": position_options(("original",))["llm_positions"]}
 
@@ -72,8 +71,8 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
 
 
 class PI0DecoderPruner(DecoderPruner):
-    """The LLaVA-family decoder mechanics on PI0's prefix, plus the bidirectional prefix's
-    ``text_attention(query="all" | "instruction" | "visual")``, ``projected`` and ``action_history``."""
+    """The LLaVA-family decoder mechanics on PI0's prefix, plus ``text_attention(query="all")`` over
+    the bidirectional prefix, ``projected`` and ``action_history`` at ``llm`` points."""
 
     def _prefill_input(self, kwargs, record, cache):
         kwargs = super()._prefill_input(kwargs, record, cache)
@@ -85,30 +84,24 @@ class PI0DecoderPruner(DecoderPruner):
         st = self.state
         rows = st.layout.row[group]
 
-        def text_attention(layer: int = idx - 1, query="last", reduce: str = "mean", **kwargs):
-            """As the LLaVA adapter's (``query="last"`` is the same row: the prompt's last token
-            sees every key), with ``query="all"`` (every real query row: VLA-Pruner's prefill
-            criterion) and the bidirectional prefix's keys for ``"instruction"`` and ``"visual"``."""
-            if not isinstance(query, str) or query == "last":
-                return base.get("text_attention", layer=layer, query=query, reduce=reduce, **kwargs)
-            if query not in ("all", "instruction", "visual") or reduce not in ("mean", "sum") or kwargs:
-                raise ValueError(f"text_attention on PI0: query 'last', 'all', 'instruction' or 'visual', reduce 'mean' or "
-                                 f"'sum', no other argument; got query={query!r}, reduce={reduce!r}, {sorted(kwargs)}")
+        def text_attention(layer: int = idx - 1, query="last", **kwargs):
+            """The LLaVA adapter's ``query="last"`` (the prompt's last token sees every key in a
+            causal or a bidirectional prefix alike) and ``query="all"``: the mean over every real
+            query row of the bidirectional prefix (VLA-Pruner's prefill criterion), ``[n_img, N]``.
+            The other queries assume a causal prefix and are refused."""
+            if query == "last":
+                return base.get("text_attention", layer=layer, query=query, **kwargs)
+            if query != "all" or kwargs:
+                raise ValueError(f"text_attention on PI0's bidirectional prefix takes query 'last' (any option) or 'all' "
+                                 f"(no option), got query={query!r} with {sorted(kwargs)}")
             q, k, _ = base.get("llm_qkv", layer=layer)
-            mask2d = (st.captured[layer] if layer in st.captured else {}).get("mask2d", st.mask2d).bool()
+            mask2d = st.captured.get(layer, {}).get("mask2d", st.mask2d).bool()
             out = []
             for j in range(len(group)):
                 row = int(rows[j])
                 qpos = mask2d[row].nonzero().flatten()
-                if query == "visual":
-                    qpos = pos[j]
-                elif query == "instruction":
-                    after = st.text_mask[row].clone()
-                    after[: int(pos[j].max()) + 1] = False
-                    qpos = after.nonzero().flatten() if bool(after.any()) else qpos[-1:]
                 probs = attention_rows(q[row : row + 1, :, qpos], k[row : row + 1], self.decoder.head_dim**-0.5, mask2d[row][None, None])
-                probs = probs[0][:, :, pos[j]]
-                out.append((probs.mean(0) if reduce == "mean" else probs.sum(0)).mean(0))
+                out.append(probs[0][:, :, pos[j]].mean(0).mean(0))
             return torch.stack(out)
 
         def projected():
@@ -227,15 +220,12 @@ class PI0Runtime(VLMRuntime):
         kept, kept_raster = list(tokens), list(raster)
         if any(p.stage == "projector" for p in self.plan.points):
             inputs = vision[real]
-            patch = a.config.vlm_config.vision_config.patch_size
             signals = Signals(
                 {
                     "hidden": lambda: tokens,
                     "projected": lambda: tokens,
                     "projector": lambda: a.vlm.multi_modal_projector,
                     "projector_input": lambda: inputs,
-                    "text_embedding": self._text_embedding,
-                    "pixels": lambda: _pixel_patches(pixel_values[real], patch, raster),
                 }
             )
             red = self.run(Point("projector"), tokens, raster, signals)

@@ -196,3 +196,24 @@ def test_vla_pruner_prunes_after_its_warm_up_and_zeroes_dropped_tokens_in_the_hi
         assert counts == [[N, N]] * 3 + [[16, 16]]
         assert len(steps) == 4 and [int((s > 0).sum(1).min()) for s in steps[:3]] == [N] * 3
         assert (steps[3] > 0).sum(1).tolist() == [16, 16]
+
+
+@pytest.mark.parametrize("prefill_attention", [False, True])
+def test_prefill_criterion_is_the_eager_prefix_attention(prefill_attention):
+    """VLA-Pruner's prefill score on PI0 at layer K - 1 = 0: the eager language model's own
+    attention weights (bidirectional prefix), mean over heads, of the prompt's last token
+    (FastV's criterion) or of every real query row (the paper's), on each image token."""
+    model, inputs = tiny_pi0("eager"), CASE.inputs(2, seed=13)
+    weights = []
+    hook = model.model.vlm.language_model.layers[0].self_attn.register_forward_hook(lambda m, a, o: weights.append(o[1]))
+    actions(model, inputs)
+    hook.remove()
+    probs = weights[0].mean(1)  # [B, L, L]
+    method = vlmprune.get_method("vla_pruner")(use_temporal=False, use_prefill_attention=prefill_attention)
+    with vlmprune.wrap(model, method, budget=16) as handle, handle.record() as seen:
+        actions(model, inputs)
+    real, ids = inputs["attention_mask"].bool(), inputs["input_ids"]
+    for i in range(2):
+        rows = probs[i][real[i]] if prefill_attention else probs[i][-1:]
+        expected = rows.mean(0)[ids[i] == IMAGE]
+        torch.testing.assert_close(seen[0].selection.scores[i], expected, atol=1e-6, rtol=1e-5)
