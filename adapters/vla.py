@@ -79,6 +79,7 @@ class VLADecoderPruner(DecoderPruner):
 
     def end_generation(self) -> None:
         super().end_generation()
+        self._keys = {}
         self.rt.finish_step()
 
     def _prefill_input(self, kwargs, record, cache):

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from transformers import LogitsProcessorList
+from vlmprune.adapters import find_adapter
+from vlmprune.adapters.vla import HISTORY_KEY
 
 import vlmprune
 from tests import cases  # noqa: F401  (the kit first: it imports tests/cases_vla.py)
@@ -17,8 +18,6 @@ from tests.cases_vla import ACTION_DIM, BINS, tiny_policy
 from tests.contexts import make_context
 from tests.tiny import batch, tiny_llava
 from tests.truth import full_embeddings, positions_from_mask
-from vlmprune.adapters import find_adapter
-from vlmprune.adapters.vla import HISTORY_KEY
 from vlmprune.methods.vla_pruner import dual_level_select, temporal_guide
 from vlmprune.vla import VLAPolicy, _ActionIdsOnly
 
@@ -107,7 +106,7 @@ def test_oracle_3_disjoint_top_k_max_min_diversity_on_the_union():
     # several draws: the selection is the hand greedy's on the union, k tokens, every time
     for _ in range(20):
         embeddings = torch.randn(1, 10, 5, generator=gen)
-        assert dual_level_select(guide, current, lambda: embeddings, 3).tolist() == [sorted(union[_greedy_by_hand(embeddings[0, union], 3)].tolist())]
+        assert dual_level_select(guide, current, lambda e=embeddings: e, 3).tolist() == [sorted(union[_greedy_by_hand(embeddings[0, union], 3)].tolist())]
 
 
 def test_oracle_4_decay_weights_code_and_recent_first():
@@ -188,7 +187,7 @@ def test_history_equals_the_eager_models_attentions_unpruned_and_pruned():
         (unpruned,) = handle._plan.session.state[HISTORY_KEY].steps
     torch.testing.assert_close(unpruned, _eager_history(p, frame(0)), atol=1e-6, rtol=1e-5)
     with vlmprune.wrap(p, "vla_pruner", budget=0.25, temporal_w=1) as handle:
-        history = lambda: handle._plan.session.state[HISTORY_KEY].steps  # noqa: E731
+        history = lambda: handle._plan.session.state[HISTORY_KEY].steps
         p.predict_action(**frame(0))
         with handle.record() as records:
             p.predict_action(**frame(1))  # pruned to 64: the run's own vector

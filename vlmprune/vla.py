@@ -20,20 +20,23 @@ episode::
 
 Departures from OpenVLA's ``predict_action`` (``prismatic/extern/hf/modeling_prismatic.py``):
 decoding is restricted to the action ids (OpenVLA decodes over the whole vocabulary and clips
-the id into the bins; a trained OpenVLA emits action ids anyway), and ``bins`` ids map onto ``bins`` centres over ``[-1, 1]`` (OpenVLA's 256 ids map
-onto the 255 centres of ``np.linspace(-1, 1, 256)``, its two highest-valued ids onto the same top
-centre: ``values=torch.cat([c, c[-1:]])`` with those centres ``c`` reproduces it). ``low``/``high`` un-normalise
-as OpenVLA's ``q01``/``q99`` statistics do. OpenVLA appends the id 29871 (an empty Llama token)
+the id into the bins; a trained OpenVLA emits action ids anyway), and ``bins`` ids map onto
+``bins`` centres over ``[-1, 1]`` (OpenVLA's 256 ids map onto the 255 centres ``c`` of
+``np.linspace(-1, 1, 256)``, its two highest-valued ids onto the top one:
+``values=torch.cat([c, c[-1:]])`` reproduces it). ``low``/``high`` un-normalise as OpenVLA's
+``q01``/``q99`` statistics do. OpenVLA appends the id 29871 (an empty Llama token)
 to every prompt; do that in the prompt you build.
 
-Wrapping a real OpenVLA checkpoint (``openvla/openvla-7b`` loads only with
-``trust_remote_code``: its Prismatic classes are not transformers' LLaVA, and cannot be installed
-here): convert it to ``LlavaForConditionalGeneration`` (the fused DINOv2 + SigLIP tower is the
-one part with no LLaVA counterpart: a vision tower module returning the fused 256 patch features
-in ``hidden_states``), or keep the remote model and give the VLA adapter a subclass whose
-``image_features`` runs Prismatic's ``vision_backbone`` and ``projector``; the language model is
-a stock ``LlamaModel`` either way, which is all the LLM stage and the decode capture touch. Then
-``VLAPolicy(converted, action_dim=7, bins=256, low=q01, high=q99)``.
+Wrapping a real OpenVLA checkpoint: ``openvla/openvla-7b`` loads only with ``trust_remote_code``
+(its Prismatic classes, which cannot be installed here), so it is converted first. Its language
+model is a stock ``LlamaForCausalLM`` and its projector an MLP: both go into a
+``LlavaForConditionalGeneration`` (256 image placeholders after BOS), and then
+``VLAPolicy(converted, action_dim=7, bins=256, vocab_size=32000, low=q01, high=q99)`` with the
+``values`` above and the dataset's ``norm_stats``. The vision side is the gap: Prismatic fuses two
+timm ViTs (DINOv2 and SigLIP, patch features concatenated), which no LLaVA tower and no row of the
+adapters' anatomy table (``adapters/vision.py``) describes; a converted model needs a tower module
+the table can read (its own row), which this library does not ship. The LLM stage, where
+VLA-Pruner and FastV act, and the decode capture touch only the Llama.
 """
 
 from __future__ import annotations
