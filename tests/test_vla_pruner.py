@@ -127,7 +127,11 @@ def test_options_are_checked():
         vlmprune.wrap(m, "vla_pruner", budget=0.25)
     assert vlmprune.Handle.of(m) is None
     method = vlmprune.get_method("vla_pruner")()
-    assert method.layers(find_adapter(policy()).info()) == (1, 2)  # 3 and 15 of 32 on 4 layers
+    info = find_adapter(policy()).info()
+    assert method.layers(info) == (1, 2)  # 3 and 15 of 32 on 4 layers
+    assert vlmprune.get_method("vla_pruner")(k_layer=2, action_layer=3, layers_of=0).layers(info) == (2, 3)
+    with pytest.raises(ValueError, match=r"option 'k_layer' of method 'vla_pruner' must be in \[1, 3\] on this LLM, got 4"):
+        vlmprune.get_method("vla_pruner")(k_layer=4, layers_of=0).layers(info)
 
 
 # -- the policy ----------------------------------------------------------------------------------------

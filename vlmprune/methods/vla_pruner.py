@@ -45,10 +45,14 @@ def dual_level_select(guide: torch.Tensor, current: torch.Tensor, embeddings: Ca
     return torch.stack(out)
 
 
-def _scaled(layer: int, depth: int, reference: int, low: int) -> int:
-    """``layer`` of a ``reference``-deep LLM on one of ``depth`` layers, at least ``low``, at most ``depth - 1``."""
-    mapped = int(layer * depth / reference + 0.5) if reference else layer
-    return min(max(mapped, low), depth - 1)
+def _scaled(option: str, layer: int, depth: int, reference: int, low: int) -> int:
+    """``layer`` of a ``reference``-deep LLM on one of ``depth`` layers, kept in ``[low, depth - 1]``
+    (``reference`` 0: ``layer`` as given, refused outside that range)."""
+    if not reference:
+        if not low <= layer < depth:
+            raise ValueError(f"option {option!r} of method 'vla_pruner' must be in [{low}, {depth - 1}] on this LLM, got {layer}")
+        return layer
+    return min(max(int(layer * depth / reference + 0.5), low), depth - 1)
 
 
 @register
@@ -104,7 +108,8 @@ class VLAPruner(Method):
         depth = info.llm_layers
         if depth < 2:
             raise ValueError(f"method 'vla_pruner' prunes inside an LLM of at least 2 layers; this one has {depth}")
-        return _scaled(self.k_layer, depth, self.layers_of, 1), _scaled(self.action_layer, depth, self.layers_of, 0)
+        return (_scaled("k_layer", self.k_layer, depth, self.layers_of, 1),
+                _scaled("action_layer", self.action_layer, depth, self.layers_of, 0))
 
     def points(self, info):
         return [Point("llm", self.layers(info)[0])]
