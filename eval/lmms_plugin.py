@@ -11,6 +11,14 @@ Registered through the ``lmms_eval.models`` entry point (pyproject.toml:
         --tasks easyvqa,easyvqa-grid --include_path "$(python -c 'import vlmprune.eval.tasks as t; print(t.task_dir())')" \\
         --batch_size 16 --output_path results/
 
+Across processes (``accelerate launch --num_processes N -m lmms_eval ...``; on a machine without
+GPUs ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...``, as the plain
+launcher starts one process there), each process loads the model on ``cuda:<local rank>`` (or the
+CPU), answers the share of the documents lmms-eval gives its rank in batches of ``--batch_size``,
+with ``--num_cpu_threads_per_process`` threads unless ``threads`` says otherwise, and lmms-eval
+gathers the answers; this follows lmms-eval's own models (``self.accelerator``, ``_rank``,
+``_world_size``).
+
 ``--model_args`` (comma-separated ``key=value``; lmms-eval turns ``64`` into an int and ``0.25``
 into a float):
 
@@ -96,6 +104,7 @@ class VlmpruneLlava(lmms):
             torch.set_num_threads(int(threads))
         if device in (None, "", "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = self._join_processes(str(device))
         try:
             self.batch_size_per_gpu = int(batch_size)
         except (TypeError, ValueError):
@@ -133,9 +142,35 @@ class VlmpruneLlava(lmms):
         self.visual_tokens: list[dict] = []
         self._warned_sampling = False
         eval_logger.info(
-            f"vlmprune_llava: {self.pretrained} on {device}, method={self.method or 'none'}, budget={budget}, "
+            f"vlmprune_llava: {self.pretrained} on {device} (rank {self._rank} of {self._world_size}, "
+            f"{torch.get_num_threads()} threads), method={self.method or 'none'}, budget={budget}, "
             f"options={self.method_options}, batch_size={self.batch_size_per_gpu}"
         )
+
+    def _join_processes(self, device: str) -> str:
+        """Rank, world size and this rank's device under ``accelerate launch``, as lmms-eval's own models
+        do: each process answers its share of the questions (lmms-eval shards the documents and gathers
+        the results), on ``cuda:<local rank>`` when ``device`` is CUDA, else on the CPU. The model is not
+        wrapped in DDP (inference only: there is nothing to synchronise)."""
+        import os
+
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator()
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world > 1 and self.accelerator.num_processes != world:
+            raise RuntimeError(
+                f"vlmprune_llava: WORLD_SIZE={world} but accelerate set up {self.accelerator.num_processes} "
+                "process(es); without GPUs, launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+                "--num_processes N -m lmms_eval ...` (the plain launcher starts one process on a CPU)"
+            )
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
+        if self._world_size > 1 and device.startswith("cuda"):
+            device = f"cuda:{self.accelerator.local_process_index}"
+        if self._world_size > 1 and self.accelerator.is_main_process:
+            eval_logger.info(f"vlmprune_llava: {self._world_size} processes, each answering its share of the documents")
+        return device
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -230,9 +265,10 @@ class VlmpruneLlava(lmms):
                 bar.update(len(chunk))
         bar.close()
         s = self.summary
+        where = f" on rank {self._rank} of {self._world_size}" if self._world_size > 1 else ""
         eval_logger.info(
             f"vlmprune_llava: method={s['method']} budget={s['budget']}: {s['visual_tokens_mean']:.1f} visual "
-            f"tokens kept per image (mean over {s['requests']} requests)"
+            f"tokens kept per image (mean over {s['requests']} requests{where})"
         )
         return results
 
