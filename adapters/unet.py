@@ -129,8 +129,8 @@ class UNetAdapter(Adapter):
             for name, found in blocks.items()
         }
         downsample = {name: stage_downsample(name, levels) for name in blocks}
-        size = self.model.config.sample_size
-        side = (size, size) if isinstance(size, int) else tuple(size)
+        size = self.model.config.sample_size  # the default latent size (None: not set); each call's is read
+        side = (size, size) if isinstance(size, int) else tuple(size) if size is not None else None
         first = min(blocks, key=lambda name: downsample[name]) if blocks else None
         return UNetInfo(
             family="unet",
@@ -177,7 +177,7 @@ class UNetRuntime(Runtime):
 
     def __init__(self, plan: Plan, info: ModelInfo):
         super().__init__(plan, info)
-        self.latent: tuple[int, int] = tuple(info.grid)
+        self.latent: tuple[int, int] | None = None  # set by each call's pre-hook
         self.reductions: dict[Point, Reduction] = {}
 
     def start(self, module, args, kwargs) -> None:
