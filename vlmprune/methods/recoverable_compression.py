@@ -46,7 +46,8 @@ class RecoverableCompression(Method):
        ``R`` tokens with the largest ``cos(k_i, k_j) + text_weight * s_j`` (unnormalised
        weights); one summary token ``sum_j a_j x_j`` over ``R`` minus the centres.
 
-    Output ``[main (original order), centres (rank order), summary]``; positions compact.
+    Output ``[main (original order), centres (rank order), summary]``; positions compact (Qwen:
+    each token its own 3-D position, the summary the image's first, as the adapter places it).
     ``merge_map``: a rest token absorbed by several centres is shown with the first in rank order;
     one absorbed by none is only in the summary (-1).
 

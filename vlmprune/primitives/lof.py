@@ -11,7 +11,8 @@ def local_outlier_factor(x: torch.Tensor, n_neighbors: int) -> torch.Tensor:
     float64: ``k = min(n_neighbors, n - 1)`` nearest other entries by ``|x_i - x_j|``,
     reachability ``max(d(p, o), k-distance(o))``, local reachability density
     ``1 / (mean reachability + 1e-10)``, LOF = mean over the neighbours of
-    ``lrd(o) / lrd(p)``."""
+    ``lrd(o) / lrd(p)``. scikit-learn computes in its input's dtype (the RC code hands it
+    float32): LOF values then agree to about 1e-6, the outliers unless one lies that close to 1.5."""
     if x.dim() != 1 or x.numel() < 2:
         raise ValueError(f"local_outlier_factor needs a 1-D tensor of at least 2 entries, got shape {tuple(x.shape)}")
     if n_neighbors < 1:
