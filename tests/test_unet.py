@@ -120,6 +120,8 @@ def test_refusals_name_the_parameter():
         vlmprune.wrap(unet, "tomesd", ratio=1.0)
     with pytest.raises(ValueError, match="names blocks \\['unet.down.7'\\]; valid choices"):
         vlmprune.wrap(unet, "optiprune", ratio={"unet.down.7": 0.5})
+    with pytest.raises(ValueError, match="leaves no transformer block to act in: this UNet's blocks are \\{'unet.down.0': 1"):
+        vlmprune.wrap(unet, "tomesd", ratio={"unet.mid": 0.5})  # the mid block is 2 times smaller: max_downsample=2
     with pytest.raises(ValueError, match="at least one of merge_attn, merge_crossattn, merge_mlp"):
         vlmprune.wrap(unet, "tomesd", merge_attn=False)
     block = unet.up_blocks[1].attentions[1].transformer_blocks[0]

@@ -112,6 +112,11 @@ class StrideMatching(Method):
             if downsample[stage] > self.max_downsample:
                 continue
             out += [Point(stage, l) for l in spec.layers if named is None or stage in named or str(Point(stage, l)) in named]
+        if not out:
+            raise ValueError(
+                f"option 'max_downsample' of method {self.name!r} (with 'ratio') leaves no transformer block to act in: "
+                f"this UNet's blocks are {dict(downsample)} times smaller than the latent"
+            )
         return out
 
     def partition(self, ctx: TokenContext) -> tuple[torch.Tensor, torch.Tensor]:
