@@ -56,13 +56,13 @@ class RecoverableCompression(Method):
     ``|R|``, where the code fails), the keys of ``R`` are read at ``R``-local indices of the full
     key array, and a summary left without centres is dropped. The count adapts per image: the
     budget only caps it (below the method's own count: main tokens by rank, ``V`` before ``T``,
-    then centres, one slot kept for the summary); never fewer than one token.
+    then centres, one slot kept for the summary; the code has no budget, so a fraction rounds as
+    the library default); never fewer than one token.
     """
 
     name = "recoverable_compression"
     stages = ("projector",)
     needs = frozenset({"encoder_qkv", "projected", "text_embedding"})
-    fraction_rounding = "floor"  # as PruMerge's int(N * reduction_ratio), the code RC builds on
     paper = {"title": "Recoverable Compression: A Multimodal Vision Token Recovery Mechanism Guided by Text Information",
              "arxiv": "2409.01179"}
 
