@@ -132,7 +132,7 @@ class PI0DecoderPruner(DecoderPruner):
 class PI0Runtime(VLMRuntime):
     decoder_class = PI0DecoderPruner
 
-    def __init__(self, plan: Plan, info: ModelInfo, adapter: "PI0Adapter"):
+    def __init__(self, plan: Plan, info: ModelInfo, adapter: PI0Adapter):
         super().__init__(plan, info, adapter)
         self.cameras: torch.Tensor | None = None  # [B * cameras] real cameras of the current prefix
         self.pixel_values: torch.Tensor | None = None
@@ -214,7 +214,7 @@ class PI0Runtime(VLMRuntime):
         real = self.cameras if self.cameras is not None else torch.ones(feats.shape[0], dtype=torch.bool)
         real = real.to(feats.device)
         n = feats.shape[1]
-        side = int(round(n**0.5))
+        side = round(n**0.5)
         self.begin(n, (side, side), feats.device)
         tokens, raster = feats[real], torch.arange(n, device=feats.device).expand(int(real.sum()), -1)
         kept, kept_raster = list(tokens), list(raster)
@@ -261,7 +261,7 @@ class PI0Runtime(VLMRuntime):
                 embeds = module.embed_prefix(kwargs["input_ids"], kwargs["pixel_values"], kwargs["pixel_attention_mask"])
             out = a.vlm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, token_type_ids=torch.zeros_like(embeds[..., 0]),
                         use_cache=True)
-            cache = next(out[n] for n in CACHE_NAMES if n in out.keys())
+            cache = next(out[n] for n in CACHE_NAMES if n in out)
             kwargs.update(pixel_values=None, inputs_embeds=None, position_ids=None, **{a.cache_name: cache})
         self.expert_positions = None
         st = self.decoder.state

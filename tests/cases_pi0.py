@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from tests.cases import AdapterCase
@@ -19,14 +21,13 @@ def tiny_pi0(attn: str = "sdpa", seed: int = 0, layers: int = 4):
     from transformers import PI0Config, PI0ForConditionalGeneration
 
     torch.manual_seed(seed)
-    gemma = dict(model_type="gemma", num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=96)
-    vlm = dict(
-        model_type="paligemma", image_token_id=IMAGE, pad_token_id=PAD, projection_dim=64,
-        text_config=dict(gemma, hidden_size=64, intermediate_size=128),
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, patch_size=PATCH, image_size=SIDE, vision_use_head=False),
-    )
-    config = PI0Config(vlm_config=vlm, dit_config=dict(gemma, hidden_size=32, intermediate_size=64), chunk_size=CHUNK,
+    gemma = {"model_type": "gemma", "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+             "vocab_size": 96}
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "patch_size": PATCH, "image_size": SIDE, "vision_use_head": False}
+    vlm = {"model_type": "paligemma", "image_token_id": IMAGE, "pad_token_id": PAD, "projection_dim": 64,
+           "text_config": {**gemma, "hidden_size": 64, "intermediate_size": 128}, "vision_config": vision}
+    config = PI0Config(vlm_config=vlm, dit_config={**gemma, "hidden_size": 32, "intermediate_size": 64}, chunk_size=CHUNK,
                        max_state_dim=STATE, max_action_dim=ACTION, num_inference_steps=STEPS)
     config._attn_implementation = attn
     model = PI0ForConditionalGeneration(config).eval()
@@ -71,10 +72,10 @@ class PI0Case(AdapterCase):
     methods the VLA benchmark compares run here."""
 
     id, family = "pi0", "vla"
-    texts = [[10, 11, 12, 13, 14], [20, 21], [30, 31, 32]]
+    texts: ClassVar[list[list[int]]] = [[10, 11, 12, 13, 14], [20, 21], [30, 31, 32]]
     has_cls = False
     full_budget = N
-    full_counts = [N, N]
+    full_counts: ClassVar[list[int]] = [N, N]
     budget = 16
     unwrap_budget = 8
     dense_output = True

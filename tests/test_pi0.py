@@ -9,11 +9,20 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from vlmprune.adapters.vla import HISTORY_KEY
 
 import tests.cases  # noqa: F401  (the kit first: tests/cases_pi0.py imports from it)
 import vlmprune
-from tests.cases_pi0 import CHUNK, IMAGE, N, PI0Case, masked_actions, pi0_batch, row_of, tiny_pi0
-from vlmprune.adapters.vla import HISTORY_KEY
+from tests.cases_pi0 import (
+    CHUNK,
+    IMAGE,
+    N,
+    PI0Case,
+    masked_actions,
+    pi0_batch,
+    row_of,
+    tiny_pi0,
+)
 from vlmprune.context import Selection
 from vlmprune.wrap import Handle
 
