@@ -1110,6 +1110,7 @@ EXPECT: dict[str, Expect] = {
     # manual without recycling (the kit's hand rebuild drops tokens only): recycled values by hand in tests/test_sparsevlm.py
     "sparsevlm": Expect("sparsevlm", options=lambda case, oracle: {"recycle": False} if oracle == "manual" else {},
                         skip={("manual", "next"): NEXT_MULTI}),
+    "sparsevlm-v2": Expect("sparsevlm", options={"version": "2.0"}, skip={("manual", "next"): NEXT_MULTI}),
     "transprune": Expect("transprune", skip={("manual", "next"): NEXT_MULTI}),  # TTV softmax per sample (official: over the batch)
     "uniform": Expect("uniform"),
     "vflowopt": Expect(

@@ -13,7 +13,12 @@ import torch
 
 import vlmprune
 from vlmprune.context import Signals, TokenContext
-from vlmprune.methods.sparsevlm import COUNTS, SparseVLM, density_peak_merge, select_raters
+from vlmprune.methods.sparsevlm import (
+    COUNTS,
+    SparseVLM,
+    density_peak_merge,
+    select_raters,
+)
 
 from .tiny import IMAGE_TOKEN, batch, tiny_llava
 from .truth import full_embeddings
@@ -142,7 +147,7 @@ def test_v1_rank_rule():
     low = torch.rand(4, 2, generator=g) @ torch.rand(2, 40, generator=g)  # rank 2
     ctx = SimpleNamespace(budget=128, target=128)
     assert SparseVLM(version="1.0", scale=3.0, bias=1.0).count(ctx, 0, 576, low) == 7
-    assert SparseVLM(version="1.0").count(ctx, 0, 576, low) == int(2 * 9 + 6)  # POPE's 128-token rule
+    assert SparseVLM(version="1.0").count(ctx, 0, 576, low) == (2 * 9 + 6)  # POPE's 128-token rule
     assert SparseVLM(version="1.0").count(SimpleNamespace(budget=192, target=192), 0, 576, low) == 27  # 13.5 * 2
     assert SparseVLM(version="1.0", scale=20.0, bias=0.0).count(ctx, 0, 576, low) == 39  # n - 1
     full = torch.rand(6, 6, generator=g)
