@@ -92,13 +92,16 @@ class SparseVLM(Method):
     with the largest rater -> image attention sum instead of all heads, no recycling, and kept
     tokens keep their position ids.
 
-    **Budget**: the code's ``RETAIN_TOKN``, the visual tokens per layer averaged over the LLM's
-    layers (its "Equal Tokens"), not the count left at the end: at 192 of 576 tokens the last
-    layers see 110 plus the recycled ones. Other budgets and token counts (ours): the lists
-    of the official budget nearest ``budget * 576 / N`` scaled by ``budget / official budget``
-    (exactly the official lists at 576 tokens); version 1.0 picks ``scale, bias`` the same way.
-    A per-point schedule ``{"llm:K": count}`` sets the counts; a budget of every token prunes
-    nothing. As the code, a count never exceeds ``n - 1``.
+    **Budget**: the code's ``RETAIN_TOKN``, which names a list of counts whose visual tokens per
+    layer, averaged over LLaVA-1.5-7B's 32 layers, come to about the budget (its "Equal
+    Tokens"), not the count left at the end: at 192 of 576 tokens the last layers see 110 plus
+    the recycled ones. Other budgets and token counts (ours): the lists of the official budget
+    nearest ``budget * 576 / N`` scaled by ``budget / official budget`` (exactly the official
+    lists at 576 tokens); the layer average is not re-solved, so on a shallow LLM, whose first
+    point comes after a larger share of its layers, it lies above the budget (the embedded
+    4-layer LLM: 134 tokens at 85). Version 1.0 picks ``scale, bias`` the same way. A per-point
+    schedule ``{"llm:K": count}`` sets the counts; a budget of every token prunes nothing. As
+    the code, a count never exceeds ``n - 1``.
 
     **Deviations**: per image of a batch (the code: batch 1); raters among the row's real text
     tokens after the image (the code takes every position after it, padding included); scores in
