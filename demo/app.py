@@ -50,10 +50,10 @@ from .engine import (
     method_title,
     parse_budget,
 )
-from .samples import samples as bundled_samples
-from .samples import samples_dir
 from .reach_tab import reach_tab
 from .reach_view import LazyPolicy
+from .samples import samples as bundled_samples
+from .samples import samples_dir
 from .view import draw_heatmap, draw_overlay, legend_text, placeholder
 from .vim_tab import vim_tab
 from .vim_view import LazyVim

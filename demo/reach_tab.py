@@ -8,7 +8,14 @@ import gradio as gr
 
 from vlmprune.embedded import reach
 
-from .reach_view import REACH_METHODS, LazyPolicy, draw_step, episode_text, replay, step_caption
+from .reach_view import (
+    REACH_METHODS,
+    LazyPolicy,
+    draw_step,
+    episode_text,
+    replay,
+    step_caption,
+)
 
 __all__ = ["reach_tab"]
 

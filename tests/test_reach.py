@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("easy_vqa")
 
-from vlmprune.embedded import reach  # noqa: E402
+from vlmprune.embedded import reach
 
 
 def _key(spec):
@@ -119,7 +119,12 @@ def _tokenizer_and_processor():
 
 def _tiny_llava(tok=None):
     import torch
-    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        Dinov2Config,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     tok = tok or _tokenizer_and_processor()[0]
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<pad>", "<s>", "</s>", "<image>")}

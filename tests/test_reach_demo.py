@@ -9,8 +9,8 @@ from PIL import Image
 
 pytest.importorskip("easy_vqa")
 
-from tests.test_reach import _tiny_llava, _tokenizer_and_processor  # noqa: E402
-from vlmprune.embedded import reach  # noqa: E402
+from tests.test_reach import _tiny_llava, _tokenizer_and_processor
+from vlmprune.embedded import reach
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,9 @@ def uniform_replay(tiny):
 
 
 def test_replay_records_each_step_and_matches_the_closed_loop(tiny, uniform_replay):
-    import vlmprune
     from vlmprune.demo.reach_view import replay
+
+    import vlmprune
     from vlmprune.tools.eval_reach import run_episodes
 
     policy, processor = tiny

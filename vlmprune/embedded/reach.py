@@ -47,7 +47,7 @@ MARKER_SIZE = 16  # outer side of the ring, px
 MARKER_WIDTH = 3
 TASK = "easyvqa-reach"
 #: the seeded test episodes the benchmark runs by default
-DEFAULT_TEST = dict(n=100, seed=0)
+DEFAULT_TEST = {"n": 100, "seed": 0}
 
 
 def instruction(colour: str, shape: str) -> str:
@@ -161,7 +161,7 @@ def expert_action(cell, goal) -> tuple[int, int]:
     n = math.ceil(max(abs(dx), abs(dy)) / MAX_MOVE)
     if n == 0:
         return (0, 0)
-    return (int(round(dx / n)), int(round(dy / n)))
+    return (round(dx / n), round(dy / n))
 
 
 def scenes(split: str, n: int, seed: int) -> list[Scene]:

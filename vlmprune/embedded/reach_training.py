@@ -52,7 +52,12 @@ import torch.nn.functional as F
 from . import model as embedded
 from . import reach
 from .model import N_IMAGE_TOKENS
-from .training import FeatureStore, round_to_fp16, strip_vision_weights, truncated_vision_tower
+from .training import (
+    FeatureStore,
+    round_to_fp16,
+    strip_vision_weights,
+    truncated_vision_tower,
+)
 
 NEW_WORDS = ("go", "to")
 OUT = Path(__file__).resolve().parents[2] / "assets" / "embedded_vla"

@@ -65,7 +65,7 @@ def actor(policy, processor):
 
     def act(frame, text):
         inputs = processor(images=[frame], text=[reach.prompt(text)], return_tensors="pt")
-        return tuple(int(round(float(v))) for v in policy.predict_action(**inputs)[0])
+        return tuple(round(float(v)) for v in policy.predict_action(**inputs)[0])
 
     return act
 
@@ -144,7 +144,7 @@ def run_episodes(policy, processor, specs, handle=None, on_step=None) -> tuple[l
             if handle is not None:
                 handle.reset()
 
-            def step(i, frame, action):
+            def step(i, frame, action, spec=spec):
                 if handle is not None:
                     counts = visual_token_counts(handle.stats, n_layers)
                     kept.append((counts["final"][0], counts["kept"][0]) if counts else (256.0, 256.0))
