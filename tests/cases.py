@@ -961,8 +961,11 @@ UNET = UNetCase()
 from tests.cases_pi0 import PI0Case  # noqa: E402  (transformers' PI0 policy)
 
 PI0 = PI0Case()
+from tests.cases_retrieval import RetrievalCase  # noqa: E402  (ColPali / ColQwen2 retrievers)
+
+RETRIEVAL = [RetrievalCase("colpali"), RetrievalCase("colqwen2")]
 #: every case the kit runs
-CASES: list[AdapterCase] = [*LLAVA, NEXT, *QWEN, VIT, *TOWERS, VIM, VLA, UNET, PI0]
+CASES: list[AdapterCase] = [*LLAVA, NEXT, *QWEN, VIT, *TOWERS, VIM, VLA, UNET, PI0, *RETRIEVAL]
 
 
 # -- the expectation table -------------------------------------------------------------------------
@@ -1087,6 +1090,7 @@ EXPECT: dict[str, Expect] = {
     "fopru": Expect("fopru"),
     "hiprune": Expect("hiprune"),
     "holov": Expect("holov"),
+    "hpc_colpali": Expect("hpc_colpali", skip={("*", c.family): "a retriever method: run on the retriever cases" for c in CASES if c.family != "retrieval"}),
     "optiprune": Expect("optiprune", options=UNET_OPTIONS, skip=UNET_ONLY),
     "prumerge_plus": Expect("prumerge_plus", identity_at_full_budget=MERGES, skip={("manual", "next"): NEXT_MERGE}),
     "random": Expect("random", batch_independent=RNG),

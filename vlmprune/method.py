@@ -34,6 +34,7 @@ SIGNALS = frozenset(
         "mixer_backward",  # a vision Mamba block's backward-branch gated SSM output (flipped order; ToP-ViM)
         "cls_position",  # each row's class-token index in the current sequence (a mid-sequence CLS: Vim)
         "action_history",  # VLA policies: per earlier control step of the episode, the action tokens' attention to each image token
+        "received_attention",  # retrievers: attention each patch receives in the last decoder layer (mean over heads, positions)
     }
 )
 
