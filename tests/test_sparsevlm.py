@@ -66,7 +66,7 @@ def context(tokens, attention, budget, layer=3, n0=None, raters=None, target=Non
                        token_index=torch.arange(n).expand(b, -1), signals=signals, info=SimpleNamespace(llm_layers=32))
     if raters is not None:
         for s in ctx.state.images:
-            s.update(raters=raters, n0=n0 or n)
+            s.update(raters=raters, n0=n0 or n, budget=budget)
     return ctx
 
 
@@ -139,6 +139,19 @@ def test_counts_scale_with_the_budget_and_the_token_count():
     assert [method.count(ctx, t, 256, torch.rand(2, 256)) for t in range(3)] == [29, 13, 7]
     assert method.count(SimpleNamespace(budget=256, target=256), 2, 256, torch.rand(2, 100)) == 100  # every token
     assert method.count(SimpleNamespace(budget=85, target=40), 1, 256, torch.rand(2, 100)) == 85  # a per-point schedule
+
+
+def test_later_points_use_the_first_points_budget():
+    """At 28 of 256 tokens the third point keeps the 64 list's 17 scaled, 7, though the runtime
+    caps the budget it hands that point at the 14 tokens still there."""
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randn(1, 14, 8, generator=g)
+    attention = [torch.rand(2, 14, generator=g)]
+    ctx = context(tokens, attention, 14, layer=16, n0=256, raters=torch.tensor([0, 1]))
+    for s in ctx.state.images:
+        s["budget"] = 28
+    sel = SparseVLM(recycle=False).select(ctx)
+    assert sel.counts() == [7]
 
 
 def test_v1_rank_rule():

@@ -153,23 +153,26 @@ class SparseVLM(Method):
         """The official budget whose share of 576 tokens is nearest ``budget / n0`` (ties: smaller)."""
         return min(sorted(table), key=lambda b: abs(b - budget * REFERENCE_TOKENS / n0))
 
-    def count(self, ctx: TokenContext, t: int, n0: int, attention: torch.Tensor) -> int:
-        """Image tokens the point keeps (before recycling) for one image."""
+    def count(self, ctx: TokenContext, t: int, n0: int, attention: torch.Tensor, budget: int | None = None) -> int:
+        """Image tokens the point keeps (before recycling) for one image whose budget was
+        ``budget`` at the first point (default ``ctx.budget``; later points see it capped at the
+        current count)."""
         n = attention.shape[-1]
         if ctx.budget != ctx.target:  # a per-point schedule
             return min(ctx.budget, n)
-        if ctx.budget >= n0:
+        budget = ctx.budget if budget is None else budget
+        if budget >= n0:
             return n
         if self.version == "1.0":
             rank = int(torch.linalg.matrix_rank(attention.float()))
             if rank == n:
                 return n
-            b0 = self._official(ctx.budget, n0, RANK_RULE)
+            b0 = self._official(budget, n0, RANK_RULE)
             scale = self.scale if self.scale != -1.0 else RANK_RULE[b0][0]
             bias = self.bias if self.bias != -1.0 else RANK_RULE[b0][1]
             return max(0, min(int(rank * scale + bias), n - 1))
-        b0 = self._official(ctx.budget, n0, COUNTS[self.version])
-        return max(0, min(round(COUNTS[self.version][b0][t] * ctx.budget / b0), n - 1))
+        b0 = self._official(budget, n0, COUNTS[self.version])
+        return max(0, min(round(COUNTS[self.version][b0][t] * budget / b0), n - 1))
 
     def select(self, ctx: TokenContext) -> Selection:
         t = self.pruning_layers(ctx.info).index(ctx.layer)
@@ -178,7 +181,7 @@ class SparseVLM(Method):
             for state, (image, text) in zip(states, ctx.signals.llm_input()):
                 raters = select_raters(image, text) if text.shape[0] else torch.zeros(1, dtype=torch.long)
                 state["raters"] = (text.shape[0] - 1 - raters).clamp(min=0)  # counted back from the last text token
-                state["n0"] = image.shape[0]
+                state["n0"], state["budget"] = image.shape[0], ctx.budget
         v2 = self.version == "2.0"
         rows = ctx.signals.text_attention(layer=ctx.layer - 1, query=tuple(s["raters"] for s in states), per_query=True,
                                           **({"reduce": "none", "divide_rope": True} if v2 else {}))
@@ -190,7 +193,7 @@ class SparseVLM(Method):
             tokens = ctx.tokens[j]
             n = tokens.shape[0]
             scores = attention.float().mean(0)
-            count = self.count(ctx, t, states[j]["n0"], attention)
+            count = self.count(ctx, t, states[j]["n0"], attention, states[j]["budget"])
             kept = scores.topk(count).indices.sort().values
             values = tokens[kept]
             deleted = torch.ones(n, dtype=torch.bool, device=tokens.device)
