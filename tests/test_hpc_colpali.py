@@ -1,0 +1,55 @@
+"""HPC-ColPali's planted oracle (card: ../shared/methods/hpc_colpali.md "Test oracle"): keep-all
+scores equal unpruned ones; one kept patch is the one receiving the most last-layer attention,
+computed by hand from the unwrapped model's attention weights; options refused clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tests.cases  # noqa: F401  (the kit first: it imports tests.cases_retrieval after PixelCase)
+import vlmprune
+from tests.cases_retrieval import documents, image_positions, tiny_colpali
+from vlmprune.retrieval import maxsim
+
+_MODEL = []
+
+
+def model():
+    if not _MODEL:
+        _MODEL.append(tiny_colpali())
+    return _MODEL[0]
+
+
+def test_keep_all_scores_equal_unpruned():
+    m, docs = model(), documents("colpali", 2, seed=0)
+    q = m(input_ids=torch.tensor([[2, 5, 9]])).embeddings.detach()
+    with torch.no_grad():
+        ref = maxsim(q, m(**docs).embeddings)
+        with vlmprune.wrap(m, "hpc_colpali", budget=1.0):
+            assert torch.equal(maxsim(q, m(**docs).embeddings), ref)
+
+
+@pytest.mark.parametrize("budget", [1, 5])
+def test_kept_patches_are_the_most_attended(budget):
+    """The kept patches are the top ``budget`` by attention received in the last decoder layer
+    (mean over heads and query positions), from ``output_attentions`` of the unwrapped model."""
+    m, docs = model(), documents("colpali", 2, seed=4)
+    with torch.no_grad():
+        attn = m(**docs, output_attentions=True).attentions[-1]  # [B, H, S, S]
+    received = attn.mean(1).mean(1)[:, image_positions("colpali")]
+    with vlmprune.wrap(m, "hpc_colpali", budget=budget) as handle, handle.record() as seen, torch.no_grad():
+        m(**docs)
+    keep = seen[0].selection.keep
+    expected = torch.sort(received.topk(budget, -1).indices, -1).values
+    assert torch.equal(keep, expected)
+    if budget == 1:
+        assert torch.equal(keep[:, 0], received.argmax(-1))
+
+
+def test_options_are_checked():
+    m = model()
+    with pytest.raises(ValueError, match="'codebook'.*\\[1, 256\\]"):
+        vlmprune.wrap(m, "hpc_colpali", budget=0.4, codebook=512)
+    with pytest.raises(ValueError, match="'binary'.*needs a codebook"):
+        vlmprune.wrap(m, "hpc_colpali", budget=0.4, codebook=0, binary=True)
