@@ -5,6 +5,8 @@ tokenizers come from the hub). :class:`RetrievalCase` is hooked into tests/cases
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from tests.cases import PixelCase
@@ -74,7 +76,7 @@ class RetrievalCase(PixelCase):
 
     N = 16
     full_budget = 1.0
-    full_counts = [N, N]
+    full_counts: ClassVar[list[int]] = [N, N]
     budget = unwrap_budget = 0.5
     has_generate = False
     has_cls = False

@@ -53,3 +53,22 @@ def test_options_are_checked():
         vlmprune.wrap(m, "hpc_colpali", budget=0.4, codebook=512)
     with pytest.raises(ValueError, match="'binary'.*needs a codebook"):
         vlmprune.wrap(m, "hpc_colpali", budget=0.4, codebook=0, binary=True)
+
+
+def test_readme_usage_indexes_and_queries(tmp_path):
+    """The README's block: ``wrap(colpali, "hpc_colpali", budget=0.4, codebook=256)``, an index
+    from pages (27 pages x (6 kept patches + 4 prompt tokens) = 270 vectors for K = 256), one byte
+    per vector, search by queries (never pruned), saved and loaded."""
+    from vlmprune.retrieval import MultiVectorIndex
+
+    colpali = model()
+    pages = [documents("colpali", 9, seed) for seed in range(3)]
+    with vlmprune.wrap(colpali, "hpc_colpali", budget=0.4, codebook=256) as handle:
+        index = MultiVectorIndex.from_handle(handle, colpali, pages)
+        with torch.no_grad():
+            scores, ids = index.search(colpali(input_ids=torch.tensor([[2, 5, 9], [3, 7, 1]])).embeddings, k=5)
+    assert index.codebook.k == 256 and index.document_bytes() == [10] * 27 and index.nbytes == 270 + 256 * 16 * 4
+    assert ids.shape == (2, 5) and bool((scores[:, :-1] >= scores[:, 1:]).all())
+    index.save(tmp_path / "pages.pt")
+    assert torch.equal(MultiVectorIndex.load(tmp_path / "pages.pt").search(torch.zeros(1, 1, 16) + 0.25, k=3).indices,
+                      index.search(torch.zeros(1, 1, 16) + 0.25, k=3).indices)

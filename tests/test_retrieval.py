@@ -8,7 +8,17 @@ import torch
 
 import tests.cases  # noqa: F401  (the kit first: it imports tests.cases_retrieval after PixelCase)
 import vlmprune
-from tests.cases_retrieval import IMAGE, PROMPT, QWEN_PATCH_DIM, START, END, documents, image_positions, tiny_colpali, tiny_colqwen2
+from tests.cases_retrieval import (
+    END,
+    IMAGE,
+    PROMPT,
+    QWEN_PATCH_DIM,
+    START,
+    documents,
+    image_positions,
+    tiny_colpali,
+    tiny_colqwen2,
+)
 from vlmprune.retrieval import Codebook, MultiVectorIndex, hamming, maxsim, to_bits
 
 QUERY = torch.tensor([[2, 5, 9, 11], [3, 7, 1, 0]])
@@ -113,7 +123,7 @@ def test_hamming_is_popcount_of_xor():
     dist = hamming(to_bits(a, 8), to_bits(b, 8))
     for i in range(5):
         for j in range(7):
-            assert int(dist[i, j]) == bin(int(a[i]) ^ int(b[j])).count("1")
+            assert int(dist[i, j]) == (int(a[i]) ^ int(b[j])).bit_count()
     assert int(hamming(to_bits(a, 8), to_bits(a, 8)).diagonal().max()) == 0
     assert torch.equal(to_bits(torch.tensor([5]), 3), torch.tensor([[True, False, True]]))
 

@@ -58,7 +58,7 @@ class Codebook:
     centroids: torch.Tensor
 
     @classmethod
-    def fit(cls, patches: torch.Tensor, k: int = 256, seed: int = 0) -> "Codebook":
+    def fit(cls, patches: torch.Tensor, k: int = 256, seed: int = 0) -> Codebook:
         """scikit-learn ``KMeans(n_clusters=k, random_state=seed, n_init=1)`` on ``patches
         [N, D]``; K <= 256 (one byte per code, HPC-ColPali's main setting K = 256) and K <= N."""
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 256:
@@ -104,7 +104,7 @@ class MultiVectorIndex:
 
     @classmethod
     def build(cls, embeddings: list[torch.Tensor], codebook: int | None = None, binary: bool = False,
-              seed: int = 0) -> "MultiVectorIndex":
+              seed: int = 0) -> MultiVectorIndex:
         """An index of the documents in ``embeddings`` (batches ``[B, L, D]``): floats, or with
         ``codebook=K`` a K-means codebook fitted on all their real rows (``binary``: bits)."""
         book = None
@@ -117,7 +117,7 @@ class MultiVectorIndex:
         return index
 
     @classmethod
-    def from_handle(cls, handle, model, documents) -> "MultiVectorIndex":
+    def from_handle(cls, handle, model, documents) -> MultiVectorIndex:
         """Run the wrapped ``model`` on each batch of ``documents`` (dicts of its inputs) and
         :meth:`build` the index with the wrap's method options ``codebook`` / ``binary`` (absent
         or 0: floats) and seed."""
@@ -182,7 +182,7 @@ class MultiVectorIndex:
                     "centroids": None if self.codebook is None else self.codebook.centroids}, path)
 
     @classmethod
-    def load(cls, path) -> "MultiVectorIndex":
+    def load(cls, path) -> MultiVectorIndex:
         data = torch.load(path, weights_only=True)
         index = cls(data["mode"], None if data["centroids"] is None else Codebook(data["centroids"]))
         index.docs = list(data["docs"])
