@@ -73,7 +73,8 @@ def test_padding_rows_are_masked_out():
     assert maxsim(q, d).tolist() == [[-0.5, 0.5]]
 
 
-def test_ragged_colqwen2_batch_equals_each_page_alone():
+@pytest.mark.parametrize("method", ["uniform", "hpc_colpali"])
+def test_ragged_colqwen2_batch_equals_each_page_alone(method):
     """Pages of different grids (4 x 4 and 4 x 6 tokens) in one padded batch: one method call
     per page, kept sets of different sizes padded with zero rows, scores as each page alone."""
     m = model("colqwen2")
@@ -85,7 +86,7 @@ def test_ragged_colqwen2_batch_equals_each_page_alone():
     pv = torch.stack([torch.cat([pix[0], torch.zeros(32, QWEN_PATCH_DIM)]), pix[1]])
     thw = torch.tensor([[1, 8, 8], [1, 8, 12]])
     q = queries(m)
-    with vlmprune.wrap(m, "uniform", budget=0.5) as handle, torch.no_grad():
+    with vlmprune.wrap(m, method, budget=0.5) as handle, torch.no_grad():
         batch = m(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw).embeddings
         assert handle.stats["points"][-1]["out"] == [8, 12]
         alone = [m(input_ids=torch.tensor([r]), pixel_values=p[None], image_grid_thw=t[None]).embeddings
@@ -148,3 +149,17 @@ def test_index_saved_and_loaded_answers_identically(tmp_path, codebook, binary, 
     if mode == "codes":  # MaxSim over the decoded centroids
         docs = torch.stack([index.codebook.decode(d) for d in index.docs])
         torch.testing.assert_close(index.scores(q), maxsim(q, docs))
+
+
+def test_sdpa_retriever_prunes_by_hand():
+    """Under SDPA (no attention weights) the token-only selectors run: DivPrune's kept patches
+    and the prompt tokens, in sequence order, are the unwrapped model's rows."""
+    m, docs = tiny_colpali(seed=2), documents("colpali", 2, seed=5)
+    m.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        full = m(**docs).embeddings
+        with vlmprune.wrap(m, "divprune", budget=3) as handle, handle.record() as seen:
+            kept = m(**docs).embeddings
+    for i, keep in enumerate(seen[0].selection.keep):
+        rows = torch.cat([torch.sort(keep).values, torch.arange(16, 16 + len(PROMPT))])
+        torch.testing.assert_close(kept[i], full[i, rows], atol=1e-6, rtol=0)
