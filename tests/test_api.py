@@ -65,7 +65,7 @@ def test_bad_input_is_refused_before_touching_the_model(clip, kwargs, error, mat
 
 
 def test_model_without_adapter():
-    with pytest.raises(ValueError, match="no adapter knows this model.*supported model types: \\['llava', 'llava_next', 'pi0', 'qwen2_5_vl', 'qwen2_vl', 'unet', 'vim', 'vit'\\]"):
+    with pytest.raises(ValueError, match="no adapter knows this model.*supported model types: \\['colpali', 'colqwen2', 'llava', 'llava_next', 'pi0', 'qwen2_5_vl', 'qwen2_vl', 'unet', 'vim', 'vit'\\]"):
         vlmprune.wrap(nn.Linear(2, 2), "divprune", budget=8)
 
 
