@@ -95,9 +95,6 @@ class RetrievalAdapter(Adapter):
             signals=SIGNALS,
         )
 
-    def max_visual(self) -> int | None:
-        return self.info().n_tokens
-
     @property
     def last_attention(self) -> nn.Module:
         """The last decoder layer's attention module (both flavours: ``vlm.language_model``)."""
@@ -123,7 +120,7 @@ class RetrievalAdapter(Adapter):
     def cost(self, stats) -> dict[str, Any]:
         """Bytes per document of the kept patch vectors (fp values as the model stores them;
         text tokens of the document prompt not counted)."""
-        points = stats.points if hasattr(stats, "points") else []
+        points = stats.points
         if not points:
             return {}
         proj = self.model.embedding_proj_layer.weight
