@@ -162,7 +162,9 @@ class MultiVectorIndex:
 
     def document_bytes(self) -> list[int]:
         """Stored bytes per document: float ``n * D * 4``; codes ``n`` (one byte each); binary
-        ``ceil(n * bits / 8)`` (packed). The shared codebook is :meth:`codebook_bytes`."""
+        ``ceil(n * bits / 8)`` (as packed on disk or an edge device; held here as uint8 codes). ``n``
+        counts every vector a document kept: its patches and its prompt's text tokens. The shared
+        codebook is :meth:`codebook_bytes`."""
         if self.mode == "float":
             return [d.numel() * 4 for d in self.docs]
         if self.mode == "codes":
