@@ -157,7 +157,7 @@ class VlmpruneLlava(lmms):
         from accelerate import Accelerator
 
         self.accelerator = Accelerator()
-        world = int(os.environ.get("WORLD_SIZE", 1))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and self.accelerator.num_processes != world:
             raise RuntimeError(
                 f"vlmprune_llava: WORLD_SIZE={world} but accelerate set up {self.accelerator.num_processes} "
