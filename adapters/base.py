@@ -148,6 +148,9 @@ class Adapter:
     stages: ClassVar[tuple[str, ...]] = ()
     #: ``wrap()`` keywords this adapter takes besides the method's options (name -> declaration)
     options: ClassVar[dict[str, AdapterOption]] = {}
+    #: the model's methods that run one whole call: ``wrap()`` holds its per-model lock through
+    #: each (besides ``model(...)``), since the runtime keeps the state of the call it is pruning
+    calls: ClassVar[tuple[str, ...]] = ("forward", "generate")
     #: the adapter options ``wrap()`` was given, set before it asks for :meth:`info` (for facts
     #: that depend on one: the ViT adapter's ``boundary_layer`` moves its boundary point)
     given: dict[str, Any] = {}

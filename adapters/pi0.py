@@ -337,6 +337,7 @@ class PI0Adapter(Adapter):
     model_types = ("pi0",)
     stages = ("projector", "llm")
     options = OPTIONS
+    calls = ("forward", "generate", "sample_actions")  # sample_actions: one control step
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -176,7 +176,7 @@ def _install(model: nn.Module, adapter, plan) -> Handle:
     installed = adapter.install(plan)
     handle = Handle(model, adapter, installed, plan)
     installed.set_attribute(model, _HANDLE_ATTR, handle)
-    _serialise_calls(model, installed, handle._lock)
+    _serialise_calls(model, installed, handle._lock, adapter.calls)
     installed.set_attribute(model, "__deepcopy__", functools.partial(_deepcopy_wrapped, handle))
     return handle
 
@@ -197,13 +197,14 @@ def _deepcopy_wrapped(handle: Handle, memo: dict) -> nn.Module:
     return new
 
 
-def _serialise_calls(model: nn.Module, installed, lock: _CallLock) -> None:
-    """One call at a time: ``model(...)`` (its hooks included), ``model.forward``,
-    ``model.generate`` and ``model.sample_actions`` (PI0) hold the wrap's re-entrant lock for the whole call, because the runtime
+def _serialise_calls(model: nn.Module, installed, lock: _CallLock, calls: tuple[str, ...]) -> None:
+    """One call at a time: ``model(...)`` (its hooks included) and the model's methods named in
+    ``calls`` (the adapter's :attr:`~adapters.base.Adapter.calls`: ``forward``, ``generate``, PI0's
+    ``sample_actions``) hold the wrap's re-entrant lock for the whole call, because the runtime
     keeps the state of the prefill it is pruning (a second thread would otherwise read it)."""
     installed.hook(model.register_forward_pre_hook(lock.enter_hook, prepend=True))
     installed.hook(model.register_forward_hook(lock.exit_hook, always_call=True))
-    for name in ("forward", "generate", "sample_actions"):  # sample_actions: PI0's control step
+    for name in calls:
         inner = getattr(model, name, None)
         if inner is not None:
             installed.set_attribute(model, name, lock.guard(inner))
