@@ -116,14 +116,7 @@ class PI0DecoderPruner(DecoderPruner):
 
         def action_history():
             """The episode's earlier control steps, oldest first: ``[n_img, N]`` each, per camera image."""
-            steps = self.rt.history().steps
-            n_img = len(st.layout.positions)
-            if any(s.shape[0] != n_img for s in steps):
-                raise RuntimeError(
-                    f"this episode's earlier steps saw {steps[0].shape[0]} camera images, this one {n_img}: an episode keeps "
-                    "its batch and cameras; call handle.reset() to start new episodes"
-                )
-            return [s[group] for s in steps]
+            return self.rt.history().select(group, len(st.layout.positions), "camera images", "an episode keeps its batch and cameras")
 
         providers = {name: (lambda name=name, **kw: base.get(name, **kw)) for name in base.available()}
         return Signals({**providers, "text_attention": text_attention, "projected": projected, "action_history": action_history})

@@ -57,6 +57,17 @@ class ActionHistory:
             self.steps.append(torch.stack(self.rows).mean(0))
             self.rows = []
 
+    def select(self, index, count: int, unit: str, keeps: str) -> list[torch.Tensor]:
+        """The finished steps, oldest first, each indexed by ``index``; a RuntimeError if an earlier
+        step ran another number of rows than ``count`` (``unit``: what a row is; ``keeps``: what an
+        episode must keep)."""
+        if any(s.shape[0] != count for s in self.steps):
+            raise RuntimeError(
+                f"this episode's earlier steps ran {self.steps[0].shape[0]} {unit}, this one {count}: {keeps}; "
+                "call handle.reset() to start new episodes"
+            )
+        return [s[index] for s in self.steps]
+
 
 class VLADecoderPruner(DecoderPruner):
     """The decoder mechanics of the LLaVA family plus the action-attention capture and the
@@ -154,14 +165,7 @@ class VLADecoderPruner(DecoderPruner):
 
         def action_history():
             """The episode's earlier steps, oldest first: ``[n_img, N]`` each on the raster grid."""
-            steps = self.rt.history().steps
-            b = int(st.mask2d.shape[0])
-            if any(s.shape[0] != b for s in steps):
-                raise RuntimeError(
-                    f"this episode's earlier steps ran {steps[0].shape[0]} prompts, this one {b}: a batch of episodes "
-                    "keeps its size; call handle.reset() to start new episodes"
-                )
-            return [s[rows] for s in steps]
+            return self.rt.history().select(rows, int(st.mask2d.shape[0]), "prompts", "a batch of episodes keeps its size")
 
         providers = {name: (lambda name=name, **kw: base.get(name, **kw)) for name in base.available()}
         return Signals({**providers, "projected": projected, "text_attention": text_attention, "action_history": action_history})
