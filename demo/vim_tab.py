@@ -18,6 +18,7 @@ import gradio as gr
 from .engine import DemoError, describe_error, load_image
 from .view import draw_overlay
 from .vim_view import VIM_METHODS, LazyVim, VimSetting, result_text
+from .vit_tab import sample_gallery
 from .vit_view import draw_point, point_caption
 
 __all__ = ["vim_tab"]
@@ -120,15 +121,7 @@ def vim_tab(vim: LazyVim, samples: list[dict], resolve_image: Callable, max_slot
                                   label="boundary layer: pruned before this block (DivPrune, uniform, random)")
             r = gr.Slider(0, n // 2, value=6, step=1, label="ToMe r: tokens merged after each block", elem_id="vim-r")
             run_btn = gr.Button("Run", variant="primary", elem_id="vim-run")
-    if samples:
-        gallery = gr.Gallery(value=[(s["path"], s["kind"]) for s in samples], label="samples (click one)",
-                             columns=len(samples), height=130, allow_preview=False, object_fit="contain",
-                             elem_id="vim-samples", interactive=False)
-
-        def pick(evt: gr.SelectData):
-            return samples[evt.index]["path"]
-
-        gallery.select(pick, None, image, queue=False)
+    sample_gallery(samples, image, "vim")
     status = gr.Markdown(elem_id="vim-status")
     slots = []
     with gr.Row(equal_height=False):

@@ -44,6 +44,19 @@ POINT_WIDTH = 224
 FALLBACK_TOKENS, FALLBACK_DEPTH = 256, 12
 
 
+def sample_gallery(samples: list[dict], image, prefix: str) -> None:
+    """A row of the bundled samples (if any); clicking one loads it into ``image``."""
+    if not samples:
+        return
+    gallery = gr.Gallery(value=[(s["path"], s["kind"]) for s in samples], label="samples (click one)",
+                         columns=len(samples), height=130, allow_preview=False, object_fit="contain",
+                         elem_id=f"{prefix}-samples", interactive=False)
+
+    def pick(evt: gr.SelectData):
+        return samples[evt.index]["path"]
+
+    gallery.select(pick, None, image, queue=False)
+
 def _number(value, default, kind=float):
     try:
         return kind(float(value))
@@ -156,15 +169,7 @@ def vit_tab(vit: LazyViT, samples: list[dict], resolve_image: Callable, max_slot
                 threshold = gr.Slider(0.5, 1.0, value=0.9, step=0.01, label="DToP p0: exit threshold",
                                       elem_id="vit-threshold")
             run_btn = gr.Button("Run", variant="primary", elem_id="vit-run")
-    if samples:
-        gallery = gr.Gallery(value=[(s["path"], s["kind"]) for s in samples], label="samples (click one)",
-                             columns=len(samples), height=130, allow_preview=False, object_fit="contain",
-                             elem_id="vit-samples", interactive=False)
-
-        def pick(evt: gr.SelectData):
-            return samples[evt.index]["path"]
-
-        gallery.select(pick, None, image, queue=False)
+    sample_gallery(samples, image, "vit")
     status = gr.Markdown(elem_id="vit-status")
     slots = []
     with gr.Row(equal_height=False):
