@@ -54,6 +54,7 @@ from . import reach
 from .model import N_IMAGE_TOKENS
 from .training import (
     FeatureStore,
+    packed_tensors,
     round_to_fp16,
     strip_vision_weights,
     truncated_vision_tower,
@@ -145,21 +146,7 @@ def pack(units, feats, bos: int, pad: int):
         seqs.append(ids)
         segs.append(seg)
         poss.append(pos)
-    L, B = max(map(len, seqs)), len(seqs)
-    input_ids = torch.full((B, L), pad, dtype=torch.long)
-    seg_t = torch.full((B, L), -1, dtype=torch.long)
-    positions = torch.zeros((B, L), dtype=torch.long)
-    for r in range(B):
-        n = len(seqs[r])
-        input_ids[r, :n] = torch.tensor(seqs[r])
-        seg_t[r, :n] = torch.tensor(segs[r])
-        positions[r, :n] = torch.tensor(poss[r])
-    sq, sk = seg_t[:, :, None], seg_t[:, None, :]
-    mask = torch.ones(L, L, dtype=torch.bool).tril() & ((sk == 0) | (sq == sk)) & (sk >= 0)
-    mask |= torch.eye(L, dtype=torch.bool)
-    slots = torch.zeros((B, L), dtype=torch.bool)
-    slots[:, 1:prefix] = True
-    return input_ids, slots, mask[:, None], positions, torch.tensor(targets), torch.tensor(aux)
+    return (*packed_tensors(seqs, segs, poss, pad, prefix), torch.tensor(targets), torch.tensor(aux))
 
 
 def forward(model, input_ids, slots, mask, positions, feats, layer: int):

@@ -243,6 +243,28 @@ def units_from_samples(samples, tokenizer, answer_ids, aux_attrs=None):
     return list(groups.items())
 
 
+def packed_tensors(seqs: list[list[int]], segs: list[list[int]], positions: list[list[int]], pad_id: int, prefix: int):
+    """Rows of packed segments (ids, segment numbers: 0 = the shared prefix, 1.. = one question
+    each; positions) -> ``(input_ids [B, L], image slots [B, L], bool mask [B, 1, L, L],
+    positions [B, L])``, right-padded: each segment sees the prefix and itself, causally; the
+    image slots are positions 1..prefix-1."""
+    L, B = max(map(len, seqs)), len(seqs)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    seg = torch.full((B, L), -1, dtype=torch.long)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    for r in range(B):
+        n = len(seqs[r])
+        input_ids[r, :n] = torch.tensor(seqs[r])
+        seg[r, :n] = torch.tensor(segs[r])
+        pos[r, :n] = torch.tensor(positions[r])
+    sq, sk = seg[:, :, None], seg[:, None, :]
+    mask = torch.ones(L, L, dtype=torch.bool).tril() & ((sk == 0) | (sq == sk)) & (sk >= 0)
+    mask |= torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
+    image_slots = torch.zeros((B, L), dtype=torch.bool)
+    image_slots[:, 1:prefix] = True
+    return input_ids, image_slots, mask[:, None], pos
+
+
 def pack_batch(units, feats: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, with_aux: bool = False):
     """One packed sequence per image: <s>, 256 image slots, then every question segment
     (prompt ids, answer, </s>). Returns input ids, image-slot mask, a block-causal 4-D bool mask,
@@ -270,23 +292,8 @@ def pack_batch(units, feats: torch.Tensor, bos_id: int, eos_id: int, pad_id: int
         seqs.append(ids)
         seg_of.append(seg)
         pos.append(p)
-    L = max(len(s) for s in seqs)
-    B = len(seqs)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    segs = torch.full((B, L), -1, dtype=torch.long)
-    positions = torch.zeros((B, L), dtype=torch.long)
-    for r in range(B):
-        n = len(seqs[r])
-        input_ids[r, :n] = torch.tensor(seqs[r])
-        segs[r, :n] = torch.tensor(seg_of[r])
-        positions[r, :n] = torch.tensor(pos[r])
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    sq, sk = segs[:, :, None], segs[:, None, :]
-    mask = causal & ((sk == 0) | (sq == sk)) & (sk >= 0)
-    mask |= torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
-    image_slots = torch.zeros((B, L), dtype=torch.bool)
-    image_slots[:, 1:prefix] = True
-    batch = (input_ids, image_slots, mask[:, None], positions, torch.tensor(targets, dtype=torch.long), feats)
+    input_ids, image_slots, mask, positions = packed_tensors(seqs, seg_of, pos, pad_id, prefix)
+    batch = (input_ids, image_slots, mask, positions, torch.tensor(targets, dtype=torch.long), feats)
     if with_aux:
         return batch + (torch.tensor(aux, dtype=torch.long).reshape(-1, 4),)
     return batch
