@@ -257,18 +257,26 @@ def cmd_methods(args) -> None:
 FORWARDED = {
     "bench": ("vlmprune.tools.bench", "prefill time wrapped vs unwrapped"),
     "eval": ("vlmprune.eval.runner",
-             "accuracy vs tokens kept on the offline tasks (--task easyvqa-reach: the closed-loop VLA benchmark)"),
+             "accuracy vs tokens kept on the offline tasks (--task easyvqa-reach: the closed-loop VLA benchmark; "
+             "--task easyvqa-retrieval: the retrieval benchmark)"),
     "demo": ("vlmprune.demo.app", "the Gradio demo"),
     "train-embedded": ("vlmprune.embedded.training", "rebuild the embedded model"),
     "train-vit-heads": ("vlmprune.embedded.vit_training", "train the embedded ViT's classification and segmentation heads"),
 }
 
 
-def _reach_task(argv: list[str]) -> bool:
-    """``vlmprune eval --task easyvqa-reach ...`` runs the closed-loop VLA benchmark
-    (:mod:`vlmprune.tools.eval_reach`), not the VQA runner."""
-    return any(a == "--task=easyvqa-reach" or (a == "--task" and argv[i + 1:i + 2] == ["easyvqa-reach"])
-               for i, a in enumerate(argv))
+#: ``vlmprune eval --task <name>`` tasks run by their own benchmark module, not the VQA runner
+EVAL_TOOLS = {"easyvqa-reach": "vlmprune.tools.eval_reach", "easyvqa-retrieval": "vlmprune.tools.eval_retrieval"}
+
+
+def _eval_tool(argv: list[str]) -> str | None:
+    """The module of :data:`EVAL_TOOLS` that ``vlmprune eval --task <name> ...`` runs (the
+    closed-loop VLA benchmark, the retrieval benchmark), or None (the VQA runner)."""
+    for i, a in enumerate(argv):
+        name = a[len("--task="):] if a.startswith("--task=") else argv[i + 1] if a == "--task" and i + 1 < len(argv) else None
+        if name in EVAL_TOOLS:
+            return EVAL_TOOLS[name]
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,10 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["eval"] and _reach_task(argv[1:]):
-        from .tools import eval_reach
+    tool = _eval_tool(argv[1:]) if argv[:1] == ["eval"] else None
+    if tool is not None:
+        import importlib
 
-        eval_reach.main(argv[1:])
+        importlib.import_module(tool).main(argv[1:])
         return
     if argv and argv[0] in FORWARDED:
         import importlib
