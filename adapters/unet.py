@@ -28,18 +28,23 @@ input); one without (a prune: SimPrune) has it gathered at ``keep``. Self-attent
 ``attention_mask``, where one is given, is reduced with its keys. Feed-forward chunking
 (``set_chunk_feed_forward`` on the transformer blocks) cannot run with ``"ff"`` reduced (refused
 at ``wrap()``).
+
+Cost (``handle.stats``, :meth:`UNetAdapter.cost`): the transformer blocks' FLOPs of the last UNet
+call (one denoising step), as run and unreduced, from each point's kept tokens.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from vlmprune.context import ModelInfo, Point, Selection, Signals, StageSpec
 from vlmprune.reduction import Reduction
+from vlmprune.stats import Stats
 
 from .base import Adapter, Installed, Plan, read_arg, register_adapter
 from .reversible import install_exit_restore
@@ -102,6 +107,31 @@ def group_mean(x: torch.Tensor, merge_map: torch.Tensor, k: int) -> torch.Tensor
     return sums / counts[..., None]
 
 
+def _linear_flops(module: nn.Module, n: int) -> float:
+    return float(sum(2 * m.in_features * m.out_features * n for m in module.modules() if isinstance(m, nn.Linear)))
+
+
+def attention_flops(attn: nn.Module, queries: int, keys: int) -> float:
+    """FLOPs of one diffusers ``Attention`` on ``queries`` query rows and ``keys`` key rows:
+    ``to_q``/``to_out`` on the queries, ``to_k``/``to_v`` on the keys, scores and mixing."""
+    inner = attn.to_q.out_features
+    flops = _linear_flops(attn.to_q, queries) + _linear_flops(attn.to_out, queries)
+    flops += _linear_flops(attn.to_k, keys) + _linear_flops(attn.to_v, keys)
+    return flops + 4.0 * queries * keys * inner
+
+
+def block_flops(block: nn.Module, n: int, context: int, branches: tuple[str, ...], kept: int | None = None) -> float:
+    """FLOPs of one row through a transformer block of ``n`` tokens (cross-attention over
+    ``context`` text tokens), the ``branches`` named running on ``kept`` tokens."""
+    def tokens(name: str) -> int:
+        return kept if name in branches and kept is not None else n
+
+    flops = attention_flops(block.attn1, tokens("attn1"), tokens("attn1"))
+    if getattr(block, "attn2", None) is not None:
+        flops += attention_flops(block.attn2, tokens("attn2"), context)
+    return flops + _linear_flops(block.ff, tokens("ff"))
+
+
 @dataclass
 class UNetInfo(ModelInfo):
     """:class:`ModelInfo` of a UNet plus each stage's downsampling of the latent (per side)."""
@@ -146,6 +176,31 @@ class UNetAdapter(Adapter):
         """None: token counts depend on each call's latent size (fractions are of each block's)."""
         return None
 
+    def cost(self, stats: Stats) -> dict[str, Any]:
+        """FLOPs (multiply-adds x 2) of the transformer blocks in the last UNet call (one denoising
+        step, the whole batch, classifier-free guidance halves included), as run and unreduced: at
+        each block the linear layers of self-attention, cross-attention and the MLP, and the
+        attention scores and mixing, on the tokens each branch ran on (a point's kept tokens for the
+        branches the method reduces). Not counted: convolutions, norms, the methods' own matching
+        and restoring (the part of a step merging does not change or adds). Nothing before the
+        first call."""
+        rt = getattr(self, "runtime", None)
+        if rt is None or rt.latent is None:
+            return {}
+        kept = {p["point"]: p["out"] for p in stats.points}
+        branches = tuple(getattr(rt.plan.method, "branches", ("attn1",)))
+        info = self.info()
+        full = run = 0.0
+        for stage, found in self.blocks.items():
+            d = info.downsample[stage]
+            n = math.ceil(rt.latent[0] / d) * math.ceil(rt.latent[1] / d)
+            for layer, block in enumerate(found):
+                rows = kept.get(str(Point(stage, layer)), [n] * rt.batch)
+                for k in rows:
+                    full += block_flops(block, n, rt.text_tokens, ())
+                    run += block_flops(block, n, rt.text_tokens, branches, k)
+        return {"transformer_flops": run, "transformer_flops_unpruned": full, "flops_saved": full - run}
+
     def install(self, plan: Plan) -> Installed:
         branches = tuple(getattr(plan.method, "branches", ("attn1",)))
         unknown = [b for b in branches if b not in BRANCHES]
@@ -178,12 +233,17 @@ class UNetRuntime(Runtime):
     def __init__(self, plan: Plan, info: ModelInfo):
         super().__init__(plan, info)
         self.latent: tuple[int, int] | None = None  # set by each call's pre-hook
+        self.batch = 0  # rows of the call
+        self.text_tokens = 0  # text tokens of its encoder_hidden_states (cross-attention keys)
         self.reductions: dict[Point, Reduction] = {}
 
     def start(self, module, args, kwargs) -> None:
         """UNet pre-hook: a new denoising step on this latent."""
         sample = read_arg(args, kwargs, "sample", 0)
         self.latent = (sample.shape[-2], sample.shape[-1])
+        self.batch = sample.shape[0]
+        context = read_arg(args, kwargs, "encoder_hidden_states", 2)
+        self.text_tokens = context.shape[1] if context is not None else 0
         self.begin(self.latent[0] * self.latent[1], self.latent, sample.device)
         self.reductions = {}
 
