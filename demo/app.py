@@ -52,6 +52,8 @@ from .engine import (
 )
 from .reach_tab import reach_tab
 from .reach_view import LazyPolicy
+from .retrieval_tab import retrieval_tab
+from .retrieval_view import LazyCollection
 from .samples import samples as bundled_samples
 from .samples import samples_dir
 from .view import draw_heatmap, draw_overlay, legend_text, placeholder
@@ -148,16 +150,19 @@ def _supported(component, **kwargs) -> dict:
 
 def build_app(store: ModelStore | None = None, default_model: str = DEFAULT_MODEL, samples: list[dict] | None = None,
               default_methods=DEFAULT_METHODS, default_budget: int = DEFAULT_BUDGET, max_slots: int = MAX_SLOTS,
-              vit: LazyViT | None = None, vim: LazyVim | None = None, reach: LazyPolicy | None = None):
+              vit: LazyViT | None = None, vim: LazyVim | None = None, reach: LazyPolicy | None = None,
+              retrieval: LazyCollection | None = None):
     """The Gradio Blocks app. ``store`` holds the models (a fresh :class:`ModelStore` loading
     with :func:`vlmprune.demo.engine.load_model` by default; tests add their own model); ``vit``
     the ViT tab's model (default: the embedded ViT-S/14, loaded on its first run); ``vim`` the Vim
     tab's (default: the embedded Vim, loaded on its first run); ``reach`` the VLA tab's policy
-    (default: the embedded reach policy, loaded on its first replay)."""
+    (default: the embedded reach policy, loaded on its first replay); ``retrieval`` the retrieval
+    tab's collection (default: the embedded retriever's, encoded on its first search)."""
     store = store or ModelStore()
     vit = vit or LazyViT()
     vim = vim or LazyVim()
     reach = reach or LazyPolicy()
+    retrieval = retrieval or LazyCollection()
     samples = bundled_samples() if samples is None else samples
     from gradio.utils import get_upload_folder
 
@@ -359,10 +364,13 @@ def build_app(store: ModelStore | None = None, default_model: str = DEFAULT_MODE
             vim_tab(vim, samples, lambda payload: image_input(payload, roots))
         with gr.Tab("VLA: reach", elem_id="tab-vla"):
             reach_tab(reach)
+        with gr.Tab("Retrieval: ColPali", elem_id="tab-retrieval"):
+            retrieval_tab(retrieval)
     demo.vlmprune_store = store
     demo.vlmprune_vit = vit
     demo.vlmprune_vim = vim
     demo.vlmprune_reach = reach
+    demo.vlmprune_retrieval = retrieval
     return demo
 
 
