@@ -97,23 +97,28 @@ def _grid(policy) -> tuple[int, int]:
 
 
 def draw_step(rep: Replay, i: int, width: int = 336) -> Image.Image:
-    """Step ``i``: the frame with the kept tokens, the goal (a cyan cross), the path so far and
-    the action (an arrow from the agent's cell)."""
+    """Step ``i``: the frame with the kept tokens, the goal (a cyan cross and the success radius),
+    the path so far and the action (an arrow from the agent's cell), all in the frame's
+    coordinates (the camera follows the agent: :func:`reach.world_to_frame`)."""
     sv = rep.steps[i]
     img = draw_overlay(sv.frame, sv.view, width, outline=sv.view.n_kept < sv.view.owner.size)
     d = ImageDraw.Draw(img)
     s = width / reach.FRAME
-    gx, gy = (v * s for v in rep.spec.goal)
-    r = reach.RADIUS * s
+
+    def at(xy):
+        return tuple(v * s for v in reach.world_to_frame(xy, sv.cell))
+
+    gx, gy = at(rep.spec.goal)
+    r = reach.RADIUS / reach.VIEW_SCALE * s
     d.ellipse([gx - r, gy - r, gx + r, gy + r], outline=GOAL_COLOUR, width=2)
     d.line([gx - 5, gy, gx + 5, gy], fill=GOAL_COLOUR, width=2)
     d.line([gx, gy - 5, gx, gy + 5], fill=GOAL_COLOUR, width=2)
-    path = [tuple(v * s for v in reach.cell_centre(st.cell)) for st in rep.steps[: i + 1]]
+    path = [at(reach.cell_centre(st.cell)) for st in rep.steps[: i + 1]]
     if len(path) > 1:
         d.line(path, fill=PATH_COLOUR, width=2)
     x0, y0 = path[-1]
     nxt = reach.move(sv.cell, sv.action)
-    x1, y1 = (v * s for v in reach.cell_centre(nxt))
+    x1, y1 = at(reach.cell_centre(nxt))
     if (x1, y1) != (x0, y0):
         d.line([x0, y0, x1, y1], fill=(255, 255, 255), width=3)
         ang = np.arctan2(y1 - y0, x1 - x0)

@@ -30,18 +30,36 @@ def test_episodes_are_seeded_and_deterministic():
     assert (t1.cells, t1.actions) == (t2.cells, t2.actions)
 
 
-def test_marker_is_drawn_in_its_cell():
+def test_camera_follows_the_agent():
+    from PIL import Image
+
+    from vlmprune.eval import easyvqa
+
     scene = reach.scenes("test", 1, 0)[0]
-    bare = np.asarray(scene.image())
+    half = np.asarray(scene.image().resize((112, 112), Image.BILINEAR))
+    p, (ax, ay) = reach.VIEW_CELL, reach.AGENT_VIEW_CELL
     for cell in [(c, r) for c in range(reach.GRID) for r in range(reach.GRID)]:
-        frame = reach.render(scene, cell)
-        assert reach.marker_cell(frame) == cell
-        changed = np.argwhere((np.asarray(frame) != bare).any(-1))
-        x0, y0 = cell[0] * reach.CELL, cell[1] * reach.CELL
-        assert changed[:, 1].min() >= x0 and changed[:, 1].max() < x0 + reach.CELL
-        assert changed[:, 0].min() >= y0 and changed[:, 0].max() < y0 + reach.CELL
+        frame = np.asarray(reach.render(scene, cell))
+        assert reach.marker_cell(frame) == cell and reach.view_cell(cell, cell) == reach.AGENT_VIEW_CELL
+        ring = (np.abs(frame.astype(int) - np.array(reach.MARKER_RGB)).sum(-1) < 30)
+        ys, xs = np.nonzero(ring)
+        assert ax * p <= xs.min() and xs.max() < (ax + 1) * p and ay * p <= ys.min() and ys.max() < (ay + 1) * p
+        # by hand: the half-scale world with the agent's cell at the agent patch, the outside elsewhere
+        ox, oy = (ax - cell[0]) * p, (ay - cell[1]) * p
+        inside = np.zeros((224, 224), bool)
+        inside[oy:oy + 112, ox:ox + 112] = True
+        keep = ~ring[oy:oy + 112, ox:ox + 112]
+        assert np.array_equal(frame[oy:oy + 112, ox:ox + 112][keep], half[keep])
+        assert (frame[~inside] == np.array(reach.OUTSIDE_RGB)).all()
+        # every shape's centroid lies on its colour, in the frame cell view_cell names
+        for k, (gx, gy) in enumerate(scene.centroids):
+            col, row = reach.view_cell(reach.cell_of((gx, gy)), cell)
+            x, y = int(ox + gx / 2), int(oy + gy / 2)
+            assert (col, row) == (x // p, y // p) and reach.world_to_frame((gx, gy), cell) == (ox + gx / 2, oy + gy / 2)
+            rgb = frame[y, x].astype(int)
+            assert min(easyvqa.PALETTE, key=lambda c: np.abs(rgb - easyvqa.PALETTE[c]).sum()) == scene.attrs[k][0]
     with pytest.raises(ValueError, match="no agent marker"):
-        reach.marker_cell(scene.image())
+        reach.marker_cell(np.full((224, 224, 3), 255, np.uint8))
 
 
 def test_instruction_and_target_are_planted():
@@ -64,25 +82,25 @@ def test_instruction_and_target_are_planted():
         assert not reach.is_success(spec.start, spec.goal)
 
 
-def test_expert_walks_straight_and_always_succeeds():
-    # planted: from cell (0, 0) to a goal in cell (7, 3): 4 steps of round((7, 3) / n)
-    goal = reach.cell_centre((7, 3))
+def test_expert_takes_the_fewest_steps_and_always_succeeds():
+    # planted: from cell (0, 0) to a goal in cell (3, 1): diagonal, then straight
+    goal = reach.cell_centre((3, 1))
     cell, path = (0, 0), []
     while (a := reach.expert_action(cell, goal)) != (0, 0):
         path.append(a)
         cell = reach.move(cell, a)
-    assert path == [(2, 1), (2, 1), (2, 0), (1, 1)] and cell == (7, 3)
+    assert path == [(1, 1), (1, 0), (1, 0)] and cell == (3, 1)
     traces = [reach.run_episode(s, reach.expert_policy(s)) for s in reach.episodes("test", 40, 0)]
     assert all(t.success for t in traces)
-    assert all(t.actions[-1] == (0, 0) and len(t.actions) <= 5 for t in traces)
+    assert all(t.actions[-1] == (0, 0) and len(t.actions) <= reach.GRID for t in traces)
     assert all(max(map(abs, a)) <= reach.MAX_MOVE for t in traces for a in t.actions)
 
 
 def test_simulator_clips_and_rejects_bad_actions():
-    assert reach.move((0, 7), (-2, 2)) == (0, 7)
-    assert reach.move((3, 3), (2, -1)) == (5, 2)
-    with pytest.raises(ValueError, match=r"action components must be in \(-2, -1, 0, 1, 2\)"):
-        reach.move((3, 3), (3, 0))
+    assert reach.move((0, 3), (-1, 1)) == (0, 3)
+    assert reach.move((1, 1), (1, -1)) == (2, 0)
+    with pytest.raises(ValueError, match=r"action components must be in \(-1, 0, 1\)"):
+        reach.move((1, 1), (2, 0))
     # a policy that never stops runs MAX_STEPS steps; a batch equals the episodes one by one
     specs = reach.episodes("test", 3, 0)
     spin = reach.run_episode(specs[0], lambda f, t: (1, 0))

@@ -9,8 +9,7 @@ cloning of the straight-line expert of :mod:`vlmprune.embedded.reach`:
 1. The vocabulary gains ``go``, ``to`` and the :data:`~vlmprune.embedded.reach.N_BINS` action
    tokens, which are the last ids, the lowest value last (OpenVLA's layout, that of
    :class:`vlmprune.vla.VLAPolicy`); new rows are initialised by transformers' mean resizing.
-2. Frames: for each of ``--scenes`` train-split scenes, the cells visited by ``--rollouts`` expert
-   episodes (random target and start, :func:`reach.episodes`-style, the final stop included).
+2. Frames: each of ``--scenes`` train-split scenes seen from every cell of the grid.
    Every frame is labelled for all four instructions of its scene (the expert's action towards
    each shape). Vision features (hidden_states[-2] without CLS, what LLaVA's projector reads) are
    computed once under bfloat16 autocast and cached, resumably, under
@@ -19,10 +18,10 @@ cloning of the straight-line expert of :mod:`vlmprune.embedded.reach`:
    the four instructions of a frame packed into one sequence with a block-causal mask
    (:func:`vlmprune.embedded.training.pack_batch`'s scheme), plus auxiliary losses (weight
    ``--aux-weight``, training only): the last prompt token's final hidden state must tell the
-   agent's and the target's cell column and row (a linear probe, discarded), and at decoder layer
-   ``--route-layer`` its head 0 must attend to the agent's cell and head 1 to the target's
-   (:func:`routing_loss`; without it the model had not started reading either after 275 steps,
-   while the frozen features tell the ring's cell to a linear probe at 98 %). AdamW, cosine schedule, bfloat16
+   frame cell (column, row) of the target's centroid (a linear probe, discarded), and at decoder
+   layer ``--route-layer`` its head 0 must attend to the agent's cell and head 1 to the target's
+   (:func:`routing_loss`; in the first, fixed-camera version the model had not started reading
+   either after 275 steps without it). AdamW, cosine schedule, bfloat16
    autocast. Checkpoints every ``--ckpt-every`` steps under ``<cache>/reach-train/`` (a rerun
    with the same arguments resumes).
 4. Closed-loop check in float32 with the assembled model's ``generate()`` on the seeded test
@@ -85,29 +84,15 @@ def build_policy(path=None):
     return model, processor
 
 
-def training_frames(n_scenes: int, rollouts: int, seed: int):
-    """``[(scene, cell), ...]``: the cells the expert visits from random starts, per scene."""
-    rng = random.Random(f"reach-train-{seed}")
-    frames = []
-    for scene in reach.scenes("train", n_scenes, seed):
-        cells: list = []
-        for _ in range(rollouts):
-            goal = scene.centroids[rng.randrange(4)]
-            cell = (rng.randrange(reach.GRID), rng.randrange(reach.GRID))
-            for _ in range(reach.MAX_STEPS):
-                if cell not in cells:
-                    cells.append(cell)
-                a = reach.expert_action(cell, goal)
-                if a == (0, 0):
-                    break
-                cell = reach.move(cell, a)
-        frames += [(scene, c) for c in cells]
-    return frames
+def training_frames(n_scenes: int, seed: int):
+    """``[(scene, cell), ...]``: each train-split scene seen from every cell."""
+    cells = [(c, r) for r in range(reach.GRID) for c in range(reach.GRID)]
+    return [(scene, cell) for scene in reach.scenes("train", n_scenes, seed) for cell in cells]
 
 
 def frame_units(frames, tokenizer):
-    """Per frame: ``[(prompt ids, dx id, dy id, (agent col, row, goal col, row)), ...]`` for the
-    scene's four instructions."""
+    """Per frame: ``[(prompt ids, dx id, dy id, (target's cell col, row in the frame)), ...]`` for
+    the scene's four instructions."""
     vocab = len(tokenizer)
     cache: dict = {}
     units = []
@@ -120,9 +105,8 @@ def frame_units(frames, tokenizer):
                 ids = cache[text] = embedded.question_ids(tokenizer, text)
             goal = scene.centroids[k]
             a = reach.expert_action(cell, goal)
-            gcell = reach.cell_of(goal)
             qas.append((ids, reach.action_id(a[0], vocab), reach.action_id(a[1], vocab),
-                        (cell[0], cell[1], gcell[0], gcell[1])))
+                        reach.view_cell(reach.cell_of(goal), cell)))
         units.append(qas)
     return units
 
@@ -131,7 +115,7 @@ def pack(units, feats, bos: int, pad: int):
     """One packed sequence per frame (``<s>``, 256 image slots, then each instruction + dx + dy),
     each segment seeing the prefix and itself, positions restarting after the prefix. Returns ids,
     image-slot mask, 4-D bool mask, positions, targets ``[n, 3]`` (row, position, id) and aux
-    ``[m, 6]`` (row, position, agent col, row, goal col, row)."""
+    ``[m, 4]`` (row, position, target's frame cell col, row)."""
     prefix = 1 + N_IMAGE_TOKENS
     seqs, segs, poss, targets, aux = [], [], [], [], []
     for r, qas in enumerate(units):
@@ -161,18 +145,17 @@ def forward(model, input_ids, slots, mask, positions, feats, layer: int):
 
 
 def cell_patches(cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``[m, 4]``: the raster indices of the 2x2 patches (16x16 grid) under each cell."""
-    per = reach.CELL // 14
-    side = reach.GRID * per
+    """``[m, 4]``: the raster indices (16x16 patch grid) of the 2x2 patches of each frame cell."""
+    per, side = reach.VIEW_CELL // reach.PATCH, reach.FRAME // reach.PATCH
     offs = torch.tensor([i * side + j for i in range(per) for j in range(per)])
     return (rows * per * side + cols * per)[:, None] + offs[None]
 
 
 def routing_loss(model, hidden_in, positions, aux, layer: int) -> torch.Tensor:
     """Attention supervision (training only): at decoder layer ``layer``, the last prompt token's
-    head 0 should attend to the agent's cell and head 1 to the target's cell (cross-entropy of the
-    attention over the 256 image keys, recomputed from the layer's q/k after RoPE, against uniform
-    weight on the cell's 2x2 patches)."""
+    head 0 should attend to the agent's cell and head 1 to the cell of the target's centroid
+    (cross-entropy of the attention over the 256 image keys, recomputed from the layer's q/k after
+    RoPE)."""
     lm = model.model.language_model
     block = lm.layers[layer]
     attn = block.self_attn
@@ -191,7 +174,8 @@ def routing_loss(model, hidden_in, positions, aux, layer: int) -> torch.Tensor:
     q = rope(q, cos[rows, qpos][:, None], sin[rows, qpos][:, None])
     k = rope(k, cos[rows][:, img][:, :, None], sin[rows][:, img][:, :, None])
     logp = torch.log_softmax(torch.einsum("mhd,mnhd->mhn", q, k).float() / math.sqrt(d), -1)
-    agent, goal = cell_patches(aux[:, 2], aux[:, 3]), cell_patches(aux[:, 4], aux[:, 5])
+    agent = cell_patches(torch.full_like(rows, reach.AGENT_VIEW_CELL[0]), torch.full_like(rows, reach.AGENT_VIEW_CELL[1]))
+    goal = cell_patches(aux[:, 2], aux[:, 3])
     return -(logp[:, 0].gather(1, agent).mean() + logp[:, 1].gather(1, goal).mean()) / 2
 
 
@@ -200,8 +184,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scenes", type=int, default=360, help="train-split scenes")
-    p.add_argument("--rollouts", type=int, default=2, help="expert episodes per scene whose cells become frames")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=8, help="frames (x4 instructions) per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
@@ -237,13 +220,14 @@ def main(argv=None) -> dict:
     cache = Path(args.cache_dir) if args.cache_dir else embedded.cache_root()
     model, processor = build_policy()
     tok = processor.tokenizer
-    frames = training_frames(args.scenes, args.rollouts, args.seed)
+    frames = training_frames(args.scenes, args.seed)
     units = frame_units(frames, tok)
     log(f"{len(frames)} frames from {args.scenes} scenes, {4 * len(frames)} labelled steps")
 
     # 2. vision features
-    store = FeatureStore(cache / "reach-features", f"train-{args.scenes}-{args.rollouts}-s{args.seed}", len(frames),
-                         {"task": reach.TASK, "precision": "bf16", "frames": len(frames),
+    store = FeatureStore(cache / "reach-features", f"train-ego{reach.GRID}-{args.scenes}-s{args.seed}", len(frames),
+                         {"task": reach.TASK, "precision": "bf16", "frames": len(frames), "camera": "agent-centred",
+                          "outside": reach.OUTSIDE_RGB, "view_scale": reach.VIEW_SCALE,
                           "marker": [reach.MARKER_RGB, reach.MARKER_SIZE, reach.MARKER_WIDTH]}, np.float16)
     cut = truncated_vision_tower(model.model.vision_tower)
     t_feat = time.time()
@@ -255,7 +239,8 @@ def main(argv=None) -> dict:
 
     # 3. behaviour cloning
     width = model.config.text_config.hidden_size
-    aux_head = torch.nn.Linear(width, 4 * reach.GRID)
+    side = reach.FRAME // reach.VIEW_CELL
+    aux_head = torch.nn.Linear(width, 2 * side)
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     for n, p in model.named_parameters():
         p.requires_grad_("vision_tower" not in n)
@@ -270,7 +255,7 @@ def main(argv=None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ckpt_dir = cache / "reach-train"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tag = (f"s{args.seed}-sc{args.scenes}-r{args.rollouts}-st{args.steps}-b{args.batch}-lr{args.lr}-aux{args.aux_weight}"
+    tag = (f"ego{reach.GRID}-s{args.seed}-sc{args.scenes}-st{args.steps}-b{args.batch}-lr{args.lr}-aux{args.aux_weight}"
            f"-route{args.route_layer}")
     ckpt = ckpt_dir / f"{tag}.pt"
     start, train_s = 0, 0.0
@@ -295,8 +280,8 @@ def main(argv=None) -> dict:
             h, h_in = forward(model, ids, slots, mask, pos, store.get(idx), args.route_layer)
             logits = model.lm_head(h[t[:, 0], t[:, 1]]).float()
             loss = F.cross_entropy(logits, t[:, 2])
-            ha = aux_head(h[aux[:, 0], aux[:, 1]]).float().view(-1, 4, reach.GRID)
-            aux_loss = F.cross_entropy(ha.reshape(-1, reach.GRID), aux[:, 2:].reshape(-1))
+            ha = aux_head(h[aux[:, 0], aux[:, 1]]).float().view(-1, 2, side)
+            aux_loss = F.cross_entropy(ha.reshape(-1, side), aux[:, 2:].reshape(-1))
             aux_loss = aux_loss + routing_loss(model, h_in, pos, aux, args.route_layer)
         opt.zero_grad(set_to_none=True)
         (loss + args.aux_weight * aux_loss).backward()
