@@ -51,8 +51,9 @@ FIELDS = ("method", "budget", "tokens_final", "tokens_kept", "episodes", "succes
 
 def load_policy(path=None):
     """``(policy, processor)``: the reach policy directory (default ``assets/embedded_vla``, or any
-    embedded-style or self-contained LLaVA directory whose last 5 ids are the action bins) as a
-    :class:`~vlmprune.vla.VLAPolicy` with ``action_dim=2`` and the bins' values ``-2..2``."""
+    embedded-style or self-contained LLaVA directory whose last :data:`reach.N_BINS` ids are the
+    action bins) as a :class:`~vlmprune.vla.VLAPolicy` with ``action_dim=2`` and the bins' values
+    :data:`reach.ACTION_VALUES`."""
     from vlmprune.embedded import load_embedded
     from vlmprune.vla import VLAPolicy
 
