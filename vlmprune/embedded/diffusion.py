@@ -5,8 +5,11 @@ classifier-free guidance.
 
 The caption encoder is a learned token embedding (plus a position embedding) of the three words
 ``<start> <colour> <shape>``: the cross-attention context ``[B, 3, context_dim]``; the empty
-(unconditional) caption is ``<start> <null> <null>``. Cross-attention sits in the highest
-resolution blocks (32 x 32 tokens at 32 px), where ToMeSD merges (``max_downsample=1``).
+(unconditional) caption is ``<start> <null> <null>``. The UNet works in pixel space on the image's
+``patch x patch`` pixel blocks stacked as channels (``pixel_unshuffle``; noise drawn there is the
+same i.i.d. pixel noise, rearranged): a 32 px image is a 16 x 16 x 12 sample, which cut the CPU
+training time about fivefold against 32 x 32 x 3. Cross-attention sits in the highest-resolution
+blocks (16 x 16 tokens), where ToMeSD merges (``max_downsample=1``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class DiffusionConfig:
     ``UNet2DConditionModel`` arguments."""
 
     image_size: int = 32
+    patch: int = 2  # pixel blocks stacked as channels: the UNet's sample is image_size // patch
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
     up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -49,9 +53,17 @@ class DiffusionConfig:
     guidance: float = 3.0  # classifier-free guidance scale
     extra: dict = field(default_factory=dict)
 
+    @property
+    def sample_size(self) -> int:
+        return self.image_size // self.patch
+
+    @property
+    def channels(self) -> int:
+        return 3 * self.patch * self.patch
+
     def unet_kwargs(self) -> dict:
         return dict(
-            sample_size=self.image_size, in_channels=3, out_channels=3,
+            sample_size=self.sample_size, in_channels=self.channels, out_channels=self.channels,
             block_out_channels=tuple(self.block_out_channels), down_block_types=tuple(self.down_block_types),
             up_block_types=tuple(self.up_block_types), layers_per_block=self.layers_per_block,
             attention_head_dim=self.attention_head_dim, norm_num_groups=self.norm_num_groups,
@@ -120,16 +132,17 @@ class TextToImage(nn.Module):
         """``[B, 3, S, S]`` images in ``[-1, 1]`` for ``captions``: DDIM (eta 0) with ``steps``
         steps and classifier-free guidance ``guidance`` (config defaults), the conditional and
         unconditional halves run as one batch (as diffusers' pipelines do). ``latents``: the
-        initial noise (else drawn from ``generator``); ``unet``: another callable in place of
+        initial noise as the UNet takes it (``[B, channels, sample_size, sample_size]``, see
+        :meth:`noise`; else drawn from ``generator``); ``unet``: another callable in place of
         :attr:`unet` (same signature)."""
         steps = steps or self.config.steps
         guidance = self.config.guidance if guidance is None else guidance
         unet = unet or self.unet
-        b, s = len(captions), self.config.image_size
+        b = len(captions)
         cond = self.text(caption_ids(captions))
         context = torch.cat([cond, self.text(caption_ids([""] * b))]) if guidance != 1 else cond
         if latents is None:
-            latents = torch.randn((b, 3, s, s), generator=generator)
+            latents = self.noise(b, generator)
         scheduler = self.scheduler("ddim")
         scheduler.set_timesteps(steps)
         x = latents
@@ -141,7 +154,19 @@ class TextToImage(nn.Module):
             else:
                 eps = unet(x, t, encoder_hidden_states=context).sample
             x = scheduler.step(eps, t, x).prev_sample
-        return x.clamp(-1, 1)
+        return self.unpack(x).clamp(-1, 1)
+
+    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` initial noises as the UNet takes them."""
+        c = self.config
+        return torch.randn((n, c.channels, c.sample_size, c.sample_size), generator=generator)
+
+    def pack(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` -> the UNet's ``[B, 3 p^2, S / p, S / p]``."""
+        return torch.nn.functional.pixel_unshuffle(images, self.config.patch)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pixel_shuffle(x, self.config.patch)
 
     def save(self, directory, record: dict | None = None) -> Path:
         """fp16 weights, ``config.json`` and (when given) ``training.json`` into ``directory``."""
@@ -171,7 +196,7 @@ def load_diffusion(path=None, dtype=torch.float32) -> TextToImage:
     raw = json.loads((path / "config.json").read_text())
     model = TextToImage(DiffusionConfig(**raw))
     model.load_state_dict({k: v.to(dtype) for k, v in load_file(str(path / WEIGHTS)).items()})
-    return model.to(dtype).eval()
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 def to_pixels(images, size: int) -> torch.Tensor:

@@ -4,7 +4,7 @@
 
 :class:`~vlmprune.embedded.diffusion.TextToImage` learns easy-VQA's train images (the 3,837 whose
 colour and shape the questions settle, :func:`vlmprune.embedded.vit.cls_data`), area-downscaled
-to 32 px, from their captions ``"a <colour> <shape>"``: DDPM (diffusers ``DDPMScheduler``,
+to 32 px (the UNet sees 2 x 2 pixel blocks as channels), from their captions ``"a <colour> <shape>"``: DDPM (diffusers ``DDPMScheduler``,
 epsilon prediction, uniform timesteps, MSE), the caption replaced by the empty one with
 probability ``--drop`` (classifier-free guidance), random left-right flips (easy-VQA's triangles
 point up, so not upside down), AdamW with a linear warm-up and a cosine decay over ``--steps``
@@ -48,13 +48,13 @@ def dataset(split: str, size: int, n: int | None = None) -> tuple[torch.Tensor, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmprune.embedded.diffusion_training", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=700, help="optimiser steps")
+    p.add_argument("--steps", type=int, default=2400, help="optimiser steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--drop", type=float, default=0.1, help="probability of the empty caption (classifier-free guidance)")
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--every", type=int, default=50, help="checkpoint every this many steps")
+    p.add_argument("--every", type=int, default=100, help="checkpoint every this many steps")
     p.add_argument("--n-train", type=int, default=None, help="the first N training images (default all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = torch.randint(0, len(x), (args.batch,), generator=generator)
         batch, cond = x[rows], ids[rows].clone()
         flip = torch.rand(args.batch, generator=generator) < 0.5
-        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        batch = model.pack(torch.where(flip[:, None, None, None], batch.flip(-1), batch))
         cond[torch.rand(args.batch, generator=generator) < args.drop] = null
         noise = torch.randn(batch.shape, generator=generator)
         t = torch.randint(0, config.train_timesteps, (args.batch,), generator=generator)
