@@ -15,6 +15,7 @@ pytest.importorskip("easy_vqa")
 @pytest.fixture(scope="module")
 def col():
     from vlmprune.demo.retrieval_view import Collection
+
     from vlmprune.tools.eval_retrieval import tiny_retriever
 
     model, tok = tiny_retriever(seed=0)
@@ -22,8 +23,9 @@ def col():
 
 
 def test_search_ranks_by_maxsim_over_the_kept_patches(col):
-    import vlmprune
     from vlmprune.demo.retrieval_view import search
+
+    import vlmprune
     from vlmprune.embedded import colpali
     from vlmprune.retrieval import maxsim
 

@@ -12,9 +12,10 @@ import torch
 pytest.importorskip("easy_vqa")
 pytest.importorskip("sklearn")
 
+from vlmprune.eval import easyvqa
+
 from vlmprune.embedded import colpali
 from vlmprune.embedded import retrieval_task as task
-from vlmprune.eval import easyvqa
 from vlmprune.retrieval import maxsim
 
 N = 24
@@ -169,7 +170,7 @@ def test_readme_usage_on_the_embedded_retriever():
         index = MultiVectorIndex.from_handle(handle, model, page_batches)
         with torch.no_grad():
             query_emb = model(**colpali.query_inputs([q.text for q in queries], tok)).embeddings
-        scores, ids = index.search(query_emb, k=5)
+        _, ids = index.search(query_emb, k=5)
     assert index.mode == "codes" and index.codebook.k == 256 and len(index) == 8
     assert index.document_bytes() == [round(0.4 * 256) + 4] * 8  # 102 kept patches + 4 prompt vectors, 1 byte each
     assert ids.shape == (8, 5)

@@ -35,8 +35,8 @@ from vlmprune.assets_dir import assets_dir
 from . import model as embedded
 
 #: the embedded retriever's language model (Gemma) and embedding size
-TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=32)
+TEXT = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 32}
 EMBEDDING_DIM = 128
 #: words the queries and the document prompt add to the embedded VLM's vocabulary
 NEW_WORDS = ("and", "has", ",", "query", "describe")

@@ -26,7 +26,7 @@ from vlmprune.eval import easyvqa
 
 TASK = "easyvqa-retrieval"
 #: the test collection (seeded): 300 pages, one query each
-DEFAULT_TEST = dict(n=300, seed=0)
+DEFAULT_TEST = {"n": 300, "seed": 0}
 QUADRANTS = tuple(easyvqa.QUADRANTS)
 TEMPLATES = (
     "{c1} {s1} in the {q1} and {c2} {s2} in the {q2}",

@@ -99,7 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pages", type=int, default=1200, help="train-split mosaics")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=32, help="queries (and their pages) per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)

@@ -168,7 +168,12 @@ def tiny_retriever(seed: int = 0):
     """A random-weight ColPali shaped like the embedded one (a 2-layer 32-wide Dinov2 tower at
     224 px / patch 14, a 1-layer 32-wide Gemma, 16-d embeddings), eager attention, with the
     embedded retriever's tokenizer: ``(model, tokenizer)``. For tests and dry runs."""
-    from transformers import ColPaliConfig, ColPaliForRetrieval, Dinov2Config, PaliGemmaConfig
+    from transformers import (
+        ColPaliConfig,
+        ColPaliForRetrieval,
+        Dinov2Config,
+        PaliGemmaConfig,
+    )
 
     tok = colpali.build_tokenizer()
     vlm = colpali.build_config(tok).vlm_config
