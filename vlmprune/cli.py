@@ -266,7 +266,8 @@ FORWARDED = {
 
 
 #: ``vlmprune eval --task <name>`` tasks run by their own benchmark module, not the VQA runner
-EVAL_TOOLS = {"easyvqa-reach": "vlmprune.tools.eval_reach", "easyvqa-retrieval": "vlmprune.tools.eval_retrieval"}
+EVAL_TOOLS = {"easyvqa-reach": "vlmprune.tools.eval_reach", "easyvqa-retrieval": "vlmprune.tools.eval_retrieval",
+              "easyvqa-t2i": "vlmprune.tools.eval_diffusion"}
 
 
 def _eval_tool(argv: list[str]) -> str | None:

@@ -48,7 +48,7 @@ def dataset(split: str, size: int, n: int | None = None) -> tuple[torch.Tensor, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmprune.embedded.diffusion_training", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2400, help="optimiser steps")
+    p.add_argument("--steps", type=int, default=1200, help="optimiser steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
