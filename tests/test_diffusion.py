@@ -55,6 +55,8 @@ def test_training_command_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch
     record = json.loads((tmp_path / "ob" / "training.json").read_text())
     assert [s for s, _ in record["losses"]] == [1, 2, 3] and record["args"]["steps"] == 3
     assert next(iter(a.state_dict().values())).dtype == torch.float32  # loaded as float32 from the fp16 file
+    diffusion_training.main(["--steps", "3", "--minutes", "0", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "oc"), *common])
+    assert json.loads((tmp_path / "oc" / "training.json").read_text())["steps_done"] == 0  # the time budget stops it
     with pytest.raises(SystemExit, match="other arguments"):
         diffusion_training.main(["--steps", "4", "--lr", "0.01", "--cache-dir", str(tmp_path / "b"), "--out", str(tmp_path / "ob"), *common])
 

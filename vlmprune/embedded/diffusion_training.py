@@ -11,7 +11,7 @@ point up, so not upside down), AdamW with a linear warm-up and a cosine decay ov
 steps of ``--batch`` images, an exponential moving average of the weights (``--ema``, with the
 usual ``(1 + n) / (10 + n)`` warm-up) which is what ships. A checkpoint (model, EMA, optimiser,
 generator) goes to ``<cache>/diffusion-train/`` every ``--every`` steps and a rerun of the same
-command resumes from it. The weights (fp16), ``config.json``, ``training.json`` (command, args,
+command resumes from it (``--minutes`` stops early, at a time budget). The weights (fp16), ``config.json``, ``training.json`` (command, args,
 minutes, machine, losses) go to ``--out``. One thread by default.
 """
 
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--drop", type=float, default=0.1, help="probability of the empty caption (classifier-free guidance)")
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--minutes", type=float, default=None,
+                   help="stop once training has taken this long (checkpoints' wall time; the learning rate schedule stays that of --steps)")
     p.add_argument("--every", type=int, default=100, help="checkpoint every this many steps")
     p.add_argument("--n-train", type=int, default=None, help="the first N training images (default all)")
     p.add_argument("--seed", type=int, default=0)
@@ -73,8 +75,8 @@ def lr_at(step: int, args) -> float:
 
 def saved_args(args) -> dict:
     """The arguments a checkpoint must share with the run resuming it (``--steps`` may grow: the
-    cosine then stretches over the new length)."""
-    return {k: v for k, v in vars(args).items() if k not in ("threads", "out", "cache_dir", "steps")}
+    cosine then stretches over the new length; ``--minutes`` may change)."""
+    return {k: v for k, v in vars(args).items() if k not in ("threads", "out", "cache_dir", "steps", "minutes")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time() - elapsed
     model.train()
     window = []
-    while step < args.steps:
+    while step < args.steps and (args.minutes is None or time.time() - t0 < 60 * args.minutes):
         rows = torch.randint(0, len(x), (args.batch,), generator=generator)
         batch, cond = x[rows], ids[rows].clone()
         flip = torch.rand(args.batch, generator=generator) < 0.5
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.time() - t0) / 60
     record = {
         "command": parser.prog + " " + " ".join(sys.argv[1:] if argv is None else argv),
-        "args": vars(args), "train_minutes": round(minutes, 1), "n_train": len(x), "losses": losses,
+        "args": vars(args), "train_minutes": round(minutes, 1), "steps_done": step, "n_train": len(x), "losses": losses,
         "threads": args.threads, "machine": platform.machine(), "processor": platform.processor(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "diffusers": __import__("diffusers").__version__},
