@@ -7,7 +7,8 @@ The judge (:class:`Judge`): the embedded LLaVA (:func:`vlmprune.embedded.load_em
 templates) of every image, upscaled from 32 px to its 224 px input (bicubic, its processor's
 resampling); an image is consistent with its caption when both answers match it. Its accuracy on
 real test images passed through the same resolution (area-downscaled to 32 px) is measured first
-(``--real``) and reported with the results.
+(``--real``, written to ``judge_real.json``, which a later run with ``--real 0`` reports) and
+reported with the results.
 
 Samples: ``--samples`` images per method, the caption of sample ``i`` the ``i % 24``-th of the 24
 ``"a <colour> <shape>"`` captions, its noise drawn from a generator seeded ``--seed`` (the same for
@@ -48,6 +49,7 @@ RUNS = (
     *((f"simprune {int(r * 100)}%", "optiprune", {"ratio": r}, False) for r in (0.3, 0.5, 0.7)),
     ("latentmapper + simprune 50%", "optiprune", {"ratio": 0.5}, True),
 )
+REAL = "judge_real.json"
 CAPTIONS = tuple((c, s) for c in COLORS for s in SHAPES)
 COLOR_QUESTION = "what color is the shape?"
 SHAPE_QUESTION = "what shape is in the image?"
@@ -234,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=TASK, choices=(TASK,))
     p.add_argument("--model", default=None, help="an embedded_diffusion folder (default assets/embedded_diffusion)")
     p.add_argument("--judge", default=None, help="an embedded VQA folder (default assets/embedded_vlm)")
-    p.add_argument("--samples", type=int, default=48, help="images per method (default 48: each caption twice)")
+    p.add_argument("--samples", type=int, default=48, help="images per method (default 48: each caption twice; 0: only --real)")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--real", type=int, default=None, help="real test images for the judge's accuracy (default all; 0: skip)")
+    p.add_argument("--real", type=int, default=None,
+                   help="real test images for the judge's accuracy, written to judge_real.json (default all; 0: skip, "
+                        "and report the judge_real.json of --out if there is one)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--grid", type=int, default=12, help="sample columns in samples.png")
@@ -250,20 +254,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model = diffusion.load_diffusion(args.model)
+    model = diffusion.load_diffusion(args.model) if args.samples else None
+    size = model.config.image_size if model is not None else diffusion.DiffusionConfig().image_size
     if args.judge is None:
         judge = Judge()
     else:
         from vlmprune.embedded import load_embedded
 
         judge = Judge(*load_embedded(args.judge))
-    real = None
-    if args.real != 0:
-        real = real_accuracy(judge, args.real, model.config.image_size)
-        log(f"judge on {real['images']} real test images: {real}")
-    rows, images = run_benchmark(model, judge, args.samples, args.batch, args.seed, args.steps, args.guidance)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    real = None
+    if args.real != 0:
+        real = real_accuracy(judge, args.real, size)
+        real["command"] = "python -m vlmprune.tools.eval_diffusion " + " ".join(sys.argv[1:] if argv is None else argv)
+        (out / REAL).write_text(json.dumps(real, indent=1) + "\n")
+        log(f"judge on {real['images']} real test images: {real}")
+    elif (out / REAL).exists():
+        real = json.loads((out / REAL).read_text())
+    if args.samples == 0:
+        return 0
+    rows, images = run_benchmark(model, judge, args.samples, args.batch, args.seed, args.steps, args.guidance)
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(args.samples)]
     record = {
         "task": TASK, "command": "python -m vlmprune.tools.eval_diffusion " + " ".join(sys.argv[1:] if argv is None else argv),
