@@ -652,7 +652,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlmprune.eval.tasks import TASKS
+    from vlmprune.eval.tasks import DEFAULT_TASKS, TASKS
 
     p = argparse.ArgumentParser(
         prog="vlmprune eval",
@@ -666,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
                    help="comma-separated budgets: floats are fractions kept, ints tokens per image "
                         f"(default {','.join(map(str, DEFAULT_BUDGETS))})")
-    p.add_argument("--tasks", type=_csv_list, default=list(TASKS), help=f"comma-separated, from {list(TASKS)}")
+    p.add_argument("--tasks", type=_csv_list, default=list(DEFAULT_TASKS),
+                   help=f"comma-separated, from {list(TASKS)} (default: %(default)s)")
     p.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
                    help=f"questions per task: the first N of the task's seeded random order (default {DEFAULT_LIMIT})")
     p.add_argument("--batch-size", type=int, default=16, help="questions per forward (default 16)")

@@ -70,7 +70,7 @@ def test_normalize_answer():
 def test_committed_index_matches_generator(task):
     """The committed question index is what eval/easyvqa.py generates (no drift), at least 300
     questions, unique ids, answers in easy-VQA's vocabulary."""
-    from vlmprune.eval.easyvqa import ANSWERS
+    from vlmprune.eval.scenes import ANSWERS  # easy-VQA's 13 answers + the scenes' number words
 
     rows = T.load_index(task)
     generated, meta, images = T.generate_index(task)
@@ -192,7 +192,7 @@ def test_eval_runner_end_to_end(tmp_path):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     got = {(r["task"], r["method"], float(r["budget"])) for r in rows}
-    want = {(t, m, b) for t in T.TASKS for m, b in [("none", 1.0), ("fastv", 0.111), ("visionzip", 0.111)]}
+    want = {(t, m, b) for t in T.DEFAULT_TASKS for m, b in [("none", 1.0), ("fastv", 0.111), ("visionzip", 0.111)]}
     assert got == want and len(rows) == len(want)
     def counts(r):
         return float(r["llm_input_tokens"]), float(r["tokens_final"]), float(r["tokens_kept"])
@@ -212,7 +212,7 @@ def test_eval_runner_end_to_end(tmp_path):
             assert float(r["flops_ratio"]) < 1.0
 
     data = json.loads((out / "results.json").read_text())
-    assert len(data["rows"]) == len(rows) and data["config"]["tasks"] == {t: 8 for t in T.TASKS}
+    assert len(data["rows"]) == len(rows) and data["config"]["tasks"] == {t: 8 for t in T.DEFAULT_TASKS}
     png = (out / "accuracy_vs_tokens.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     if embedded:  # all tokens: the embedded model answers easy-VQA (>= 95 % on the test split)
@@ -228,7 +228,7 @@ def test_eval_runner_end_to_end(tmp_path):
         torch.set_num_threads(threads)
     merged = json.loads((out / "results.json").read_text())
     assert {(r["task"], r["method"]) for r in merged["rows"]} == {(t, m) for t, m, _ in want} | {
-        (t, "random[seed=3]") for t in T.TASKS}
+        (t, "random[seed=3]") for t in T.DEFAULT_TASKS}
     assert merged["config"]["earlier_commands"] == [data["config"]["command"]]
     with pytest.raises(SystemExit, match="--limit"):
         runner.main(argv2[:1] + ["4"] + argv2[2:])

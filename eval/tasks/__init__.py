@@ -6,6 +6,9 @@ Tasks (built from :mod:`vlmprune.eval.easyvqa`, which holds the generators):
     easy-VQA's test split (one shape per 64x64 image).
 ``easyvqa-grid``
     2x2 mosaics of four easy-VQA test images (224 px), questions about one named quadrant.
+``easyvqa-scenes``
+    4x4 scenes of 3-7 easy-VQA test shapes (224 px): counting, relations, existence, one cell
+    (:mod:`vlmprune.eval.scenes`).
 
 Layout:
 
@@ -36,6 +39,7 @@ from pathlib import Path
 
 __all__ = [
     "DEFAULT_INDEX",
+    "DEFAULT_TASKS",
     "TASKS",
     "ensure_images",
     "exact_match",
@@ -45,10 +49,13 @@ __all__ = [
     "load_samples",
     "normalize_answer",
     "task_dir",
+    "task_of",
 ]
 
 #: task name -> file stem of its index under data/ and its lmms-eval YAML
-TASKS = {"easyvqa": "easyvqa", "easyvqa-grid": "easyvqa_grid"}
+TASKS = {"easyvqa": "easyvqa", "easyvqa-grid": "easyvqa_grid", "easyvqa-scenes": "easyvqa_scenes"}
+#: what ``vlmprune eval`` runs when no ``--tasks`` is given (the tasks of the committed benchmark)
+DEFAULT_TASKS = ("easyvqa", "easyvqa-grid")
 
 #: how each committed index is drawn from :func:`vlmprune.eval.easyvqa.load_task` (test split):
 #: ``n`` questions (``None``: the task's whole default test set), ``seed`` for the subset,
@@ -56,6 +63,7 @@ TASKS = {"easyvqa": "easyvqa", "easyvqa-grid": "easyvqa_grid"}
 DEFAULT_INDEX = {
     "easyvqa": dict(split="test", n=1000, seed=0, order_seed=0),
     "easyvqa-grid": dict(split="test", n=None, seed=0, order_seed=0),
+    "easyvqa-scenes": dict(split="test", n=None, seed=0, order_seed=0),
 }
 
 
@@ -79,6 +87,12 @@ def _stem(task: str) -> str:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     return TASKS[task]
+
+
+def task_of(name: str) -> str:
+    """The task an image path or question id belongs to (``easyvqa-grid-test-s0/3.png`` ->
+    ``easyvqa-grid``)."""
+    return next((t for t in sorted(TASKS, key=len, reverse=True) if str(name).startswith(t + "-")), "easyvqa")
 
 
 _PUNCT = re.compile(r"[^\w\s]")
@@ -204,7 +218,7 @@ def open_image(rel: str, task: str | None = None, cache: Path | None = None):
     path = cache / rel
     if not path.exists():
         if task is None:
-            task = "easyvqa-grid" if rel.startswith("easyvqa-grid") else "easyvqa"
+            task = task_of(rel)
         ensure_images(task, cache=cache)
     with Image.open(path) as im:
         return im.convert("RGB")

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 
-from vlmprune.eval.tasks import exact_match, open_image, recorded_visual_tokens
+from vlmprune.eval.tasks import exact_match, open_image, recorded_visual_tokens, task_of
 
 
 def doc_to_visual(doc):
-    task = "easyvqa-grid" if str(doc["id"]).startswith("easyvqa-grid") else "easyvqa"
-    return [open_image(doc["image"], task)]
+    return [open_image(doc["image"], task_of(doc["id"]))]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
