@@ -257,8 +257,8 @@ def cmd_methods(args) -> None:
 FORWARDED = {
     "bench": ("vlmprune.tools.bench", "prefill time wrapped vs unwrapped"),
     "eval": ("vlmprune.eval.runner",
-             "accuracy vs tokens kept on the offline tasks (--task easyvqa-reach: the closed-loop VLA benchmark; "
-             "--task easyvqa-retrieval: the retrieval benchmark)"),
+             ("accuracy vs tokens kept on the offline tasks (--task easyvqa-reach: the closed-loop VLA benchmark; "
+              "--task easyvqa-retrieval: the retrieval benchmark)")),
     "demo": ("vlmprune.demo.app", "the Gradio demo"),
     "train-embedded": ("vlmprune.embedded.training", "rebuild the embedded model"),
     "train-vit-heads": ("vlmprune.embedded.vit_training", "train the embedded ViT's classification and segmentation heads"),
