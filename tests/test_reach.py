@@ -38,25 +38,31 @@ def test_camera_follows_the_agent():
     scene = reach.scenes("test", 1, 0)[0]
     half = np.asarray(scene.image().resize((112, 112), Image.BILINEAR))
     p, (ax, ay) = reach.VIEW_CELL, reach.AGENT_VIEW_CELL
+    # by hand: the reticle runs along the edges of the agent's column and row of cells
+    reticle = np.zeros((224, 224), bool)
+    reticle[:, [ax * p, (ax + 1) * p - 1]] = True
+    reticle[[ay * p, (ay + 1) * p - 1], :] = True
+    assert np.array_equal(reach.reticle_mask(), reticle)
     for cell in [(c, r) for c in range(reach.GRID) for r in range(reach.GRID)]:
         frame = np.asarray(reach.render(scene, cell))
         assert reach.marker_cell(frame) == cell and reach.view_cell(cell, cell) == reach.AGENT_VIEW_CELL
-        ring = (np.abs(frame.astype(int) - np.array(reach.MARKER_RGB)).sum(-1) < 30)
-        ys, xs = np.nonzero(ring)
+        magenta = (np.abs(frame.astype(int) - np.array(reach.MARKER_RGB)).sum(-1) < 30)
+        assert magenta[reticle].all()
+        ys, xs = np.nonzero(magenta & ~reticle)  # the ring, inside the agent's cell
         assert ax * p <= xs.min() and xs.max() < (ax + 1) * p and ay * p <= ys.min() and ys.max() < (ay + 1) * p
-        # by hand: the half-scale world with the agent's cell at the agent patch, the outside elsewhere
+        # the half-scale world with the agent's cell at AGENT_VIEW_CELL, the outside elsewhere
         ox, oy = (ax - cell[0]) * p, (ay - cell[1]) * p
         inside = np.zeros((224, 224), bool)
         inside[oy:oy + 112, ox:ox + 112] = True
-        keep = ~ring[oy:oy + 112, ox:ox + 112]
+        keep = ~magenta[oy:oy + 112, ox:ox + 112]
         assert np.array_equal(frame[oy:oy + 112, ox:ox + 112][keep], half[keep])
-        assert (frame[~inside] == np.array(reach.OUTSIDE_RGB)).all()
+        assert (frame[~inside & ~reticle] == np.array(reach.OUTSIDE_RGB)).all()
         # every shape's centroid lies on its colour, in the frame cell view_cell names
         for k, (gx, gy) in enumerate(scene.centroids):
             col, row = reach.view_cell(reach.cell_of((gx, gy)), cell)
-            x, y = int(ox + gx / 2), int(oy + gy / 2)
-            assert (col, row) == (x // p, y // p) and reach.world_to_frame((gx, gy), cell) == (ox + gx / 2, oy + gy / 2)
-            rgb = frame[y, x].astype(int)
+            x, y = reach.world_to_frame((gx, gy), cell)
+            assert (x, y) == (ox + gx / 2, oy + gy / 2) and (col, row) == (int(x) // p, int(y) // p)
+            rgb = half[int(gy / 2), int(gx / 2)].astype(int)
             assert min(easyvqa.PALETTE, key=lambda c: np.abs(rgb - easyvqa.PALETTE[c]).sum()) == scene.attrs[k][0]
     with pytest.raises(ValueError, match="no agent marker"):
         reach.marker_cell(np.full((224, 224, 3), 255, np.uint8))

@@ -10,7 +10,9 @@
   into a 224-px frame of :data:`OUTSIDE_RGB` so that the agent's cell is always frame cell
   :data:`AGENT_VIEW_CELL` (patches 6-7 both ways); the whole world stays in view from every cell.
   The agent is drawn there as a magenta ring (:data:`MARKER_RGB`, outside easy-VQA's palette),
-  hollow so that the shape under it stays visible.
+  hollow so that the shape under it stays visible, and a reticle of 1-px magenta lines along the
+  edges of its row and column of cells runs across the frame, so that a patch can tell locally
+  whether it lies in the agent's row or column.
 * **Actions**: ``(dx, dy)`` in cells, each in ``-1..1`` (:data:`ACTION_VALUES`); a policy emits
   them as two tokens, one bin each (OpenVLA's layout, as :class:`vlmprune.vla.VLAPolicy` reads it:
   every action dimension shares the same bins, bin ``b`` = id ``vocab - 1 - b``, so the lowest value
@@ -28,8 +30,10 @@ for straight-line steps; its closing note has the figures): a fixed camera over 
 moves of up to 2 cells rounded onto the straight line (1 % closed-loop success after 600
 behaviour-cloning steps: the policy has to find two objects and subtract their positions), and
 the same grid with this camera (5 % after 900 steps: a cell was one patch, finer than the
-position the policy read, and rounding couples the two action tokens). Here each action token is
-a threshold on the target's position in the frame at the resolution of 2 patches.
+position the policy read, and rounding couples the two action tokens). On this grid without the
+reticle, after 900 steps the policy told left from right (77-97 % per token) but almost never
+"same column/row" (29 % / 2 %): the narrow band needed a precise position; the reticle makes it
+a local feature.
 
 Everything is a pure function of ``(split, seed)``: no global random state is read.
 """
@@ -158,13 +162,27 @@ def is_success(cell, goal) -> bool:
 
 def render(scene: Scene, cell) -> Image.Image:
     """The frame the policy sees from ``cell``: the world at half scale, placed so that ``cell``
-    is frame cell :data:`AGENT_VIEW_CELL`, with the agent's ring drawn there."""
+    is frame cell :data:`AGENT_VIEW_CELL`, with the agent's ring and the reticle drawn there."""
     img = Image.new("RGB", (FRAME, FRAME), OUTSIDE_RGB)
     img.paste(_half_world(scene.split, scene.image_ids), _world_offset(cell))
+    pixels = np.array(img)
+    pixels[reticle_mask()] = MARKER_RGB
+    img = Image.fromarray(pixels)
     x, y = ((p + 0.5) * VIEW_CELL for p in AGENT_VIEW_CELL)
     h = MARKER_SIZE / 2
     ImageDraw.Draw(img).rectangle([x - h, y - h, x + h - 1, y + h - 1], outline=MARKER_RGB, width=MARKER_WIDTH)
     return img
+
+
+@lru_cache(maxsize=1)
+def reticle_mask() -> np.ndarray:
+    """``[224, 224]`` bool: the reticle's pixels (the edges of the agent's row and column of cells)."""
+    m = np.zeros((FRAME, FRAME), bool)
+    c, r = AGENT_VIEW_CELL
+    m[:, [c * VIEW_CELL, (c + 1) * VIEW_CELL - 1]] = True
+    m[[r * VIEW_CELL, (r + 1) * VIEW_CELL - 1], :] = True
+    m.flags.writeable = False
+    return m
 
 
 @lru_cache(maxsize=4096)
@@ -290,7 +308,7 @@ def marker_cell(frame) -> tuple[int, int]:
     ring = x[r * v:(r + 1) * v, c * v:(c + 1) * v]
     if not (np.abs(ring - np.array(MARKER_RGB)).sum(-1) < 30).any():
         raise ValueError("no agent marker in the frame")
-    world = np.abs(x - np.array(OUTSIDE_RGB)).sum(-1) > 0
+    world = (np.abs(x - np.array(OUTSIDE_RGB)).sum(-1) > 0) & ~reticle_mask()
     ys, xs = np.nonzero(world)
     return (AGENT_VIEW_CELL[0] - int(xs.min()) // VIEW_CELL, AGENT_VIEW_CELL[1] - int(ys.min()) // VIEW_CELL)
 

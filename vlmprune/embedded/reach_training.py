@@ -183,7 +183,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m vlmprune.embedded.reach_training", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scenes", type=int, default=360, help="train-split scenes")
+    p.add_argument("--scenes", type=int, default=240, help="train-split scenes")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=8, help="frames (x4 instructions) per step")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -226,7 +226,7 @@ def main(argv=None) -> dict:
 
     # 2. vision features
     store = FeatureStore(cache / "reach-features", f"train-ego{reach.GRID}-{args.scenes}-s{args.seed}", len(frames),
-                         {"task": reach.TASK, "precision": "bf16", "frames": len(frames), "camera": "agent-centred",
+                         {"task": reach.TASK, "precision": "bf16", "frames": len(frames), "camera": "agent-centred, reticle",
                           "outside": reach.OUTSIDE_RGB, "view_scale": reach.VIEW_SCALE,
                           "marker": [reach.MARKER_RGB, reach.MARKER_SIZE, reach.MARKER_WIDTH]}, np.float16)
     cut = truncated_vision_tower(model.model.vision_tower)
