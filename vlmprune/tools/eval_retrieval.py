@@ -98,12 +98,18 @@ def run_benchmark(model, tokenizer, feats, queries, rows=None, seed: int = 0, lo
         with torch.no_grad():
             q_emb = model(**colpali.query_inputs([q.text for q in queries], tokenizer)).embeddings
         relevant = [q.page for q in queries]
-        out, cache = [], {}
+        out, cache, books = [], {}, {}
         for name, method, budget, k, binary in rows or runs():
             key = (method, budget)
             if key not in cache:
                 cache[key] = page_embeddings(model, tokenizer, feats, method, budget)
-            index = MultiVectorIndex.build(cache[key], codebook=k, binary=binary, seed=seed)
+            if (key, k) in books:  # codes and binary codes of the same pages share one K-means fit
+                index = MultiVectorIndex("binary" if binary else "codes", books[key, k])
+                for batch in cache[key]:
+                    index.add(batch)
+            else:
+                index = MultiVectorIndex.build(cache[key], codebook=k, binary=binary, seed=seed)
+                books[key, k] = index.codebook
             scores, ms = score_time(index, q_emb)
             stored = index.document_bytes()
             if index.mode == "float":
