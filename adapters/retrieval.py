@@ -15,8 +15,11 @@ patches (a merging method's values at its kept patches' places), zero rows after
 padding. Zero rows are the model's own padding convention (it multiplies by the attention
 mask), and :func:`vlmprune.retrieval.maxsim` masks them out. Signals: ``hidden`` /
 ``projected`` (the patch embeddings) and ``received_attention`` (``[B, N]``: the attention each patch
-receives in the last decoder layer, mean over heads and attended query positions: the salience
-HPC-ColPali's card suggests; needs ``attn_implementation="eager"``). Cost: bytes per document
+receives in the last decoder layer from the document prompt's text tokens that follow the image,
+mean over heads and those tokens: the salience HPC-ColPali's card suggests, "attention from the
+query tokens"; needs ``attn_implementation="eager"``). Only the tokens after the image see every
+patch under a causal mask: a mean over all positions favoured the first patches (measured on the
+embedded retriever: of 102 patches kept, 99 in the top two quadrants). Cost: bytes per document
 of the kept vectors (``handle.stats["bytes_per_document"]``).
 """
 
@@ -159,10 +162,16 @@ class RetrievalRuntime(Runtime):
             self.weights = weights.detach()
 
     def _attention(self, rows: list[int], image: torch.Tensor) -> torch.Tensor:
-        """``[len(rows), N]``: attention each image token receives, mean over heads and the
-        attended query positions."""
-        mask = self.call["mask"][rows].to(self.weights.dtype)
-        received = (self.weights[rows].mean(1) * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
+        """``[len(rows), N]``: attention each image token receives from the attended text tokens
+        after the row's last image token, mean over heads and those tokens."""
+        mask = self.call["mask"][rows].bool()
+        pos = torch.arange(image.shape[1], device=image.device)
+        last = torch.where(image, pos, -1).amax(1, keepdim=True)
+        queries = (mask & (pos > last)).to(self.weights.dtype)
+        if bool((queries.sum(1) == 0).any()):
+            raise ValueError("received_attention reads the document prompt's text tokens after the image; "
+                             "a document row has none")
+        received = (self.weights[rows].mean(1) * queries[:, :, None]).sum(1) / queries.sum(1, keepdim=True)
         return torch.stack([received[j][image[j]] for j in range(len(rows))])
 
     def finish(self, module, args, kwargs, output):

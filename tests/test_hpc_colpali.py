@@ -33,11 +33,14 @@ def test_keep_all_scores_equal_unpruned():
 @pytest.mark.parametrize("budget", [1, 5])
 def test_kept_patches_are_the_most_attended(budget):
     """The kept patches are the top ``budget`` by attention received in the last decoder layer
-    (mean over heads and query positions), from ``output_attentions`` of the unwrapped model."""
+    from the prompt's text tokens after the image (mean over heads and those tokens), from
+    ``output_attentions`` of the unwrapped model."""
     m, docs = model(), documents("colpali", 2, seed=4)
     with torch.no_grad():
         attn = m(**docs, output_attentions=True).attentions[-1]  # [B, H, S, S]
-    received = attn.mean(1).mean(1)[:, image_positions("colpali")]
+    image = image_positions("colpali")
+    after = slice(int(image.max()) + 1, None)
+    received = attn.mean(1)[:, after].mean(1)[:, image]
     with vlmprune.wrap(m, "hpc_colpali", budget=budget) as handle, handle.record() as seen, torch.no_grad():
         m(**docs)
     keep = seen[0].selection.keep
