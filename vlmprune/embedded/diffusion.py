@@ -182,7 +182,7 @@ class TextToImage(nn.Module):
 
 
 def diffusion_path() -> Path:
-    return assets_dir() / "embedded_diffusion"
+    return assets_dir("embedded_diffusion", WEIGHTS)
 
 
 def load_diffusion(path=None, dtype=torch.float32) -> TextToImage:
