@@ -141,3 +141,16 @@ def test_judge_on_real_and_drawn_images(judge):
     answers = judge(real + drawn + [Image.new("RGB", (32, 32), (255, 255, 255))])
     assert answers[:5] == truth + [("red", "circle"), ("blue", "rectangle")]
     assert answers[5] != ("red", "circle")
+
+
+def test_shipped_model_loads():
+    """assets/embedded_diffusion: fp16 file, 32 px images through a 16 x 16 x 12 UNet sample."""
+    from safetensors.torch import load_file
+
+    path = diffusion.diffusion_path()
+    if not (path / diffusion.WEIGHTS).exists():
+        pytest.skip("assets/embedded_diffusion not built")
+    assert {t.dtype for t in load_file(str(path / diffusion.WEIGHTS)).values()} == {torch.float16}
+    model = diffusion.load_diffusion()
+    assert (model.config.image_size, model.unet.config.sample_size, model.unet.config.in_channels) == (32, 16, 12)
+    assert not any(p.requires_grad for p in model.parameters())
