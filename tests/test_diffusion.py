@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from vlmprune.embedded import diffusion  # noqa: E402
+from vlmprune.embedded import diffusion
 
 TINY = {"block_out_channels": [8, 16, 16], "norm_num_groups": 4, "context_dim": 8, "image_size": 16, "steps": 2}
 

@@ -8,9 +8,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import vlmprune  # noqa: E402
-from tests.cases import UNET  # noqa: E402
-from tests.cases_unet import unet_inputs  # noqa: E402
+import vlmprune
+from tests.cases import UNET
+from tests.cases_unet import unet_inputs
 
 
 def by_hand(c: int, n: int, attn1: int, attn2: int, ff: int, text: int = 7, text_width: int = 32) -> int:

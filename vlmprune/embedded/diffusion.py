@@ -62,13 +62,13 @@ class DiffusionConfig:
         return 3 * self.patch * self.patch
 
     def unet_kwargs(self) -> dict:
-        return dict(
-            sample_size=self.sample_size, in_channels=self.channels, out_channels=self.channels,
-            block_out_channels=tuple(self.block_out_channels), down_block_types=tuple(self.down_block_types),
-            up_block_types=tuple(self.up_block_types), layers_per_block=self.layers_per_block,
-            attention_head_dim=self.attention_head_dim, norm_num_groups=self.norm_num_groups,
-            cross_attention_dim=self.context_dim,
-        )
+        return {
+            "sample_size": self.sample_size, "in_channels": self.channels, "out_channels": self.channels,
+            "block_out_channels": tuple(self.block_out_channels), "down_block_types": tuple(self.down_block_types),
+            "up_block_types": tuple(self.up_block_types), "layers_per_block": self.layers_per_block,
+            "attention_head_dim": self.attention_head_dim, "norm_num_groups": self.norm_num_groups,
+            "cross_attention_dim": self.context_dim,
+        }
 
 
 class CaptionEncoder(nn.Module):

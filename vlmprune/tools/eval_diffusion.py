@@ -16,8 +16,9 @@ every method), DDIM with ``--steps`` steps and guidance ``--guidance`` (the mode
 methods (:data:`RUNS`): the full (unwrapped) UNet, ToMeSD and OptiPrune's SimPrune at 30/50/70 %
 of each highest-resolution block's tokens removed (their defaults otherwise: self-attention
 only, ``max_downsample=1``), and LatentMapper (its defaults, on the SimPrune-50 % UNet: pruned
-forwards) + SimPrune 50 %. Batches run in turn through every method (one wrap, one session per
-batch), so a loaded machine slows all rows alike; each row's time is its sampling seconds
+forwards) + SimPrune 50 %. After an untimed 2-step warm-up of every method, batches run in
+turn through every method (one wrap, one session per batch), so a loaded machine slows all rows
+alike; each row's time is its sampling seconds
 (LatentMapper's optimisation included), the ratio is to the unwrapped UNet's in the same run. The
 transformer blocks' FLOPs per step come from the adapter's ``cost()``. Writes ``results.json``,
 ``table.md``, ``consistency_vs_ratio.png`` and ``samples.png`` (rows: methods, columns: the first
@@ -148,6 +149,8 @@ def run_benchmark(model, judge: Judge, samples: int, batch: int, seed: int, step
     images = {r[0]: [] for r in runs}
     seconds = {r[0]: 0.0 for r in runs}
     flops = {r[0]: [] for r in runs}
+    for run in runs:  # warm-up, untimed: first calls (imports, allocations) land on no row
+        sample_batch(model, run, captions[:1], model.noise(1, torch.Generator().manual_seed(seed)), 2, guidance)
     for start in range(0, samples, batch):
         chunk = captions[start : start + batch]
         noise = model.noise(len(chunk), torch.Generator().manual_seed(seed * 100003 + start))
