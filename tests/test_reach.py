@@ -32,7 +32,6 @@ def test_episodes_are_seeded_and_deterministic():
 
 def test_camera_follows_the_agent():
     from PIL import Image
-
     from vlmprune.eval import easyvqa
 
     scene = reach.scenes("test", 1, 0)[0]

@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import platform
-import random
 import shlex
 import shutil
 import sys
