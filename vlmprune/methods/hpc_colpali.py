@@ -22,8 +22,10 @@ class HPCColPali(Method):
     """At the retriever's ``output`` stage, keep the ``budget`` document patches with the highest
     salience (``wrap(budget=0.4)`` keeps 40 %; the paper keeps ``ceil(M * p)``, the fraction
     budget rounds), in raster order. Salience: the attention each patch receives in the last
-    decoder layer, mean over heads and attended positions (the paper says "VLM attention" without
-    a layer or head; this reading is the card's suggestion, [unverified]). The paper prunes the
+    decoder layer from the document prompt's text tokens after the image, mean over heads and
+    those tokens (the paper says "VLM attention" without a layer, head or query; the card
+    suggests attention received or attention from the query tokens; [unverified]). A mean over
+    every position favoured the first patches under a causal mask. The paper prunes the
     document patches in its method text and the query in its pipeline list; the query side is
     never pruned here.
 
