@@ -258,7 +258,7 @@ FORWARDED = {
     "bench": ("vlmprune.tools.bench", "prefill time wrapped vs unwrapped"),
     "eval": ("vlmprune.eval.runner",
              ("accuracy vs tokens kept on the offline tasks (--task easyvqa-reach: the closed-loop VLA benchmark; "
-              "--task easyvqa-retrieval: the retrieval benchmark)")),
+              "--task easyvqa-retrieval: the retrieval benchmark; --task easyvqa-t2i: the text-to-image benchmark)")),
     "demo": ("vlmprune.demo.app", "the Gradio demo"),
     "train-embedded": ("vlmprune.embedded.training", "rebuild the embedded model"),
     "train-vit-heads": ("vlmprune.embedded.vit_training", "train the embedded ViT's classification and segmentation heads"),
@@ -272,7 +272,7 @@ EVAL_TOOLS = {"easyvqa-reach": "vlmprune.tools.eval_reach", "easyvqa-retrieval":
 
 def _eval_tool(argv: list[str]) -> str | None:
     """The module of :data:`EVAL_TOOLS` that ``vlmprune eval --task <name> ...`` runs (the
-    closed-loop VLA benchmark, the retrieval benchmark), or None (the VQA runner)."""
+    closed-loop VLA, retrieval and text-to-image benchmarks), or None (the VQA runner)."""
     for i, a in enumerate(argv):
         name = a[len("--task="):] if a.startswith("--task=") else argv[i + 1] if a == "--task" and i + 1 < len(argv) else None
         if name in EVAL_TOOLS:
