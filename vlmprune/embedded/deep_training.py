@@ -550,12 +550,7 @@ def main(argv=None):
                       "easyvqa-scenes": f"test, {args.scenes_test} scenes x 2 questions, seed 0"},
         "random_keep_check": robust,
         "generate_check": gen,
-        "parameters": {
-            "projector": sum(p.numel() for p in model.model.multi_modal_projector.parameters()),
-            "language_model": sum(p.numel() for p in model.model.language_model.parameters())
-            + model.lm_head.weight.numel(),
-            "vision_tower (not committed)": sum(p.numel() for p in model.model.vision_tower.parameters()),
-        },
+        "parameters": base.parameter_counts(model),
     }
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / "README.md").write_text(render_readme(meta))

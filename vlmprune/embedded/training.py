@@ -695,17 +695,22 @@ def main(argv=None):
                              "split": f"test, {args.grid_test} mosaics x 2 questions, seed {easyvqa.DEFAULT_GRID_TEST['seed']}"},
         },
         "generate_check": gen,
-        "parameters": {
-            "projector": sum(p.numel() for p in model.model.multi_modal_projector.parameters()),
-            "language_model": sum(p.numel() for p in model.model.language_model.parameters())
-            + model.lm_head.weight.numel(),
-            "vision_tower (not committed)": sum(p.numel() for p in model.model.vision_tower.parameters()),
-        },
+        "parameters": parameter_counts(model),
     }
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / "README.md").write_text(render_readme(meta))
     log(f"done in {wall / 60:.1f} min (cpu {cpu / 60:.1f} min) -> {out}")
     return meta
+
+
+def parameter_counts(model) -> dict:
+    """The embedded LLaVA's parameter counts for ``training.json`` (projector, language model with
+    its head, and the vision tower, which the assets do not store)."""
+    return {
+        "projector": sum(p.numel() for p in model.model.multi_modal_projector.parameters()),
+        "language_model": sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel(),
+        "vision_tower (not committed)": sum(p.numel() for p in model.model.vision_tower.parameters()),
+    }
 
 
 def write_model_dir(model, processor, tok_ids: dict, out: Path) -> None:
