@@ -31,10 +31,18 @@ def test_pack_is_pixel_unshuffle_and_sampling_is_seeded():
     assert packed.shape == (2, 12, 8, 8)
     assert packed[0, :4, 0, 0].tolist() == [x[0, 0, 0, 0], x[0, 0, 0, 1], x[0, 0, 1, 0], x[0, 0, 1, 1]]
     assert torch.equal(model.unpack(packed), x)
-    noise = model.noise(2, torch.Generator().manual_seed(0))
-    a = model.sample(["a red circle", "a blue rectangle"], latents=noise)
+    gen = torch.Generator().manual_seed(0)
+    noise = model.noise(2, gen)
+    a = model.sample(["a red circle", "a blue rectangle"], latents=noise, generator=gen)  # step noise after the initial
     b = model.sample(["a red circle", "a blue rectangle"], generator=torch.Generator().manual_seed(0))
     assert a.shape == (2, 3, 16, 16) and torch.equal(a, b) and a.abs().max() <= 1
+    # eta 1 (the default) draws noise at every step; eta 0 is deterministic given the initial noise
+    assert model.config.eta == 1.0
+    c = model.sample(["a red circle", "a blue rectangle"], latents=noise, generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(a, c)
+    d, e = (model.sample(["a red circle", "a blue rectangle"], latents=noise, eta=0.0,
+                         generator=torch.Generator().manual_seed(k)) for k in (1, 2))
+    assert torch.equal(d, e)
 
 
 def _planted(split, size, n=None):
@@ -94,7 +102,8 @@ def test_benchmark_rows_with_a_planted_judge(tiny_dir):
     assert by["simprune 50%"]["transformer_flops_ratio"] == flops[1]
     # the same noise for every method: the full row is the model's own sampling of those seeds
     noise = torch.randn((2, 12, 8, 8), generator=torch.Generator().manual_seed(0))
-    own = diffusion.to_images(model.sample([("red", "circle"), ("red", "rectangle")], latents=noise, steps=2))
+    own = diffusion.to_images(model.sample([("red", "circle"), ("red", "rectangle")], latents=noise, steps=2,
+                                           generator=torch.Generator().manual_seed(1)))
     assert [im.tobytes() for im in images["full"][:2]] == [im.tobytes() for im in own]
     assert images["tomesd 70%"][0].tobytes() != own[0].tobytes()
 

@@ -51,6 +51,10 @@ class DiffusionConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     steps: int = 20  # DDIM sampling steps
     guidance: float = 3.0  # classifier-free guidance scale
+    #: DDIM's eta: 1 draws fresh noise at every step (ancestral, as DDPM); at eta 0 (deterministic)
+    #: this small model's samples kept a pixel-noise texture (the judge: 5 % consistency at 20
+    #: steps against 12 % at eta 1, 48 samples, the 2000-step model)
+    eta: float = 1.0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -128,15 +132,18 @@ class TextToImage(nn.Module):
 
     @torch.no_grad()
     def sample(self, captions: list, generator: torch.Generator | None = None, steps: int | None = None,
-               guidance: float | None = None, latents: torch.Tensor | None = None, unet=None) -> torch.Tensor:
-        """``[B, 3, S, S]`` images in ``[-1, 1]`` for ``captions``: DDIM (eta 0) with ``steps``
-        steps and classifier-free guidance ``guidance`` (config defaults), the conditional and
+               guidance: float | None = None, latents: torch.Tensor | None = None, unet=None,
+               eta: float | None = None) -> torch.Tensor:
+        """``[B, 3, S, S]`` images in ``[-1, 1]`` for ``captions``: DDIM with ``steps`` steps,
+        ``eta`` and classifier-free guidance ``guidance`` (config defaults), the conditional and
         unconditional halves run as one batch (as diffusers' pipelines do). ``latents``: the
         initial noise as the UNet takes it (``[B, channels, sample_size, sample_size]``, see
-        :meth:`noise`; else drawn from ``generator``); ``unet``: another callable in place of
+        :meth:`noise`; else drawn from ``generator``); at ``eta > 0`` each step's noise comes from
+        ``generator`` too (after the initial noise); ``unet``: another callable in place of
         :attr:`unet` (same signature)."""
         steps = steps or self.config.steps
         guidance = self.config.guidance if guidance is None else guidance
+        eta = self.config.eta if eta is None else eta
         unet = unet or self.unet
         b = len(captions)
         cond = self.text(caption_ids(captions))
@@ -153,7 +160,7 @@ class TextToImage(nn.Module):
                 eps = eps_u + guidance * (eps_c - eps_u)
             else:
                 eps = unet(x, t, encoder_hidden_states=context).sample
-            x = scheduler.step(eps, t, x).prev_sample
+            x = scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample
         return self.unpack(x).clamp(-1, 1)
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

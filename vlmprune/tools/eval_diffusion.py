@@ -12,7 +12,9 @@ reported with the results.
 
 Samples: ``--samples`` images per method, the caption of sample ``i`` the ``i % 24``-th of the 24
 ``"a <colour> <shape>"`` captions, its noise drawn from a generator seeded ``--seed`` (the same for
-every method), DDIM with ``--steps`` steps and guidance ``--guidance`` (the model's defaults). The
+every method), DDIM with ``--steps`` steps, guidance ``--guidance`` and the model's eta (defaults
+from the model's config; at eta > 0 each batch's step noise is seeded too, the same for every
+method). The
 methods (:data:`RUNS`): the full (unwrapped) UNet, ToMeSD and OptiPrune's SimPrune at 30/50/70 %
 of each highest-resolution block's tokens removed (their defaults otherwise: self-attention
 only, ``max_downsample=1``), and LatentMapper (its defaults, on the SimPrune-50 % UNet: pruned
@@ -117,12 +119,14 @@ def real_accuracy(judge: Judge, n: int | None, size: int) -> dict:
     return {"images": len(images), "at_64px": scores(judge(images), truth), f"at_{size}px": scores(judge(low), truth)}
 
 
-def sample_batch(model, run, captions, noise, steps, guidance):
-    """``(images in [-1, 1], seconds, stats)`` of one batch under ``run``."""
+def sample_batch(model, run, captions, noise, steps, guidance, step_seed: int):
+    """``(images in [-1, 1], seconds, stats)`` of one batch under ``run``: the initial ``noise``
+    and the sampler's step noise (seeded by ``step_seed``) are the same for every run."""
     _, method, options, mapper = run
+    steps_noise = torch.Generator().manual_seed(step_seed)
     if method is None:
         t = time.perf_counter()
-        x = model.sample(captions, latents=noise, steps=steps, guidance=guidance)
+        x = model.sample(captions, latents=noise, steps=steps, guidance=guidance, generator=steps_noise)
         return x, time.perf_counter() - t, {}
     with vlmprune.wrap(model.unet, method, **options) as handle:
         t = time.perf_counter()
@@ -135,7 +139,7 @@ def sample_batch(model, run, captions, noise, steps, guidance):
             with torch.no_grad():
                 context = model.text(diffusion.caption_ids(captions))
             latents, _ = LatentMapper(subjects=diffusion.SUBJECTS).map(model.unet, noise, scheduler.timesteps[0], context)
-        x = model.sample(captions, latents=latents, steps=steps, guidance=guidance)
+        x = model.sample(captions, latents=latents, steps=steps, guidance=guidance, generator=steps_noise)
         seconds = time.perf_counter() - t
         stats = handle.stats
     return x, seconds, stats
@@ -150,12 +154,12 @@ def run_benchmark(model, judge: Judge, samples: int, batch: int, seed: int, step
     seconds = {r[0]: 0.0 for r in runs}
     flops = {r[0]: [] for r in runs}
     for run in runs:  # warm-up, untimed: first calls (imports, allocations) land on no row
-        sample_batch(model, run, captions[:1], model.noise(1, torch.Generator().manual_seed(seed)), 2, guidance)
+        sample_batch(model, run, captions[:1], model.noise(1, torch.Generator().manual_seed(seed)), 2, guidance, seed)
     for start in range(0, samples, batch):
         chunk = captions[start : start + batch]
         noise = model.noise(len(chunk), torch.Generator().manual_seed(seed * 100003 + start))
         for run in runs:
-            x, s, stats = sample_batch(model, run, chunk, noise, steps, guidance)
+            x, s, stats = sample_batch(model, run, chunk, noise, steps, guidance, seed * 100003 + start + 1)
             images[run[0]] += diffusion.to_images(x)
             seconds[run[0]] += s
             if "transformer_flops" in stats:
