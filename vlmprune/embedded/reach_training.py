@@ -184,6 +184,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scenes", type=int, default=240, help="train-split scenes")
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--init", default=None, metavar="TAG",
+                   help="start from the checkpoint <cache>/reach-train/TAG.pt of an earlier run (weights, optimiser, "
+                        "step), continuing at its step under this run's --steps schedule and data")
     p.add_argument("--batch", type=int, default=8, help="frames (x4 instructions) per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
@@ -258,14 +261,27 @@ def main(argv=None) -> dict:
            f"-route{args.route_layer}")
     ckpt = ckpt_dir / f"{tag}.pt"
     start, train_s = 0, 0.0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+    command = "python -m vlmprune.embedded.reach_training " + shlex.join(sys.argv[1:] if argv is None else argv)
+    commands = [command]  # the chain of runs whose checkpoints led here (--init), this one last
+    source = ckpt
+    if not ckpt.exists() and args.init is not None:
+        source = ckpt_dir / f"{args.init}.pt"
+        if not source.exists():
+            raise SystemExit(f"--init {args.init}: no checkpoint {source}")
+    if source.exists():
+        state = torch.load(source, weights_only=False)
+        if source != ckpt:
+            commands = state.get("commands", [f"(the run of checkpoint {args.init})"]) + [command]
+            if state["step"] >= args.steps:
+                raise SystemExit(f"--init {args.init} is at step {state['step']}: --steps must be above it, got {args.steps}")
+        else:
+            commands = state.get("commands", commands)
         model.load_state_dict(state["model"], strict=False)
         aux_head.load_state_dict(state["aux"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start, train_s = state["step"], state["train_s"]
-        log(f"resumed at step {start}")
+        log(f"resumed at step {start} from {source.name}")
     tok_bos, tok_pad = tok.bos_token_id, tok.pad_token_id
     model.train()
     model.model.vision_tower.eval()
@@ -300,7 +316,7 @@ def main(argv=None) -> dict:
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             torch.save({"model": {k: v for k, v in model.state_dict().items() if "vision_tower" not in k},
                         "aux": aux_head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step + 1, "train_s": train_s + time.time() - t_last}, ckpt)
+                        "step": step + 1, "train_s": train_s + time.time() - t_last, "commands": commands}, ckpt)
 
     # 4. closed-loop check and assets
     model.eval()
@@ -321,7 +337,8 @@ def main(argv=None) -> dict:
     import transformers
 
     meta = {
-        "command": "python -m vlmprune.embedded.reach_training " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": command,
+        "commands": commands,
         "args": vars(args),
         "task": reach.TASK,
         "frames": len(frames), "labelled_steps": 4 * len(frames),
@@ -337,6 +354,12 @@ def main(argv=None) -> dict:
     (out / "README.md").write_text(render_readme(meta))
     log(f"done -> {out}")
     return meta
+
+
+def rebuild_commands(meta: dict) -> str:
+    """The commands that wrote these assets, in order (each later one starts from the earlier one's
+    checkpoint, ``--init``)."""
+    return "\n".join(meta.get("commands", [meta["command"]]))
 
 
 def render_readme(meta: dict) -> str:
@@ -366,7 +389,7 @@ test-split images), {r["mean_steps"]:.2f} steps on average (the expert: 100 %; i
 ## Rebuild
 
 ```
-{meta["command"].strip()}
+{rebuild_commands(meta)}
 ```
 
 {meta["frames"]} frames ({meta["args"]["scenes"]} train-split scenes seen from every cell), each labelled for the scene's four instructions ({meta["labelled_steps"]} labelled steps);
