@@ -282,21 +282,16 @@ def load_task(task: str, split: str = "test", n: int | None = None, seed: int = 
         return easyvqa_samples(split, n=n, seed=seed)
     if task == "easyvqa-grid":
         samples = grid_samples(split, **DEFAULT_GRID_TEST) if split == "test" else grid_samples(split, seed=seed)
-        if n is not None:
-            if not 0 < n <= len(samples):
-                raise ValueError(f"n must be in [1, {len(samples)}], got {n}")
-            keep = sorted(random.Random(seed).sample(range(len(samples)), n))
-            samples = [samples[k] for k in keep]
-        return samples
-    if task == "easyvqa-scenes":
+    elif task == "easyvqa-scenes":
         from . import scenes
 
         samples = scenes.scene_samples(split, **scenes.DEFAULT_TEST) if split == "test" else scenes.scene_samples(
             split, seed=seed)
-        if n is not None:
-            if not 0 < n <= len(samples):
-                raise ValueError(f"n must be in [1, {len(samples)}], got {n}")
-            keep = sorted(random.Random(seed).sample(range(len(samples)), n))
-            samples = [samples[k] for k in keep]
-        return samples
-    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    else:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    if n is not None:
+        if not 0 < n <= len(samples):
+            raise ValueError(f"n must be in [1, {len(samples)}], got {n}")
+        keep = sorted(random.Random(seed).sample(range(len(samples)), n))
+        samples = [samples[k] for k in keep]
+    return samples

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method", default="visionzip", help="a registered method (`vlmprune methods`; default visionzip)")
     run.add_argument("--budget", type=_budget, default=0.111, help="tokens per image (int) or fraction kept (float)")
     run.add_argument("--model", default=None, help="a LLaVA checkpoint path or hub id (default: the embedded model)")
-    run.add_argument("--task", default="easyvqa-grid", choices=("easyvqa", "easyvqa-grid"))
+    run.add_argument("--task", default="easyvqa-grid", choices=("easyvqa", "easyvqa-grid", "easyvqa-scenes"))
     run.add_argument("--sample", type=int, default=0, help="which test sample of --task")
     run.add_argument("--image", default=None, help="an image file instead of a task sample (needs --question)")
     run.add_argument("--question", default=None)
