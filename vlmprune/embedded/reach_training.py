@@ -384,7 +384,7 @@ policy, processor = load_policy()          # a vlmprune.vla.VLAPolicy(action_dim
 
 {100 * r["success_rate"]:.1f} % of {r["episodes"]} seeded test episodes (`reach.episodes("test", {r["episodes"]}, {r["seed"]})`,
 test-split images), {r["mean_steps"]:.2f} steps on average (the expert: 100 %; issue 16 asks for 90 %:
-{"met" if r["success_rate"] >= 0.9 else "not met yet, the policy needs more training"}).
+{"met" if r["success_rate"] >= 0.9 else "not met"}).
 
 ## Rebuild
 
@@ -392,8 +392,8 @@ test-split images), {r["mean_steps"]:.2f} steps on average (the expert: 100 %; i
 {rebuild_commands(meta)}
 ```
 
-{meta["frames"]} frames ({meta["args"]["scenes"]} train-split scenes seen from every cell), each labelled for the scene's four instructions ({meta["labelled_steps"]} labelled steps);
-{meta["args"]["steps"]} steps of {meta["args"]["batch"]} frames, lr {meta["args"]["lr"]}, seed {meta["args"]["seed"]}. Minutes on
+{"The last run: " if len(meta.get("commands", [])) > 1 else ""}{meta["frames"]} frames ({meta["args"]["scenes"]} train-split scenes seen from every cell), each labelled for the scene's four instructions ({meta["labelled_steps"]} labelled steps);
+{meta["args"]["steps"]} steps{" in all" if len(meta.get("commands", [])) > 1 else ""} of {meta["args"]["batch"]} frames, lr {meta["args"]["lr"]}, seed {meta["args"]["seed"]}. Minutes on
 {meta["machine"]} (shared with other jobs): vision features {m["vision_features"]} (cached across
 reruns; 0 when they were), training {m["training"]}, closed-loop check {m["closed_loop_check"]};
 torch {meta["torch"]}, transformers {meta["transformers"]}. Full record: `training.json`.
