@@ -37,9 +37,7 @@ import json
 import math
 import platform
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,7 +52,7 @@ from .training import (
     FeatureStore,
     packed_tensors,
     round_to_fp16,
-    strip_vision_weights,
+    save_model_files,
     truncated_vision_tower,
 )
 
@@ -325,15 +323,7 @@ def main(argv=None) -> dict:
     result = closed_loop(model, processor, args.test, reach.DEFAULT_TEST["seed"])
     log(f"closed loop (test): {result}")
     out = Path(args.out)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        strip_vision_weights(tmp)
-        embedded.guard_config(tmp)
-        out.mkdir(parents=True, exist_ok=True)
-        for f in tmp.iterdir():
-            shutil.copyfile(f, out / f.name)
+    save_model_files(model, processor, out)
     import transformers
 
     meta = {

@@ -723,6 +723,13 @@ def write_model_dir(model, processor, tok_ids: dict, out: Path) -> None:
         bos_token_id=tok_ids["<s>"], eos_token_id=tok_ids["</s>"], pad_token_id=tok_ids["<pad>"],
         max_new_tokens=4, do_sample=False,
     )
+    save_model_files(model, processor, out)
+
+
+def save_model_files(model, processor, out: Path) -> None:
+    """Save an embedded LLaVA-family model as it is (its own generation config) to ``out``: vision
+    tower stripped, config guarded, through a temporary sibling folder so that ``out``'s files
+    are replaced whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=str(out.parent)))
     try:
