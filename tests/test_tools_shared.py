@@ -48,8 +48,21 @@ def test_training_commands_share_run_options():
     for command, weights in ((train_atp, "atp_embedded.safetensors"), (train_covipal, "covipal_embedded.safetensors")):
         parser = command.build_parser()
         args = vars(parser.parse_args([]))
-        assert {k: args[k] for k in ("cache_dir", "out", "seed", "threads")} == {"cache_dir": None, "out": None, "seed": 0, "threads": 2}
+        assert {k: args[k] for k in ("model", "cache_dir", "out", "seed", "threads")} == {
+            "model": None, "cache_dir": None, "out": None, "seed": 0, "threads": 2}
         assert f"weights file (default: assets/{weights})" in " ".join(parser.format_help().split())
+
+
+def test_training_commands_model_option(tmp_path, capsys):
+    """--model picks the frozen LVLM; any but the base model needs --out (the default file is the base model's)."""
+    from vlmprune.embedded import harness, model
+
+    assert harness.model_path(None) == harness.model_path("base") == model.embedded_path("base")
+    assert harness.model_path("deep") == model.embedded_path("deep")
+    assert harness.model_path(str(tmp_path)) == tmp_path
+    assert harness.start_run(None, 1, 0, "deep", None) is None
+    assert "--out is required with --model" in capsys.readouterr().err
+    assert harness.start_run(None, 1, 0, str(tmp_path), None) is None
 
 
 def test_training_record_and_save(tmp_path, monkeypatch):

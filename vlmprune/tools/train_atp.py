@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     if any(not 0 < r < 1 for r in ratios + eval_ratios):
         print("error: --ratios and --eval-ratios must lie in (0, 1)", file=sys.stderr)
         return 2
-    run = start_run(args.cache_dir, args.threads, args.seed)
+    run = start_run(args.cache_dir, args.threads, args.seed, args.model, args.out)
     if run is None:
         return 2
     model, processor, lm, features, batcher = run

@@ -39,7 +39,6 @@ import sys
 
 import torch
 
-from vlmprune import embedded
 from vlmprune.embedded.harness import (
     Batcher,
     Clock,
@@ -48,6 +47,7 @@ from vlmprune.embedded.harness import (
     hard_key_mask,
     load_groups,
     log,
+    model_path,
     pad_right,
     save_trained,
     start_run,
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     clock = Clock()
-    run = start_run(args.cache_dir, args.threads, args.seed)
+    run = start_run(args.cache_dir, args.threads, args.seed, args.model, args.out)
     if run is None:
         return 2
     model, processor, lm, features, batcher = run
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     for name, a in acc.items():
         log(f"    answer accuracy, {name:28s} {a:.3f}")
 
-    ckpt = embedded.embedded_path() / "model.safetensors"
+    ckpt = model_path(args.model) / "model.safetensors"
     heldout = {"questions": len(test_items), "kl": kl, "top64_overlap": o25, "top32_overlap": o125, "accuracy": acc}
     info = training_record(
         parser, argv, args, clock, teacher_layer=layer, checkpoint_sha256=file_digest(ckpt) if ckpt.is_file() else None,
