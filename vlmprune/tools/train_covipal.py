@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         sched.step()
         if step % 100 == 0 or step == args.steps - 1:
             kl, o25, o125 = evaluate(t_test, vis_test)
-            log(f"[{clock():.0f}s] stage 1 step {step:4d}  train KL {float(loss):.4f}  test KL {kl:.4f}  "
+            log(f"[{clock():.0f}s] stage 1 step {step:4d}  train KL {loss.item():.4f}  test KL {kl:.4f}  "
                 f"test top-64 overlap {o25:.3f}  top-32 overlap {o125:.3f}")
 
     # stage 2 (optional): LM loss through a soft top-k key mask, LVLM frozen
