@@ -144,9 +144,8 @@ def relative_table(rows: list[dict]) -> str:
     lines = [head, "|---|" + "---|" * (len(budgets) * (len(tasks) + 1))]
     order = sorted(rel, key=lambda m: -min((rel[m].get(b, {}).get("mean", 0.0) for b in budgets), default=0.0))
     for m in order:
-        cell = lambda b, t: f"{rel[m][b][t] * 100:.1f}" if t in rel[m].get(b, {}) else ""  # noqa: E731
-        lines.append(f"| `{m}` | " + " | ".join(cell(b, "mean") for b in budgets) + " | "
-                     + " | ".join(cell(b, t) for t in tasks for b in budgets) + " |")
+        cells = [rel[m].get(b, {}).get(t) for t in ["mean", *tasks] for b in budgets]
+        lines.append(f"| `{m}` | " + " | ".join("" if v is None else f"{v * 100:.1f}" for v in cells) + " |")
     return "\n".join(lines)
 
 

@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-
 from vlmprune.eval import realism
 
 
