@@ -76,3 +76,16 @@ def test_command_prints_tables_and_writes_plot(tmp_path, capsys):
         realism.main([str(folder), "--labels", "x,y"])
     with pytest.raises(SystemExit, match="no results.json"):
         realism.main([str(tmp_path / "nothing")])
+
+
+def test_readme_realism_table_is_the_committed_results():
+    """The README's realism table is what the committed command prints from the committed results."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    results = []
+    for folder, label in (("benchmark_vlm16", "16-layer"), ("benchmark", "4-layer")):
+        data = realism.load_results(root / "assets" / folder)
+        data["label"] = label
+        results.append(data)
+    assert realism.realism_table(results) in (root / "README.md").read_text()
