@@ -1,6 +1,7 @@
 """Does the offline benchmark order methods as a real VLM does? (issue 20)
 
     python -m vlmprune.eval.realism assets/benchmark_vlm16 assets/benchmark --out assets/benchmark_vlm16
+    python -m vlmprune.eval.realism "assets/benchmark_vlm16:fastv=fastv[k_layer=1]"   # another row stands for FastV
 
 For each ``results.json`` given (a ``vlmprune eval`` output folder or the file itself) it prints
 
@@ -83,6 +84,25 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float("nan") if va == 0 or vb == 0 else cov / (va * vb) ** 0.5
 
 
+def parse_stand_ins(text: str) -> dict[str, str]:
+    """``"fastv=fastv[k_layer=1],..."`` -> ``{"fastv": "fastv[k_layer=1]"}`` (methods of :data:`COMPARED`)."""
+    items, depth, cur = [], 0, ""
+    for ch in text:  # split on the commas outside brackets: a row label may hold several options
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out = {}
+    for item in filter(None, (t.strip() for t in items + [cur])):
+        method, sep, row = item.partition("=")
+        if not sep or method not in COMPARED or not row:
+            raise SystemExit(f"vlmprune.eval.realism: results: {item!r} is not METHOD=ROW with METHOD one of {list(COMPARED)}")
+        out[method] = row
+    return out
+
+
 def load_results(path) -> dict:
     path = Path(path)
     if path.is_dir():
@@ -112,18 +132,20 @@ def relative_scores(rows: list[dict]) -> dict:
     return out
 
 
-def realism(rows: list[dict]) -> dict:
+def realism(rows: list[dict], stand_ins: dict[str, str] | None = None) -> dict:
     """Per LLaVA budget: the published and embedded relative scores of :data:`COMPARED` and the
     Spearman correlation of their orders, per task and over the mean (``None`` where a method or
-    budget is missing from the rows)."""
+    budget is missing from the rows). ``stand_ins`` maps a compared method to the row that stands
+    for it (e.g. ``{"fastv": "fastv[k_layer=1]"}``: FastV at the same fraction of the depth)."""
     rel = relative_scores(rows)
+    label = {m: (stand_ins or {}).get(m, m) for m in COMPARED}
     tasks = list(dict.fromkeys(r["task"] for r in rows if r["method"] == "none")) + ["mean"]
     out = {}
     for tokens, budget in BUDGET_OF.items():
         published = [published_relative(tokens, m) for m in COMPARED]
         entry = {"budget": budget, "published": dict(zip(COMPARED, published)), "embedded": {}, "spearman": {}}
         for task in tasks:
-            vals = [rel.get(m, {}).get(budget, {}).get(task) for m in COMPARED]
+            vals = [rel.get(label[m], {}).get(budget, {}).get(task) for m in COMPARED]
             if any(v is None for v in vals):
                 entry["spearman"][task] = None
                 continue
@@ -154,7 +176,7 @@ def realism_table(results: list[dict]) -> str:
     Spearman correlation of each order against the published one."""
     lines = ["| LLaVA budget (keep) | source | " + " | ".join(COMPARED) + " | Spearman vs published |",
              "|---|---|" + "---|" * (len(COMPARED) + 1)]
-    checks = [(data["label"], realism(data["rows"])) for data in results]
+    checks = [(data["label"], realism(data["rows"], data.get("stand_ins"))) for data in results]
     for tokens, budget in BUDGET_OF.items():
         pub = {m: published_relative(tokens, m) for m in COMPARED}
         lines.append(f"| {tokens} / {LLAVA_TOKENS} ({budget * 100:.1f} %) | LLaVA-1.5-7B (VisionZip Table 1) | "
@@ -176,7 +198,7 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    sources = [("LLaVA-1.5-7B (published)", None)] + [(d["label"], realism(d["rows"])) for d in results]
+    sources = [("LLaVA-1.5-7B (published)", None)] + [(d["label"], realism(d["rows"], d.get("stand_ins"))) for d in results]
     fig, axes = plt.subplots(1, len(BUDGET_OF), figsize=(4.6 * len(BUDGET_OF), 4.0), sharey=True)
     width = 0.8 / len(sources)
     for ax, (tokens, budget) in zip(axes, BUDGET_OF.items()):
@@ -197,7 +219,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_title(f"{tokens} of {LLAVA_TOKENS} (keep {budget * 100:.1f} %)")
         ax.set_ylim(40, 102)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     axes[0].set_ylabel("accuracy relative to all tokens (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -206,7 +228,10 @@ def plot(results: list[dict], path: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmprune.eval.realism", description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", help="`vlmprune eval --out` folders (or their results.json)")
+    p.add_argument("results", nargs="+",
+                   help="`vlmprune eval --out` folders (or their results.json), each optionally followed by "
+                        "':METHOD=ROW,...', the rows standing for the compared methods (e.g. "
+                        "'assets/benchmark_vlm16:fastv=fastv[k_layer=1]'); the same folder may come twice")
     p.add_argument("--labels", default="", help="comma-separated labels, one per results (default: the model)")
     p.add_argument("--out", type=Path, default=None, help="folder for realism.png (default: no plot)")
     return p
@@ -214,7 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    results = [load_results(p) for p in args.results]
+    results = []
+    for spec in args.results:
+        path, _, maps = spec.partition(":")
+        data = load_results(path)
+        data["stand_ins"] = parse_stand_ins(maps)
+        results.append(data)
     labels = [s for s in args.labels.split(",") if s] if args.labels else [d["config"]["model"] for d in results]
     if len(labels) != len(results):
         raise SystemExit(f"vlmprune.eval.realism: --labels: {len(labels)} labels for {len(results)} results")

@@ -84,8 +84,23 @@ def test_readme_realism_table_is_the_committed_results():
 
     root = Path(__file__).resolve().parents[1]
     results = []
-    for folder, label in (("benchmark_vlm16", "16-layer"), ("benchmark", "4-layer")):
+    for folder, label, stand_ins in (("benchmark_vlm16", "16-layer", None),
+                                     ("benchmark_vlm16", "16-layer FastV K=1", {"fastv": "fastv[k_layer=1]"}),
+                                     ("benchmark", "4-layer", None)):
         data = realism.load_results(root / "assets" / folder)
-        data["label"] = label
+        data["label"], data["stand_ins"] = label, stand_ins
         results.append(data)
     assert realism.realism_table(results) in (root / "README.md").read_text()
+
+
+def test_stand_in_rows():
+    rows = planted({b: (0.4, 0.3, 0.2) for b in (0.333, 0.222, 0.111)})
+    rows += [{**r, "method": "fastv[k_layer=1,x=2]", "accuracy": 0.01} for r in rows if r["method"] == "fastv"]
+    assert realism.realism(rows)[64]["spearman"]["mean"] == pytest.approx(-1.0)
+    stand_in = realism.parse_stand_ins("fastv=fastv[k_layer=1,x=2]")
+    assert stand_in == {"fastv": "fastv[k_layer=1,x=2]"}
+    # the stand-in FastV is now the weakest: fastv < visionzip < sparsevlm against published fastv < sparsevlm < visionzip
+    assert realism.realism(rows, stand_in)[64]["spearman"]["mean"] == pytest.approx(0.5)
+    for bad in ("fastv", "tome=tome", "fastv="):
+        with pytest.raises(SystemExit, match="METHOD=ROW"):
+            realism.parse_stand_ins(bad)
