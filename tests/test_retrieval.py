@@ -163,3 +163,24 @@ def test_sdpa_retriever_prunes_by_hand():
     for i, keep in enumerate(seen[0].selection.keep):
         rows = torch.cat([torch.sort(keep).values, torch.arange(16, 16 + len(PROMPT))])
         torch.testing.assert_close(kept[i], full[i, rows], atol=1e-6, rtol=0)
+
+
+def test_binary_scores_equal_a_per_document_hamming_reference():
+    """The table-driven, all-documents-at-once binary scoring equals bits - Hamming per document."""
+    from vlmprune.retrieval import valid_rows
+
+    gen = torch.Generator().manual_seed(3)
+    docs = [torch.randn(2, 9, 6, generator=gen) for _ in range(3)]
+    docs[1][0, 5:] = 0  # a shorter document
+    index = MultiVectorIndex.build(docs, codebook=5, binary=True, seed=0)
+    queries = torch.randn(4, 7, 6, generator=gen)
+    queries[2, 4:] = 0
+    bits = index.codebook.bits
+    q_bits = to_bits(index.codebook.encode(queries), bits)
+    expected = torch.zeros(4, len(index))
+    for n, codes in enumerate(index.docs):
+        sim = bits - hamming(q_bits, to_bits(codes, bits)[None].expand(4, -1, -1))
+        expected[:, n] = (sim.max(-1).values * valid_rows(queries)).sum(-1).float()
+    assert torch.equal(index.scores(queries), expected)
+    index.add(torch.randn(1, 9, 6, generator=gen))  # a new document invalidates the padded cache
+    assert index.scores(queries).shape == (4, 7)

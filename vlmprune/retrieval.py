@@ -137,24 +137,42 @@ class MultiVectorIndex:
         return len(self.docs)
 
     def _padded(self) -> torch.Tensor:
-        longest = max(d.shape[0] for d in self.docs)
-        if self.mode == "float":
-            return torch.stack([torch.cat([d, d.new_zeros(longest - d.shape[0], d.shape[1])]) for d in self.docs])
-        return torch.stack([torch.cat([self.codebook.decode(d), torch.zeros(longest - d.shape[0], self.codebook.centroids.shape[1])]) for d in self.docs])
+        """The documents as one zero-padded ``[N, Lmax, D]`` tensor (codes decoded; binary mode:
+        ``[N, Lmax]`` codes padded with -1), built once per set of documents."""
+        key = (id(self.docs), len(self.docs))
+        if getattr(self, "_padded_key", None) != key:
+            longest = max(d.shape[0] for d in self.docs)
+            if self.mode == "float":
+                rows = [torch.cat([d, d.new_zeros(longest - d.shape[0], d.shape[1])]) for d in self.docs]
+            elif self.mode == "codes":
+                width = self.codebook.centroids.shape[1]
+                rows = [torch.cat([self.codebook.decode(d), torch.zeros(longest - d.shape[0], width)]) for d in self.docs]
+            else:
+                rows = [torch.cat([d.long(), torch.full((longest - d.shape[0],), -1)]) for d in self.docs]
+            self._padded_docs, self._padded_key = torch.stack(rows), key
+        return self._padded_docs
 
     def scores(self, queries: torch.Tensor) -> torch.Tensor:
         """``[Q, len(self)]`` scores of ``queries [Q, Lq, D]`` (zero rows: padding)."""
         queries = queries.detach().cpu().float()
         if self.mode != "binary":
             return maxsim(queries, self._padded())
+        # binary: a patch's similarity to a query token is bits - Hamming(codes), read from a table
+        # over every pair of codes, for all documents at once (in chunks bounding the memory)
         bits = self.codebook.bits
+        all_bits = to_bits(torch.arange(2 ** bits), bits)
+        table = bits - hamming(all_bits, all_bits)  # [2^bits, 2^bits]
         q_valid = valid_rows(queries)
-        q_bits = to_bits(self.codebook.encode(queries), bits)  # [Q, Lq, b]
-        out = torch.zeros(queries.shape[0], len(self.docs))
-        for n, codes in enumerate(self.docs):
-            sim = bits - hamming(q_bits, to_bits(codes, bits)[None].expand(queries.shape[0], -1, -1))
-            out[:, n] = (sim.max(-1).values * q_valid).sum(-1).float()
-        return out
+        per_query = table[self.codebook.encode(queries).long()]  # [Q, Lq, 2^bits]
+        docs = self._padded()  # [N, Lmax], -1 = padding
+        q, lq = q_valid.shape
+        chunk = max(1, (1 << 24) // max(1, q * lq * docs.shape[1]))
+        out = []
+        for part in docs.split(chunk):
+            sim = per_query[:, :, part.clamp_min(0)]  # [Q, Lq, n, Lmax]
+            sim = sim.masked_fill((part < 0)[None, None], -1)
+            out.append((sim.max(-1).values * q_valid[:, :, None]).sum(1))
+        return torch.cat(out, dim=1).float()
 
     def search(self, queries: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores, ids)`` of the top ``k`` documents per query."""
