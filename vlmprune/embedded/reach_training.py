@@ -12,7 +12,7 @@ cloning of the straight-line expert of :mod:`vlmprune.embedded.reach`:
 2. Frames: each of ``--scenes`` train-split scenes seen from every cell of the grid.
    Every frame is labelled for all four instructions of its scene (the expert's action towards
    each shape). Vision features (hidden_states[-2] without CLS, what LLaVA's projector reads) are
-   computed once under bfloat16 autocast and cached, resumably, under
+   computed once (under bfloat16 autocast, ``--precision``) and cached, resumably, under
    ``<cache>/reach-features/``.
 3. Behaviour cloning: cross-entropy on the two action tokens (dx given the prompt, dy given dx),
    the four instructions of a frame packed into one sequence with a block-causal mask
@@ -22,7 +22,8 @@ cloning of the straight-line expert of :mod:`vlmprune.embedded.reach`:
    layer ``--route-layer`` its head 0 must attend to the agent's cell and head 1 to the target's
    (:func:`routing_loss`; in the first, fixed-camera version the model had not started reading
    either after 275 steps without it). AdamW, cosine schedule, bfloat16
-   autocast. Checkpoints every ``--ckpt-every`` steps under ``<cache>/reach-train/`` (a rerun
+   autocast (``--precision fp32``: none; a CPU without native bfloat16 matrix products, such as
+   an AVX2-only one, runs float32 several times faster). Checkpoints every ``--ckpt-every`` steps under ``<cache>/reach-train/`` (a rerun
    with the same arguments resumes).
 4. Closed-loop check in float32 with the assembled model's ``generate()`` on the seeded test
    episodes (:data:`reach.DEFAULT_TEST`): full-token success rate. Writes the weights (vision
@@ -53,6 +54,7 @@ from .training import (
     packed_tensors,
     round_to_fp16,
     save_model_files,
+    tower_states,
     truncated_vision_tower,
 )
 
@@ -130,9 +132,29 @@ def pack(units, feats, bos: int, pad: int):
     return (*packed_tensors(seqs, segs, poss, pad, prefix), torch.tensor(targets), torch.tensor(aux))
 
 
-def forward(model, input_ids, slots, mask, positions, feats, layer: int):
-    """The language model's last hidden state and the input of decoder layer ``layer``."""
+def tuned_tower_layers(model, n: int) -> list[int]:
+    """The indices of the ``n`` top vision-tower layers that LLaVA reads (those below its feature
+    layer, ``hidden_states[-2]``)."""
+    used = model.config.vision_config.num_hidden_layers + 1 + model.config.vision_feature_layer
+    if not 0 <= n <= used:
+        raise ValueError(f"--tune-tower must be in 0..{used}, got {n}")
+    return list(range(used - n, used))
+
+
+def run_tower_top(model, states, layers) -> torch.Tensor:
+    """The cached tower states (CLS first) through the tuned ``layers``; patch tokens only."""
+    for i in layers:
+        out = model.model.vision_tower.encoder.layer[i](states)
+        states = out[0] if isinstance(out, tuple) else out  # transformers < 5.2x returns a tuple
+    return states[:, 1:]
+
+
+def forward(model, input_ids, slots, mask, positions, feats, layer: int, tower_layers=()):
+    """The language model's last hidden state and the input of decoder layer ``layer`` (``feats``
+    are tower states still to run through ``tower_layers`` when any are tuned)."""
     lm = model.model.language_model
+    if tower_layers:
+        feats = run_tower_top(model, feats, tower_layers)
     embeds = lm.embed_tokens(input_ids)
     img = model.model.multi_modal_projector(feats)
     embeds = embeds.masked_scatter(slots[..., None], img.to(embeds.dtype))
@@ -185,6 +207,13 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, metavar="TAG",
                    help="start from the checkpoint <cache>/reach-train/TAG.pt of an earlier run (weights, optimiser, "
                         "step), continuing at its step under this run's --steps schedule and data")
+    p.add_argument("--init-policy", default=None, metavar="DIR",
+                   help="start from the weights of a written policy directory (e.g. assets/embedded_vla), "
+                        "with a fresh optimiser and schedule")
+    p.add_argument("--tune-tower", type=int, default=0, metavar="N",
+                   help="also fine-tune the top N vision-tower layers LLaVA reads (OpenVLA fine-tunes its "
+                        "tower); their input is cached instead of the tower's output")
+    p.add_argument("--tower-lr-scale", type=float, default=0.1, help="the tuned tower layers' lr, as a fraction of --lr")
     p.add_argument("--batch", type=int, default=8, help="frames (x4 instructions) per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
@@ -192,6 +221,8 @@ def parse_args(argv=None):
     p.add_argument("--route-layer", type=int, default=1, help="decoder layer whose heads 0, 1 get the routing loss")
     p.add_argument("--test", type=int, default=reach.DEFAULT_TEST["n"], help="closed-loop test episodes")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="autocast of features and training (the committed runs: bf16)")
     p.add_argument("--feature-batch", type=int, default=16)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--cache-dir", default=None)
@@ -218,20 +249,32 @@ def main(argv=None) -> dict:
 
     hf_logging.set_verbosity_error()
     cache = Path(args.cache_dir) if args.cache_dir else embedded.cache_root()
-    model, processor = build_policy()
+    if args.init_policy:
+        if args.init is not None:
+            raise SystemExit("pass either --init or --init-policy, not both")
+        model, processor = embedded.load_embedded(args.init_policy)
+        extend_tokenizer(processor.tokenizer)  # checks the action ids are in place
+        if len(processor.tokenizer) != model.config.text_config.vocab_size:
+            raise SystemExit(f"--init-policy {args.init_policy}: not a reach policy (vocabulary without the action tokens)")
+    else:
+        model, processor = build_policy()
+    tower_layers = tuned_tower_layers(model, args.tune_tower)
     tok = processor.tokenizer
     frames = training_frames(args.scenes, args.seed)
     units = frame_units(frames, tok)
     log(f"{len(frames)} frames from {args.scenes} scenes, {4 * len(frames)} labelled steps")
 
     # 2. vision features
-    store = FeatureStore(cache / "reach-features", f"train-ego{reach.GRID}-{args.scenes}-s{args.seed}", len(frames),
-                         {"task": reach.TASK, "precision": "bf16", "frames": len(frames), "camera": "agent-centred, reticle",
-                          "outside": reach.OUTSIDE_RGB, "view_scale": reach.VIEW_SCALE,
-                          "marker": [reach.MARKER_RGB, reach.MARKER_SIZE, reach.MARKER_WIDTH]}, np.float16)
-    cut = truncated_vision_tower(model.model.vision_tower)
+    cut_at = f"-L{tower_layers[0]}" if tower_layers else ""  # tower states entering that layer
+    store = FeatureStore(cache / "reach-features", f"train-ego{reach.GRID}-{args.scenes}-s{args.seed}{cut_at}", len(frames),
+                         {"task": reach.TASK, "precision": args.precision, "frames": len(frames), "camera": "agent-centred, reticle",
+                          "outside": reach.OUTSIDE_RGB, "view_scale": reach.VIEW_SCALE, "cut": cut_at,
+                          "marker": [reach.MARKER_RGB, reach.MARKER_SIZE, reach.MARKER_WIDTH]}, np.float16,
+                         tokens=N_IMAGE_TOKENS + (1 if tower_layers else 0))
+    cut = truncated_vision_tower(model.model.vision_tower, model.config.vision_feature_layer - len(tower_layers))
     t_feat = time.time()
-    store.fill(lambda i: reach.render(*frames[i]), cut, processor, args.feature_batch, "reach-train")
+    store.fill(lambda i: reach.render(*frames[i]), cut, processor, args.feature_batch, "reach-train",
+               features=tower_states if tower_layers else None)
     feat_min = (time.time() - t_feat) / 60
     del cut
     if args.features_only:
@@ -241,12 +284,24 @@ def main(argv=None) -> dict:
     width = model.config.text_config.hidden_size
     side = reach.FRAME // reach.VIEW_CELL
     aux_head = torch.nn.Linear(width, 2 * side)
-    params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    tuned = tuple(f"vision_tower.encoder.layer.{i}." for i in tower_layers)
+
+    def trained(name):
+        return "vision_tower" not in name or any(t in name for t in tuned)
+
+    def in_tower(name):
+        return "vision_tower" in name
+
+    named = [(n, p) for n, p in model.named_parameters() if trained(n)]
+    params = [p for _, p in named]
     for n, p in model.named_parameters():
-        p.requires_grad_("vision_tower" not in n)
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2] + list(aux_head.parameters()),
+        p.requires_grad_(trained(n))
+    tower_lr = args.lr * args.tower_lr_scale
+    opt = torch.optim.AdamW([{"params": [p for n, p in named if p.ndim >= 2 and not in_tower(n)] + list(aux_head.parameters()),
                               "weight_decay": 0.01},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                             {"params": [p for n, p in named if p.ndim < 2 and not in_tower(n)], "weight_decay": 0.0},
+                             {"params": [p for n, p in named if p.ndim >= 2 and in_tower(n)], "weight_decay": 0.01, "lr": tower_lr},
+                             {"params": [p for n, p in named if p.ndim < 2 and in_tower(n)], "weight_decay": 0.0, "lr": tower_lr}],
                             lr=args.lr, betas=(0.9, 0.98))
 
     def lr_at(step):
@@ -256,7 +311,9 @@ def main(argv=None) -> dict:
     ckpt_dir = cache / "reach-train"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tag = (f"ego{reach.GRID}-s{args.seed}-sc{args.scenes}-st{args.steps}-b{args.batch}-lr{args.lr}-aux{args.aux_weight}"
-           f"-route{args.route_layer}")
+           f"-route{args.route_layer}"
+           + (f"-tower{args.tune_tower}x{args.tower_lr_scale}" if tower_layers else "")
+           + (f"-from-{Path(args.init_policy).name}" if args.init_policy else ""))
     ckpt = ckpt_dir / f"{tag}.pt"
     start, train_s = 0, 0.0
     command = "python -m vlmprune.embedded.reach_training " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -289,8 +346,8 @@ def main(argv=None) -> dict:
         rng = np.random.default_rng([args.seed, step])  # the step's batch depends on the step alone: resumable
         idx = np.sort(rng.choice(len(frames), args.batch, replace=False))
         ids, slots, mask, pos, t, aux = pack([units[i] for i in idx], store.get(idx), tok_bos, tok_pad)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            h, h_in = forward(model, ids, slots, mask, pos, store.get(idx), args.route_layer)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            h, h_in = forward(model, ids, slots, mask, pos, store.get(idx), args.route_layer, tower_layers)
             logits = model.lm_head(h[t[:, 0], t[:, 1]]).float()
             loss = F.cross_entropy(logits, t[:, 2])
             ha = aux_head(h[aux[:, 0], aux[:, 1]]).float().view(-1, 2, side)
@@ -312,18 +369,18 @@ def main(argv=None) -> dict:
                 f"action acc {run[2] / run[3]:.3f} lr {sched.get_last_lr()[0]:.2e} ({train_s / 60:.1f} min)")
             run = [0.0, 0.0, 0.0, 0]
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            torch.save({"model": {k: v for k, v in model.state_dict().items() if "vision_tower" not in k},
+            torch.save({"model": {k: v for k, v in model.state_dict().items() if trained(k)},
                         "aux": aux_head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "step": step + 1, "train_s": train_s + time.time() - t_last, "commands": commands}, ckpt)
 
     # 4. closed-loop check and assets
     model.eval()
-    round_to_fp16(model)
+    round_to_fp16(model, tower_layers)
     t_eval = time.time()
     result = closed_loop(model, processor, args.test, reach.DEFAULT_TEST["seed"])
     log(f"closed loop (test): {result}")
     out = Path(args.out)
-    save_model_files(model, processor, out)
+    save_model_files(model, processor, out, keep_tower_layers=tower_layers)
     import transformers
 
     meta = {
@@ -332,6 +389,7 @@ def main(argv=None) -> dict:
         "args": vars(args),
         "task": reach.TASK,
         "frames": len(frames), "labelled_steps": 4 * len(frames),
+        "tuned_tower_layers": tower_layers,
         "closed_loop_test": result,
         "minutes": {"vision_features": round(feat_min, 1), "training": round(train_s / 60, 1),
                     "closed_loop_check": round((time.time() - t_eval) / 60, 1),

