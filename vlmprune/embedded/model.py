@@ -305,8 +305,9 @@ def embedded_config(path=None):
 
 def is_embedded_dir(path) -> bool:
     """Whether ``path`` is an embedded-style directory: a LLaVA config with a Dinov2 tower and no
-    (or only some fine-tuned layers of its) vision weights beside it (:func:`load_embedded` rebuilds them; a directory written by
-    :func:`materialize_embedded` holds them and loads like any checkpoint)."""
+    vision weights beside it, or only some fine-tuned layers of it (:func:`load_embedded` rebuilds
+    the rest; a directory written by :func:`materialize_embedded` holds them all and loads like any
+    checkpoint)."""
     path = Path(path).expanduser()
     try:
         cfg = json.loads((path / "config.json").read_text())

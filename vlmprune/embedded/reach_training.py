@@ -24,8 +24,8 @@ behaviour cloning of the straight-line expert of :mod:`vlmprune.embedded.reach`:
    (:func:`routing_loss`; in the first, fixed-camera version the model had not started reading
    either after 275 steps without it). AdamW, cosine schedule, bfloat16
    autocast (``--precision fp32``: none; a CPU without native bfloat16 matrix products, such as
-   an AVX2-only one, runs float32 several times faster). Checkpoints every ``--ckpt-every`` steps under ``<cache>/reach-train/`` (a rerun
-   with the same arguments resumes).
+   an AVX2-only one, runs float32 several times faster). Checkpoints every ``--ckpt-every``
+   steps under ``<cache>/reach-train/`` (a rerun with the same arguments resumes).
 4. Closed-loop check in float32 with the assembled model's ``generate()`` on the seeded test
    episodes (:data:`reach.DEFAULT_TEST`): full-token success rate. Writes the weights (vision
    tower excluded, float16), config (guarded like the embedded VLM's), tokenizer, processor,
@@ -52,6 +52,7 @@ from . import reach
 from .model import N_IMAGE_TOKENS
 from .training import (
     FeatureStore,
+    is_trained_weight,
     packed_tensors,
     round_to_fp16,
     save_model_files,
@@ -285,25 +286,19 @@ def main(argv=None) -> dict:
     width = model.config.text_config.hidden_size
     side = reach.FRAME // reach.VIEW_CELL
     aux_head = torch.nn.Linear(width, 2 * side)
-    tuned = tuple(f"vision_tower.encoder.layer.{i}." for i in tower_layers)
-
-    def trained(name):
-        return "vision_tower" not in name or any(t in name for t in tuned)
-
-    def in_tower(name):
-        return "vision_tower" in name
-
-    named = [(n, p) for n, p in model.named_parameters() if trained(n)]
-    params = [p for _, p in named]
     for n, p in model.named_parameters():
-        p.requires_grad_(trained(n))
-    tower_lr = args.lr * args.tower_lr_scale
-    opt = torch.optim.AdamW([{"params": [p for n, p in named if p.ndim >= 2 and not in_tower(n)] + list(aux_head.parameters()),
-                              "weight_decay": 0.01},
-                             {"params": [p for n, p in named if p.ndim < 2 and not in_tower(n)], "weight_decay": 0.0},
-                             {"params": [p for n, p in named if p.ndim >= 2 and in_tower(n)], "weight_decay": 0.01, "lr": tower_lr},
-                             {"params": [p for n, p in named if p.ndim < 2 and in_tower(n)], "weight_decay": 0.0, "lr": tower_lr}],
-                            lr=args.lr, betas=(0.9, 0.98))
+        p.requires_grad_(is_trained_weight(n, tower_layers))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    # matrices decay, vectors do not; the tuned tower layers (when any) in groups of their own lr
+    groups = []
+    for tower in ((False, True) if tower_layers else (False,)):
+        extra = {"lr": args.lr * args.tower_lr_scale} if tower else {}
+        part = [(n, p) for n, p in named if ("vision_tower" in n) == tower]
+        groups += [{"params": [p for _, p in part if p.ndim >= 2] + ([] if tower else list(aux_head.parameters())),
+                    "weight_decay": 0.01, **extra},
+                   {"params": [p for _, p in part if p.ndim < 2], "weight_decay": 0.0, **extra}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
 
     def lr_at(step):
         return min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
@@ -374,7 +369,7 @@ def main(argv=None) -> dict:
                 f"action acc {run[2] / run[3]:.3f} lr {sched.get_last_lr()[0]:.2e} ({train_s / 60:.1f} min)")
             run = [0.0, 0.0, 0.0, 0]
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            torch.save({"model": {k: v for k, v in model.state_dict().items() if trained(k)},
+            torch.save({"model": {k: v for k, v in model.state_dict().items() if is_trained_weight(k, tower_layers)},
                         "aux": aux_head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "step": step + 1, "train_s": train_s + time.time() - t_last, "commands": commands}, ckpt)
 

@@ -784,13 +784,17 @@ def fold_standardization(projector, mu: torch.Tensor, sigma: torch.Tensor) -> No
     lin.weight.copy_(w)
 
 
+def is_trained_weight(name: str, tower_layers=()) -> bool:
+    """Whether a LLaVA weight is trained (and stored) here: all but the vision tower, whose encoder
+    layers ``tower_layers`` count where fine-tuned."""
+    return "vision_tower" not in name or any(f"vision_tower.encoder.layer.{i}." in name for i in tower_layers)
+
+
 @torch.no_grad()
 def round_to_fp16(model, tower_layers=()) -> None:
-    """Round the trained weights (projector, language model, the vision tower's encoder layers
-    ``tower_layers`` where fine-tuned) to float16 values, in place."""
-    tuned = tuple(f"vision_tower.encoder.layer.{i}." for i in tower_layers)
+    """Round the trained weights (:func:`is_trained_weight`) to float16 values, in place."""
     for n, p in model.named_parameters():
-        if ("vision_tower" not in n or any(t in n for t in tuned)) and p.is_floating_point():
+        if is_trained_weight(n, tower_layers) and p.is_floating_point():
             p.copy_(p.half().float())
 
 
@@ -806,7 +810,7 @@ def strip_vision_weights(directory: Path, keep_layers=()) -> None:
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():
-                if "vision_tower" not in k or any(f".encoder.layer.{i}." in k for i in keep_layers):
+                if is_trained_weight(k, keep_layers):
                     t = fh.get_tensor(k)
                     if t.is_floating_point():
                         if not torch.equal(t.half().float(), t.float()):
