@@ -187,6 +187,45 @@ def test_tuned_tower_layers_on_cached_states_equal_the_tower(tuned):
         reach_training.tuned_tower_layers(llava, 4)
 
 
+def test_training_rows_are_the_sequences_the_processor_and_generate_give():
+    """Behaviour cloning trains on exactly what a control step computes: each row is the
+    processor's prompt for one (frame, instruction) (the instruction before the image slots),
+    then dx, dy; its logits at the two action positions equal the assembled model's."""
+    import torch
+
+    from vlmprune.embedded import reach_training, training
+
+    tok, processor = _tokenizer_and_processor()
+    llava = _tiny_llava(tok)
+    scene = reach.scenes("train", 1, 0)[0]
+    frames = [(scene, (0, 0)), (scene, (2, 3))]
+    units = reach_training.frame_units(frames, tok)
+    ids, slots, mask, pos, targets, aux, frame_of = reach_training.batch_rows(
+        units, 2, np.random.default_rng(0), llava.config.image_token_id, tok.pad_token_id)
+    assert frame_of.tolist() == [0, 0, 1, 1] and slots.sum(1).tolist() == [256] * 4
+    images = [reach.render(*f) for f in frames]
+    cut = training.truncated_vision_tower(llava.model.vision_tower, llava.config.vision_feature_layer)
+    feats = training.vision_features(cut, processor.image_processor(images, return_tensors="pt")["pixel_values"])
+    with torch.no_grad():
+        h, _ = reach_training.forward(llava, ids, slots, mask, pos, feats[frame_of], 1)
+        mine = llava.lm_head(h[targets[:, 0], targets[:, 1]])
+    vocab = len(tok)
+    for r in range(len(ids)):
+        n = int(targets[2 * r, 1]) + 1  # the prompt's length
+        f = int(frame_of[r])
+        k = next(j for j, qa in enumerate(units[f]) if qa[0] == ids[r, :n].tolist())
+        text = reach.instruction(*scene.attrs[k])
+        inputs = processor(images=[images[f]], text=[reach.prompt(text)], return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == ids[r, :n].tolist()
+        assert tok.decode(ids[r, 1:6]) == text  # the instruction comes before the image
+        dx, dy = reach.expert_action(frames[f][1], scene.centroids[k])
+        assert targets[2 * r:2 * r + 2, 2].tolist() == [reach.action_id(dx, vocab), reach.action_id(dy, vocab)]
+        assert aux[r, 1:].tolist() == [n - 1, *reach.view_cell(reach.cell_of(scene.centroids[k]), frames[f][1])]
+        with torch.no_grad():
+            logits = llava(input_ids=ids[r:r + 1, :n + 1], pixel_values=inputs["pixel_values"]).logits[0]
+        torch.testing.assert_close(mine[2 * r:2 * r + 2], logits[n - 1:n + 1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def tiny_policy_dir(tmp_path_factory):
     tok, processor = _tokenizer_and_processor()

@@ -16,8 +16,9 @@ behaviour cloning of the straight-line expert of :mod:`vlmprune.embedded.reach`:
    computed once (under bfloat16 autocast, ``--precision``) and cached, resumably, under
    ``<cache>/reach-features/``.
 3. Behaviour cloning: cross-entropy on the two action tokens (dx given the prompt, dy given dx),
-   the four instructions of a frame packed into one sequence with a block-causal mask
-   (:func:`vlmprune.embedded.training.pack_batch`'s scheme), plus auxiliary losses (weight
+   one sequence per (frame, instruction), ``--per-frame`` of the frame's four instructions drawn
+   each step (the prompt puts the instruction before the image, :func:`reach.prompt`, so the four
+   cannot share one image prefix as the embedded VLM's packed training does), plus auxiliary losses (weight
    ``--aux-weight``, training only): the last prompt token's final hidden state must tell the
    frame cell (column, row) of the target's centroid (a linear probe, discarded), and at decoder
    layer ``--route-layer`` its head 0 must attend to the agent's cell and head 1 to the target's
@@ -53,7 +54,6 @@ from .model import N_IMAGE_TOKENS
 from .training import (
     FeatureStore,
     is_trained_weight,
-    packed_tensors,
     round_to_fp16,
     save_model_files,
     tower_states,
@@ -91,6 +91,12 @@ def training_frames(n_scenes: int, seed: int):
     return [(scene, cell) for scene in reach.scenes("train", n_scenes, seed) for cell in cells]
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """The ids the processor gives for :func:`reach.prompt`: ``<s>``, the instruction, the 256
+    image slots, `` Answer:``."""
+    return tokenizer(reach.prompt(text).replace("<image>", "<image>" * N_IMAGE_TOKENS))["input_ids"]
+
+
 def frame_units(frames, tokenizer):
     """Per frame: ``[(prompt ids, dx id, dy id, (target's cell col, row in the frame)), ...]`` for
     the scene's four instructions."""
@@ -103,7 +109,7 @@ def frame_units(frames, tokenizer):
             text = reach.instruction(*attrs)
             ids = cache.get(text)
             if ids is None:
-                ids = cache[text] = embedded.question_ids(tokenizer, text)
+                ids = cache[text] = prompt_ids(tokenizer, text)
             goal = scene.centroids[k]
             a = reach.expert_action(cell, goal)
             qas.append((ids, reach.action_id(a[0], vocab), reach.action_id(a[1], vocab),
@@ -112,26 +118,30 @@ def frame_units(frames, tokenizer):
     return units
 
 
-def pack(units, feats, bos: int, pad: int):
-    """One packed sequence per frame (``<s>``, 256 image slots, then each instruction + dx + dy),
-    each segment seeing the prefix and itself, positions restarting after the prefix. Returns ids,
-    image-slot mask, 4-D bool mask, positions, targets ``[n, 3]`` (row, position, id) and aux
-    ``[m, 4]`` (row, position, target's frame cell col, row)."""
-    prefix = 1 + N_IMAGE_TOKENS
-    seqs, segs, poss, targets, aux = [], [], [], [], []
-    for r, qas in enumerate(units):
-        ids, seg, pos = [bos] + [pad] * N_IMAGE_TOKENS, [0] * prefix, list(range(prefix))
-        for j, (q, dx, dy, cells) in enumerate(qas, start=1):
-            start = len(ids)
-            ids += q + [dx, dy]
-            seg += [j] * (len(q) + 2)
-            pos += list(range(prefix, prefix + len(q) + 2))
-            targets += [(r, start + len(q) - 1, dx), (r, start + len(q), dy)]
-            aux.append((r, start + len(q) - 1) + tuple(cells))
-        seqs.append(ids)
-        segs.append(seg)
-        poss.append(pos)
-    return (*packed_tensors(seqs, segs, poss, pad, prefix), torch.tensor(targets), torch.tensor(aux))
+def batch_rows(units, per_frame: int, rng, image_id: int, pad: int):
+    """One sequence per (frame, instruction): ``per_frame`` of each frame's four instructions
+    (drawn by ``rng`` when fewer than four), each its prompt then dx, dy, right-padded and causal.
+    Returns ids, image-slot mask, 4-D bool mask, positions, targets ``[n, 3]`` (row, position, id),
+    aux ``[m, 4]`` (row, position, target's frame cell col, row) and each row's frame."""
+    seqs, frame_of, targets, aux = [], [], [], []
+    for f, qas in enumerate(units):
+        pick = sorted(rng.choice(len(qas), per_frame, replace=False)) if per_frame < len(qas) else range(len(qas))
+        for j in pick:
+            ids, dx, dy, cells = qas[j]
+            r, n = len(seqs), len(ids)
+            seqs.append(ids + [dx, dy])
+            frame_of.append(f)
+            targets += [(r, n - 1, dx), (r, n, dy)]
+            aux.append((r, n - 1) + tuple(cells))
+    B, L = len(seqs), max(map(len, seqs))
+    input_ids = torch.full((B, L), pad, dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        input_ids[r, :len(seq)] = torch.tensor(seq)
+    mask = torch.ones(L, L, dtype=torch.bool).tril()[None] & (input_ids != pad)[:, None, :]
+    mask = (mask | torch.eye(L, dtype=torch.bool))[:, None]  # padding rows attend to themselves (no NaN)
+    positions = torch.arange(L).expand(B, L)
+    return (input_ids, input_ids == image_id, mask, positions, torch.tensor(targets), torch.tensor(aux),
+            torch.tensor(frame_of))
 
 
 def tuned_tower_layers(model, n: int) -> list[int]:
@@ -172,7 +182,7 @@ def cell_patches(cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (rows * per * side + cols * per)[:, None] + offs[None]
 
 
-def routing_loss(model, hidden_in, positions, aux, layer: int) -> torch.Tensor:
+def routing_loss(model, hidden_in, positions, slots, aux, layer: int) -> torch.Tensor:
     """Attention supervision (training only): at decoder layer ``layer``, the last prompt token's
     head 0 should attend to the agent's cell and head 1 to the cell of the target's centroid
     (cross-entropy of the attention over the 256 image keys, recomputed from the layer's q/k after
@@ -183,9 +193,10 @@ def routing_loss(model, hidden_in, positions, aux, layer: int) -> torch.Tensor:
     d = model.config.text_config.head_dim
     x = block.input_layernorm(hidden_in)
     rows, qpos = aux[:, 0], aux[:, 1]
-    m, img = len(rows), slice(1, 1 + N_IMAGE_TOKENS)
+    m = len(rows)
+    img = slots.nonzero()[:, 1].view(len(slots), N_IMAGE_TOKENS)[rows]  # [m, 256]: each row's image slots
     q = attn.q_proj(x[rows, qpos]).view(m, -1, d)[:, :2]
-    k = attn.k_proj(x[rows][:, img]).view(m, N_IMAGE_TOKENS, -1, d)[:, :, :2]
+    k = attn.k_proj(x[rows[:, None], img]).view(m, N_IMAGE_TOKENS, -1, d)[:, :, :2]
     cos, sin = lm.rotary_emb(x, positions)
 
     def rope(t, c, s):
@@ -193,7 +204,7 @@ def routing_loss(model, hidden_in, positions, aux, layer: int) -> torch.Tensor:
         return t * c + torch.cat([-b, a], -1) * s
 
     q = rope(q, cos[rows, qpos][:, None], sin[rows, qpos][:, None])
-    k = rope(k, cos[rows][:, img][:, :, None], sin[rows][:, img][:, :, None])
+    k = rope(k, cos[rows[:, None], img][:, :, None], sin[rows[:, None], img][:, :, None])
     logp = torch.log_softmax(torch.einsum("mhd,mnhd->mhn", q, k).float() / math.sqrt(d), -1)
     agent = cell_patches(torch.full_like(rows, reach.AGENT_VIEW_CELL[0]), torch.full_like(rows, reach.AGENT_VIEW_CELL[1]))
     goal = cell_patches(aux[:, 2], aux[:, 3])
@@ -216,7 +227,9 @@ def parse_args(argv=None):
                    help="also fine-tune the top N vision-tower layers LLaVA reads (OpenVLA fine-tunes its "
                         "tower); their input is cached instead of the tower's output")
     p.add_argument("--tower-lr-scale", type=float, default=0.1, help="the tuned tower layers' lr, as a fraction of --lr")
-    p.add_argument("--batch", type=int, default=8, help="frames (x4 instructions) per step")
+    p.add_argument("--batch", type=int, default=8, help="frames per step")
+    p.add_argument("--per-frame", type=int, default=2, choices=(1, 2, 3, 4),
+                   help="instructions per frame and step (one sequence each)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary losses (cell probe, routing)")
@@ -307,7 +320,7 @@ def main(argv=None) -> dict:
     ckpt_dir = cache / "reach-train"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tag = (f"ego{reach.GRID}-s{args.seed}-sc{args.scenes}-st{args.steps}-b{args.batch}-lr{args.lr}-aux{args.aux_weight}"
-           f"-route{args.route_layer}"
+           f"-route{args.route_layer}-tf{args.per_frame}"
            + (f"-tower{args.tune_tower}x{args.tower_lr_scale}" if tower_layers else "")
            + (f"-from-{Path(args.init_policy).name}" if args.init_policy else ""))
     ckpt = ckpt_dir / f"{tag}.pt"
@@ -337,7 +350,7 @@ def main(argv=None) -> dict:
         sched.load_state_dict(state["sched"])
         start, train_s = state["step"], state["train_s"]
         log(f"resumed at step {start} from {source.name}")
-    tok_bos, tok_pad = tok.bos_token_id, tok.pad_token_id
+    image_id, tok_pad = model.config.image_token_id, tok.pad_token_id
     model.train()
     model.model.vision_tower.eval()
     run = [0.0, 0.0, 0.0, 0]
@@ -345,14 +358,14 @@ def main(argv=None) -> dict:
     for step in range(start, args.steps):
         rng = np.random.default_rng([args.seed, step])  # the step's batch depends on the step alone: resumable
         idx = np.sort(rng.choice(len(frames), args.batch, replace=False))
-        ids, slots, mask, pos, t, aux = pack([units[i] for i in idx], store.get(idx), tok_bos, tok_pad)
+        ids, slots, mask, pos, t, aux, frame_of = batch_rows([units[i] for i in idx], args.per_frame, rng, image_id, tok_pad)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            h, h_in = forward(model, ids, slots, mask, pos, store.get(idx), args.route_layer, tower_layers)
+            h, h_in = forward(model, ids, slots, mask, pos, store.get(idx)[frame_of], args.route_layer, tower_layers)
             logits = model.lm_head(h[t[:, 0], t[:, 1]]).float()
             loss = F.cross_entropy(logits, t[:, 2])
             ha = aux_head(h[aux[:, 0], aux[:, 1]]).float().view(-1, 2, side)
             aux_loss = F.cross_entropy(ha.reshape(-1, side), aux[:, 2:].reshape(-1))
-            aux_loss = aux_loss + routing_loss(model, h_in, pos, aux, args.route_layer)
+            aux_loss = aux_loss + routing_loss(model, h_in, pos, slots, aux, args.route_layer)
         opt.zero_grad(set_to_none=True)
         (loss + args.aux_weight * aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -418,6 +431,14 @@ def tower_words(meta: dict) -> str:
             f"the rest of the tower is not)")
 
 
+def steps_words(meta: dict) -> str:
+    """How the run's step count relates to the chain: ``--init`` continues an earlier run's count,
+    ``--init-policy`` starts a fresh one."""
+    if meta["args"].get("init_policy"):
+        return f" from the policy in `{meta['args']['init_policy']}` (a fresh optimiser and schedule)"
+    return " in all" if len(meta.get("commands", [])) > 1 else ""
+
+
 def render_readme(meta: dict) -> str:
     r, m = meta["closed_loop_test"], meta["minutes"]
     return f"""# The embedded reach policy (easyvqa-reach)
@@ -429,7 +450,8 @@ by behaviour cloning of the task's expert (one cell per axis towards the target;
 camera follows the agent: `vlmprune/embedded/reach.py`). Its vocabulary ends with the
 {len(meta["action_tokens"])} action tokens {", ".join(f"`{t}`" for t in meta["action_tokens"])} (bin `b`, lowest value first, is
 id `vocab - 1 - b`: OpenVLA's layout); a control step decodes two of them, `dx` then `dy`, after
-the prompt `<image>go to the <colour> <shape> Answer:`.
+the prompt `go to the <colour> <shape><image> Answer:` (the instruction first, so that the visual
+tokens see it: `vlmprune/embedded/reach.py`, `prompt`).
 
 ```python
 from vlmprune.tools.eval_reach import load_policy
@@ -449,7 +471,7 @@ test-split images), {r["mean_steps"]:.2f} steps on average (the expert: 100 %; i
 ```
 
 {"The last run: " if len(meta.get("commands", [])) > 1 else ""}{meta["frames"]} frames ({meta["args"]["scenes"]} train-split scenes seen from every cell), each labelled for the scene's four instructions ({meta["labelled_steps"]} labelled steps);
-{meta["args"]["steps"]} steps{" in all" if len(meta.get("commands", [])) > 1 else ""} of {meta["args"]["batch"]} frames, lr {meta["args"]["lr"]}, seed {meta["args"]["seed"]}. Minutes on
+{meta["args"]["steps"]} steps of {meta["args"]["batch"]} frames x {meta["args"].get("per_frame", 4)} instructions{steps_words(meta)}, lr {meta["args"]["lr"]}, seed {meta["args"]["seed"]}. Minutes on
 {meta["machine"]} (shared with other jobs): vision features {m["vision_features"]} (cached across
 reruns; 0 when they were), training {m["training"]}, closed-loop check {m["closed_loop_check"]};
 torch {meta["torch"]}, transformers {meta["transformers"]}. Full record: `training.json`.
