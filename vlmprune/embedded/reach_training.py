@@ -281,7 +281,10 @@ def main(argv=None) -> dict:
 
     # 2. vision features
     cut_at = f"-L{tower_layers[0]}" if tower_layers else ""  # tower states entering that layer
-    store = FeatureStore(cache / "reach-features", f"train-ego{reach.GRID}-{args.scenes}-s{args.seed}{cut_at}", len(frames),
+    # float32 features in a file of their own: a store whose meta differs is started afresh, so two
+    # runs of different precision sharing one file would overwrite each other's rows
+    fp32 = "-fp32" if args.precision == "fp32" else ""
+    store = FeatureStore(cache / "reach-features", f"train-ego{reach.GRID}-{args.scenes}-s{args.seed}{cut_at}{fp32}", len(frames),
                          {"task": reach.TASK, "precision": args.precision, "frames": len(frames), "camera": "agent-centred, reticle",
                           "outside": reach.OUTSIDE_RGB, "view_scale": reach.VIEW_SCALE, "cut": cut_at,
                           "marker": [reach.MARKER_RGB, reach.MARKER_SIZE, reach.MARKER_WIDTH]}, np.float16,
