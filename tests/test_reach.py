@@ -187,6 +187,43 @@ def test_tuned_tower_layers_on_cached_states_equal_the_tower(tuned):
         reach_training.tuned_tower_layers(llava, 4)
 
 
+def test_grown_layers_start_as_the_identity_and_join_the_cache(tmp_path):
+    """``--grow-layers``: the new decoder layers change nothing until trained, sit before the
+    routing layer, carry their own cache slots (greedy decoding with the KV cache equals
+    recomputing from scratch once they do change the output) and survive a save and reload."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from vlmprune.embedded import reach_training
+
+    llava = _tiny_llava()
+    old = list(llava.model.language_model.layers)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        before = llava(input_ids=ids).logits
+        reach_training.grow_layers(llava, 2, 1)
+        layers = llava.model.language_model.layers
+        assert [layers[i] for i in (0, 3, 4, 5)] == old and llava.config.text_config.num_hidden_layers == 6
+        assert [layer.self_attn.layer_idx for layer in layers] == list(range(6))
+        torch.testing.assert_close(llava(input_ids=ids).logits, before, rtol=0, atol=0)
+        for layer in layers[1:3]:
+            layer.self_attn.o_proj.weight.normal_(0, 0.5)
+            layer.mlp.down_proj.weight.normal_(0, 0.5)
+        grown = llava(input_ids=ids).logits
+        assert (grown - before).abs().max() > 1e-3
+        out = llava.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        seq = ids
+        for _ in range(4):  # no cache: each step recomputes the whole sequence
+            seq = torch.cat([seq, llava(input_ids=seq).logits[:, -1:].argmax(-1)], 1)
+        assert out.tolist() == seq.tolist()
+    llava.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()(input_ids=ids).logits
+    torch.testing.assert_close(reloaded, grown)
+    with pytest.raises(ValueError, match="--route-layer must be in 0..6"):
+        reach_training.grow_layers(llava, 1, 7)
+
+
 def test_training_rows_are_the_sequences_the_processor_and_generate_give():
     """Behaviour cloning trains on exactly what a control step computes: each row is the
     processor's prompt for one (frame, instruction) (the instruction before the image slots),

@@ -23,7 +23,8 @@ behaviour cloning of the straight-line expert of :mod:`vlmprune.embedded.reach`:
    frame cell (column, row) of the target's centroid (a linear probe, discarded), and at decoder
    layer ``--route-layer`` its head 0 must attend to the agent's cell and head 1 to the target's
    (:func:`routing_loss`; in the first, fixed-camera version the model had not started reading
-   either after 275 steps without it). AdamW, cosine schedule, bfloat16
+   either after 275 steps without it). ``--grow-layers N`` gives a written policy more depth:
+   N new decoder layers, the identity at first, before the routing layer. AdamW, cosine schedule, bfloat16
    autocast (``--precision fp32``: none; a CPU without native bfloat16 matrix products, such as
    an AVX2-only one, runs float32 several times faster). Checkpoints every ``--ckpt-every``
    steps under ``<cache>/reach-train/`` (a rerun with the same arguments resumes).
@@ -175,6 +176,33 @@ def forward(model, input_ids, slots, mask, positions, feats, layer: int, tower_l
     return out.last_hidden_state, out.hidden_states[layer]
 
 
+@torch.no_grad()
+def grow_layers(model, n: int, at: int) -> None:
+    """Insert ``n`` new decoder layers before layer ``at`` of the language model (in place), each
+    the identity at first (zero output projections of attention and MLP: a residual block adds
+    nothing), so the grown model computes what the policy did and training gives it more depth
+    (``--grow-layers``)."""
+    lm = model.model.language_model
+    cfg = model.config.text_config
+    if not 0 <= at <= len(lm.layers):
+        raise ValueError(f"--route-layer must be in 0..{len(lm.layers)} to grow layers before it, got {at}")
+    ref = lm.layers[0]
+    new = []
+    for _ in range(n):
+        layer = type(ref)(cfg, layer_idx=0).to(next(ref.parameters()).dtype)
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        new.append(layer)
+    layers = list(lm.layers)
+    layers[at:at] = new
+    lm.layers = torch.nn.ModuleList(layers)
+    for i, layer in enumerate(lm.layers):
+        layer.self_attn.layer_idx = i
+    cfg.num_hidden_layers = len(lm.layers)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:at] + [cfg.layer_types[0]] * n + cfg.layer_types[at:]
+
+
 def cell_patches(cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``[m, 4]``: the raster indices (16x16 patch grid) of the 2x2 patches of each frame cell."""
     per, side = reach.VIEW_CELL // reach.PATCH, reach.FRAME // reach.PATCH
@@ -234,6 +262,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary losses (cell probe, routing)")
     p.add_argument("--route-layer", type=int, default=1, help="decoder layer whose heads 0, 1 get the routing loss")
+    p.add_argument("--grow-layers", type=int, default=0, metavar="N",
+                   help="insert N new decoder layers (identity at first) before --route-layer of the starting "
+                        "policy; the routing loss moves with its layer")
     p.add_argument("--test", type=int, default=reach.DEFAULT_TEST["n"], help="closed-loop test episodes")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
@@ -274,6 +305,11 @@ def main(argv=None) -> dict:
     else:
         model, processor = build_policy()
     tower_layers = tuned_tower_layers(model, args.tune_tower)
+    if args.grow_layers < 0:
+        raise SystemExit(f"--grow-layers must be >= 0, got {args.grow_layers}")
+    if args.grow_layers:
+        grow_layers(model, args.grow_layers, args.route_layer)
+    route_layer = args.route_layer + args.grow_layers
     tok = processor.tokenizer
     frames = training_frames(args.scenes, args.seed)
     units = frame_units(frames, tok)
@@ -324,6 +360,7 @@ def main(argv=None) -> dict:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tag = (f"ego{reach.GRID}-s{args.seed}-sc{args.scenes}-st{args.steps}-b{args.batch}-lr{args.lr}-aux{args.aux_weight}"
            f"-route{args.route_layer}-tf{args.per_frame}"
+           + (f"-grow{args.grow_layers}" if args.grow_layers else "")
            + (f"-tower{args.tune_tower}x{args.tower_lr_scale}" if tower_layers else "")
            + (f"-from-{Path(args.init_policy).name}" if args.init_policy else ""))
     ckpt = ckpt_dir / f"{tag}.pt"
@@ -363,12 +400,12 @@ def main(argv=None) -> dict:
         idx = np.sort(rng.choice(len(frames), args.batch, replace=False))
         ids, slots, mask, pos, t, aux, frame_of = batch_rows([units[i] for i in idx], args.per_frame, rng, image_id, tok_pad)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            h, h_in = forward(model, ids, slots, mask, pos, store.get(idx)[frame_of], args.route_layer, tower_layers)
+            h, h_in = forward(model, ids, slots, mask, pos, store.get(idx)[frame_of], route_layer, tower_layers)
             logits = model.lm_head(h[t[:, 0], t[:, 1]]).float()
             loss = F.cross_entropy(logits, t[:, 2])
             ha = aux_head(h[aux[:, 0], aux[:, 1]]).float().view(-1, 2, side)
             aux_loss = F.cross_entropy(ha.reshape(-1, side), aux[:, 2:].reshape(-1))
-            aux_loss = aux_loss + routing_loss(model, h_in, pos, slots, aux, args.route_layer)
+            aux_loss = aux_loss + routing_loss(model, h_in, pos, slots, aux, route_layer)
         opt.zero_grad(set_to_none=True)
         (loss + args.aux_weight * aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
