@@ -23,7 +23,9 @@ behaviour cloning of the straight-line expert of :mod:`vlmprune.embedded.reach`:
    frame cell (column, row) of the target's centroid (a linear probe, discarded), and at decoder
    layer ``--route-layer`` its head 0 must attend to the agent's cell and head 1 to the target's
    (:func:`routing_loss`; in the first, fixed-camera version the model had not started reading
-   either after 275 steps without it). ``--grow-layers N`` gives a written policy more depth:
+   either after 275 steps without it). ``--bind-weight W`` adds a dense binding loss
+   (:func:`binding_loss`: each visual token, at the routing layer's input, must tell whether it
+   shows the named shape's tile). ``--grow-layers N`` gives a written policy more depth:
    N new decoder layers, the identity at first, before the routing layer. AdamW, cosine schedule, bfloat16
    autocast (``--precision fp32``: none; a CPU without native bfloat16 matrix products, such as
    an AVX2-only one, runs float32 several times faster). Checkpoints every ``--ckpt-every``
@@ -99,8 +101,8 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def frame_units(frames, tokenizer):
-    """Per frame: ``[(prompt ids, dx id, dy id, (target's cell col, row in the frame)), ...]`` for
-    the scene's four instructions."""
+    """Per frame: ``[(prompt ids, dx id, dy id, (target's cell col, row in the frame), (its
+    tile's top-left cell col, row in the frame)), ...]`` for the scene's four instructions."""
     vocab = len(tokenizer)
     cache: dict = {}
     units = []
@@ -113,8 +115,9 @@ def frame_units(frames, tokenizer):
                 ids = cache[text] = prompt_ids(tokenizer, text)
             goal = scene.centroids[k]
             a = reach.expert_action(cell, goal)
+            tile_cell = (reach.GRID // 2 * (k % 2), reach.GRID // 2 * (k // 2))  # tiles are row-major
             qas.append((ids, reach.action_id(a[0], vocab), reach.action_id(a[1], vocab),
-                        reach.view_cell(reach.cell_of(goal), cell)))
+                        reach.view_cell(reach.cell_of(goal), cell), reach.view_cell(tile_cell, cell)))
         units.append(qas)
     return units
 
@@ -123,17 +126,18 @@ def batch_rows(units, per_frame: int, rng, image_id: int, pad: int):
     """One sequence per (frame, instruction): ``per_frame`` of each frame's four instructions
     (drawn by ``rng`` when fewer than four), each its prompt then dx, dy, right-padded and causal.
     Returns ids, image-slot mask, 4-D bool mask, positions, targets ``[n, 3]`` (row, position, id),
-    aux ``[m, 4]`` (row, position, target's frame cell col, row) and each row's frame."""
+    aux ``[m, 6]`` (row, position, target's frame cell col, row, its tile's top-left frame cell
+    col, row) and each row's frame."""
     seqs, frame_of, targets, aux = [], [], [], []
     for f, qas in enumerate(units):
         pick = sorted(rng.choice(len(qas), per_frame, replace=False)) if per_frame < len(qas) else range(len(qas))
         for j in pick:
-            ids, dx, dy, cells = qas[j]
+            ids, dx, dy, cells, tile = qas[j]
             r, n = len(seqs), len(ids)
             seqs.append(ids + [dx, dy])
             frame_of.append(f)
             targets += [(r, n - 1, dx), (r, n, dy)]
-            aux.append((r, n - 1) + tuple(cells))
+            aux.append((r, n - 1) + tuple(cells) + tuple(tile))
     B, L = len(seqs), max(map(len, seqs))
     input_ids = torch.full((B, L), pad, dtype=torch.long)
     for r, seq in enumerate(seqs):
@@ -210,6 +214,22 @@ def cell_patches(cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (rows * per * side + cols * per)[:, None] + offs[None]
 
 
+def binding_loss(probe, hidden_in, slots, aux) -> torch.Tensor:
+    """Dense supervision of target binding (training only, ``--bind-weight``): from the input of
+    the routing layer, a linear ``probe`` (discarded) must tell each visual token whether it shows
+    the named shape's tile (4x4 patches) or not (binary cross-entropy over all 256 tokens). The
+    instruction comes before the image, so each visual token can test itself against it; the
+    routing query then only has to find the tokens that said yes."""
+    rows = aux[:, 0]
+    img = slots.nonzero()[:, 1].view(len(slots), N_IMAGE_TOKENS)[rows]
+    logits = probe(hidden_in[rows[:, None], img]).squeeze(-1).float()
+    per, side = reach.VIEW_CELL // reach.PATCH, reach.FRAME // reach.PATCH
+    tile = torch.zeros(len(rows), side, side)
+    for i, (c, r) in enumerate(aux[:, 4:].tolist()):
+        tile[i, r * per:(r + 2) * per, c * per:(c + 2) * per] = 1.0
+    return F.binary_cross_entropy_with_logits(logits, tile.view(len(rows), -1))
+
+
 def routing_loss(model, hidden_in, positions, slots, aux, layer: int) -> torch.Tensor:
     """Attention supervision (training only): at decoder layer ``layer``, the last prompt token's
     head 0 should attend to the agent's cell and head 1 to the cell of the target's centroid
@@ -262,6 +282,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary losses (cell probe, routing)")
     p.add_argument("--route-layer", type=int, default=1, help="decoder layer whose heads 0, 1 get the routing loss")
+    p.add_argument("--bind-weight", type=float, default=0.0,
+                   help="weight of the dense binding loss (each visual token: in the named shape's tile or not; "
+                        "binding_loss); 0: off")
     p.add_argument("--grow-layers", type=int, default=0, metavar="N",
                    help="insert N new decoder layers (identity at first) before --route-layer of the starting "
                         "policy; the routing loss moves with its layer")
@@ -338,6 +361,7 @@ def main(argv=None) -> dict:
     width = model.config.text_config.hidden_size
     side = reach.FRAME // reach.VIEW_CELL
     aux_head = torch.nn.Linear(width, 2 * side)
+    bind_probe = torch.nn.Linear(width, 1)
     for n, p in model.named_parameters():
         p.requires_grad_(is_trained_weight(n, tower_layers))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -350,6 +374,8 @@ def main(argv=None) -> dict:
         groups += [{"params": [p for _, p in part if p.ndim >= 2] + ([] if tower else list(aux_head.parameters())),
                     "weight_decay": 0.01, **extra},
                    {"params": [p for _, p in part if p.ndim < 2], "weight_decay": 0.0, **extra}]
+    if args.bind_weight:  # a group of its own: checkpoints of runs without it still load
+        groups.append({"params": list(bind_probe.parameters()), "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
 
     def lr_at(step):
@@ -361,6 +387,7 @@ def main(argv=None) -> dict:
     tag = (f"ego{reach.GRID}-s{args.seed}-sc{args.scenes}-st{args.steps}-b{args.batch}-lr{args.lr}-aux{args.aux_weight}"
            f"-route{args.route_layer}-tf{args.per_frame}"
            + (f"-grow{args.grow_layers}" if args.grow_layers else "")
+           + (f"-bind{args.bind_weight}" if args.bind_weight else "")
            + (f"-tower{args.tune_tower}x{args.tower_lr_scale}" if tower_layers else "")
            + (f"-from-{Path(args.init_policy).name}" if args.init_policy else ""))
     ckpt = ckpt_dir / f"{tag}.pt"
@@ -386,6 +413,8 @@ def main(argv=None) -> dict:
             commands = state.get("commands", commands)
         model.load_state_dict(state["model"], strict=False)
         aux_head.load_state_dict(state["aux"])
+        if args.bind_weight and "bind" in state:
+            bind_probe.load_state_dict(state["bind"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start, train_s = state["step"], state["train_s"]
@@ -393,7 +422,7 @@ def main(argv=None) -> dict:
     image_id, tok_pad = model.config.image_token_id, tok.pad_token_id
     model.train()
     model.model.vision_tower.eval()
-    run = [0.0, 0.0, 0.0, 0]
+    run = [0.0, 0.0, 0.0, 0, 0.0]
     t_last = time.time()
     for step in range(start, args.steps):
         rng = np.random.default_rng([args.seed, step])  # the step's batch depends on the step alone: resumable
@@ -404,10 +433,11 @@ def main(argv=None) -> dict:
             logits = model.lm_head(h[t[:, 0], t[:, 1]]).float()
             loss = F.cross_entropy(logits, t[:, 2])
             ha = aux_head(h[aux[:, 0], aux[:, 1]]).float().view(-1, 2, side)
-            aux_loss = F.cross_entropy(ha.reshape(-1, side), aux[:, 2:].reshape(-1))
+            aux_loss = F.cross_entropy(ha.reshape(-1, side), aux[:, 2:4].reshape(-1))
             aux_loss = aux_loss + routing_loss(model, h_in, pos, slots, aux, route_layer)
+            bind_loss = binding_loss(bind_probe, h_in, slots, aux) if args.bind_weight else torch.zeros(())
         opt.zero_grad(set_to_none=True)
-        (loss + args.aux_weight * aux_loss).backward()
+        (loss + args.aux_weight * aux_loss + args.bind_weight * bind_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -415,15 +445,16 @@ def main(argv=None) -> dict:
         run[1] += aux_loss.item()
         run[2] += float((logits.argmax(-1) == t[:, 2]).view(-1, 2).all(-1).float().mean())
         run[3] += 1
+        run[4] += bind_loss.item()
         if (step + 1) % 25 == 0:
             train_s += time.time() - t_last
             t_last = time.time()
             log(f"step {step + 1}/{args.steps} loss {run[0] / run[3]:.3f} aux {run[1] / run[3]:.3f} "
-                f"action acc {run[2] / run[3]:.3f} lr {sched.get_last_lr()[0]:.2e} ({train_s / 60:.1f} min)")
-            run = [0.0, 0.0, 0.0, 0]
+                + (f"bind {run[4] / run[3]:.3f} " if args.bind_weight else "") + f"action acc {run[2] / run[3]:.3f} lr {sched.get_last_lr()[0]:.2e} ({train_s / 60:.1f} min)")
+            run = [0.0, 0.0, 0.0, 0, 0.0]
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             torch.save({"model": {k: v for k, v in model.state_dict().items() if is_trained_weight(k, tower_layers)},
-                        "aux": aux_head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "aux": aux_head.state_dict(), "bind": bind_probe.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "step": step + 1, "train_s": train_s + time.time() - t_last, "commands": commands}, ckpt)
 
     # 4. closed-loop check and assets
