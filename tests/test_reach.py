@@ -224,43 +224,43 @@ def test_grown_layers_start_as_the_identity_and_join_the_cache(tmp_path):
         reach_training.grow_layers(llava, 1, 7)
 
 
-def test_binding_loss_labels_the_named_shapes_tile():
-    """``--bind-weight``: the visual tokens labelled as the target are the 4x4 patches where the
-    named shape's tile lies in that frame (found here from the world-to-frame map of the tile's
-    corners): a probe that reads exactly those tokens has a loss near 0, one tile off a large one."""
+def test_binding_loss_labels_the_patches_that_show_the_named_shape():
+    """``--bind-weight``: the visual tokens labelled as the target are the frame patches that show
+    the named shape, found here afresh (the shape's colour in its tile of the half-scale world,
+    placed by the world-to-frame map, where the frame shows that tile); a probe that reads exactly those tokens has a
+    loss near 0, four patches off a large one."""
     import torch
 
     from vlmprune.embedded import reach_training
+    from vlmprune.embedded.vit import shape_mask
 
     tok, _ = _tokenizer_and_processor()
     scene = reach.scenes("train", 1, 0)[0]
     frames = [(scene, (0, 0)), (scene, (3, 1)), (scene, (2, 3))]
     units = reach_training.frame_units(frames, tok)
-    ids, slots, _, _, _, aux, frame_of = reach_training.batch_rows(
+    ids, slots, _, _, _, aux, shows, frame_of = reach_training.batch_rows(
         units, 4, np.random.default_rng(0), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
     planted = torch.zeros(len(ids), ids.shape[1], 1)
+    P = reach.PATCH
     for r in range(len(ids)):
         prompt = ids[r, :int(aux[r, 1]) + 1].tolist()
         k = next(j for j, qa in enumerate(units[int(frame_of[r])]) if qa[0] == prompt)
         agent = frames[int(frame_of[r])][1]
-        x0, y0 = reach.world_to_frame(((k % 2) * reach.FRAME / 2, (k // 2) * reach.FRAME / 2), agent)
-        x1, y1 = reach.world_to_frame(((k % 2 + 1) * reach.FRAME / 2, (k // 2 + 1) * reach.FRAME / 2), agent)
-        cols = range(int(x0) // reach.PATCH, int(x1) // reach.PATCH)
-        rows = range(int(y0) // reach.PATCH, int(y1) // reach.PATCH)
-        assert len(cols) == len(rows) == 4
-        gx, gy = reach.world_to_frame(scene.centroids[k], agent)  # the shape lies in its tile
-        assert int(gx) // reach.PATCH in cols and int(gy) // reach.PATCH in rows
-        slot = slots[r].nonzero()[:, 0]
-        for i in rows:
-            for j in cols:
-                planted[r, slot[i * 16 + j]] = 1.0
+        x0, y0 = (int(v) for v in reach.world_to_frame(((k % 2) * reach.FRAME / 2, (k // 2) * reach.FRAME / 2), agent))
+        left, top = (k % 2) * 4 * P, (k // 2) * 4 * P  # the tile in the half-scale world
+        tile = reach._half_world(scene.split, scene.image_ids).crop((left, top, left + 4 * P, top + 4 * P))
+        cover = shape_mask(tile, scene.attrs[k][0]).reshape(4, P, 4, P).mean((1, 3))
+        label = shows[r].view(16, 16)[y0 // P:y0 // P + 4, x0 // P:x0 // P + 4].numpy()
+        assert shows[r].sum() == label.sum() > 0  # nothing labelled outside the tile
+        assert (cover[label == 1] >= 0.05).all() and (label[cover >= 0.2] == 1).all()
+        planted[r, slots[r].nonzero()[:, 0], 0] = shows[r]
     probe = torch.nn.Linear(1, 1)
     with torch.no_grad():
         probe.weight.fill_(40.0)
         probe.bias.fill_(-20.0)
-        assert reach_training.binding_loss(probe, planted, slots, aux) < 1e-6
-        shifted = torch.roll(planted, 4, dims=1)  # four tokens along: another tile's columns
-        assert reach_training.binding_loss(probe, shifted, slots, aux) > 1.0
+        assert reach_training.binding_loss(probe, planted, slots, aux, shows) < 1e-6
+        shifted = torch.roll(planted, 4, dims=1)  # four patches along: off the shape
+        assert reach_training.binding_loss(probe, shifted, slots, aux, shows) > 0.5
 
 
 def test_training_rows_are_the_sequences_the_processor_and_generate_give():
@@ -276,7 +276,7 @@ def test_training_rows_are_the_sequences_the_processor_and_generate_give():
     scene = reach.scenes("train", 1, 0)[0]
     frames = [(scene, (0, 0)), (scene, (2, 3))]
     units = reach_training.frame_units(frames, tok)
-    ids, slots, mask, pos, targets, aux, frame_of = reach_training.batch_rows(
+    ids, slots, mask, pos, targets, aux, _, frame_of = reach_training.batch_rows(
         units, 2, np.random.default_rng(0), llava.config.image_token_id, tok.pad_token_id)
     assert frame_of.tolist() == [0, 0, 1, 1] and slots.sum(1).tolist() == [256] * 4
     images = [reach.render(*f) for f in frames]
@@ -296,7 +296,7 @@ def test_training_rows_are_the_sequences_the_processor_and_generate_give():
         assert tok.decode(ids[r, 1:6]) == text  # the instruction comes before the image
         dx, dy = reach.expert_action(frames[f][1], scene.centroids[k])
         assert targets[2 * r:2 * r + 2, 2].tolist() == [reach.action_id(dx, vocab), reach.action_id(dy, vocab)]
-        assert aux[r, 1:4].tolist() == [n - 1, *reach.view_cell(reach.cell_of(scene.centroids[k]), frames[f][1])]
+        assert aux[r, 1:].tolist() == [n - 1, *reach.view_cell(reach.cell_of(scene.centroids[k]), frames[f][1])]
         with torch.no_grad():
             logits = llava(input_ids=ids[r:r + 1, :n + 1], pixel_values=inputs["pixel_values"]).logits[0]
         torch.testing.assert_close(mine[2 * r:2 * r + 2], logits[n - 1:n + 1], rtol=1e-4, atol=1e-4)

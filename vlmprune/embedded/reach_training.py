@@ -25,7 +25,7 @@ behaviour cloning of the straight-line expert of :mod:`vlmprune.embedded.reach`:
    (:func:`routing_loss`; in the first, fixed-camera version the model had not started reading
    either after 275 steps without it). ``--bind-weight W`` adds a dense binding loss
    (:func:`binding_loss`: each visual token, at the routing layer's input, must tell whether it
-   shows the named shape's tile). ``--grow-layers N`` gives a written policy more depth:
+   shows the named shape). ``--grow-layers N`` gives a written policy more depth:
    N new decoder layers, the identity at first, before the routing layer. AdamW, cosine schedule, bfloat16
    autocast (``--precision fp32``: none; a CPU without native bfloat16 matrix products, such as
    an AVX2-only one, runs float32 several times faster). Checkpoints every ``--ckpt-every``
@@ -45,6 +45,7 @@ import platform
 import shlex
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +101,37 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(reach.prompt(text).replace("<image>", "<image>" * N_IMAGE_TOKENS))["input_ids"]
 
 
+#: a patch shows a shape when the shape's mask covers at least this fraction of it (binding_loss)
+SHAPE_COVER = 0.1
+
+
+@lru_cache(maxsize=20000)
+def shape_cover(split: str, image_id: int) -> np.ndarray:
+    """``[4, 4]``: the fraction of each frame patch of an easy-VQA tile (a tile spans 4x4 patches
+    of the frame) that its shape's mask covers."""
+    from vlmprune.eval import easyvqa
+
+    from .vit import shape_mask
+
+    img = easyvqa.load_image(split, image_id)
+    mask = shape_mask(img, easyvqa.attributes(split)[image_id][0])
+    per = reach.FRAME // reach.VIEW_SCALE // 2 // reach.PATCH  # patches per tile side
+    side = mask.shape[0] // per
+    return mask[:side * per, :side * per].reshape(per, side, per, side).mean((1, 3))
+
+
+def shape_patches(scene, k: int, cell) -> tuple[int, ...]:
+    """Raster indices (16x16 patch grid) of the frame patches that show shape ``k`` of ``scene``
+    (at least :data:`SHAPE_COVER` of the patch) when the agent is in ``cell``."""
+    cover = shape_cover(scene.split, scene.image_ids[k])
+    per_cell, side = reach.VIEW_CELL // reach.PATCH, reach.FRAME // reach.PATCH
+    col, row = reach.view_cell((reach.GRID // 2 * (k % 2), reach.GRID // 2 * (k // 2)), cell)  # tiles row-major
+    return tuple((row * per_cell + i) * side + col * per_cell + j for i, j in zip(*np.nonzero(cover >= SHAPE_COVER)))
+
+
 def frame_units(frames, tokenizer):
-    """Per frame: ``[(prompt ids, dx id, dy id, (target's cell col, row in the frame), (its
-    tile's top-left cell col, row in the frame)), ...]`` for the scene's four instructions."""
+    """Per frame: ``[(prompt ids, dx id, dy id, (target's cell col, row in the frame), the target
+    shape's patches), ...]`` for the scene's four instructions."""
     vocab = len(tokenizer)
     cache: dict = {}
     units = []
@@ -115,9 +144,8 @@ def frame_units(frames, tokenizer):
                 ids = cache[text] = prompt_ids(tokenizer, text)
             goal = scene.centroids[k]
             a = reach.expert_action(cell, goal)
-            tile_cell = (reach.GRID // 2 * (k % 2), reach.GRID // 2 * (k // 2))  # tiles are row-major
             qas.append((ids, reach.action_id(a[0], vocab), reach.action_id(a[1], vocab),
-                        reach.view_cell(reach.cell_of(goal), cell), reach.view_cell(tile_cell, cell)))
+                        reach.view_cell(reach.cell_of(goal), cell), shape_patches(scene, k, cell)))
         units.append(qas)
     return units
 
@@ -126,18 +154,19 @@ def batch_rows(units, per_frame: int, rng, image_id: int, pad: int):
     """One sequence per (frame, instruction): ``per_frame`` of each frame's four instructions
     (drawn by ``rng`` when fewer than four), each its prompt then dx, dy, right-padded and causal.
     Returns ids, image-slot mask, 4-D bool mask, positions, targets ``[n, 3]`` (row, position, id),
-    aux ``[m, 6]`` (row, position, target's frame cell col, row, its tile's top-left frame cell
-    col, row) and each row's frame."""
-    seqs, frame_of, targets, aux = [], [], [], []
+    aux ``[m, 4]`` (row, position, target's frame cell col, row), ``[m, 256]`` which visual tokens
+    show the target shape, and each row's frame."""
+    seqs, frame_of, targets, aux, shows = [], [], [], [], []
     for f, qas in enumerate(units):
         pick = sorted(rng.choice(len(qas), per_frame, replace=False)) if per_frame < len(qas) else range(len(qas))
         for j in pick:
-            ids, dx, dy, cells, tile = qas[j]
+            ids, dx, dy, cells, patches = qas[j]
             r, n = len(seqs), len(ids)
             seqs.append(ids + [dx, dy])
             frame_of.append(f)
             targets += [(r, n - 1, dx), (r, n, dy)]
-            aux.append((r, n - 1) + tuple(cells) + tuple(tile))
+            aux.append((r, n - 1) + tuple(cells))
+            shows.append(torch.zeros(N_IMAGE_TOKENS).index_fill_(0, torch.tensor(patches, dtype=torch.long), 1.0))
     B, L = len(seqs), max(map(len, seqs))
     input_ids = torch.full((B, L), pad, dtype=torch.long)
     for r, seq in enumerate(seqs):
@@ -146,7 +175,7 @@ def batch_rows(units, per_frame: int, rng, image_id: int, pad: int):
     mask = (mask | torch.eye(L, dtype=torch.bool))[:, None]  # padding rows attend to themselves (no NaN)
     positions = torch.arange(L).expand(B, L)
     return (input_ids, input_ids == image_id, mask, positions, torch.tensor(targets), torch.tensor(aux),
-            torch.tensor(frame_of))
+            torch.stack(shows), torch.tensor(frame_of))
 
 
 def tuned_tower_layers(model, n: int) -> list[int]:
@@ -214,20 +243,16 @@ def cell_patches(cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (rows * per * side + cols * per)[:, None] + offs[None]
 
 
-def binding_loss(probe, hidden_in, slots, aux) -> torch.Tensor:
+def binding_loss(probe, hidden_in, slots, aux, shows) -> torch.Tensor:
     """Dense supervision of target binding (training only, ``--bind-weight``): from the input of
     the routing layer, a linear ``probe`` (discarded) must tell each visual token whether it shows
-    the named shape's tile (4x4 patches) or not (binary cross-entropy over all 256 tokens). The
-    instruction comes before the image, so each visual token can test itself against it; the
-    routing query then only has to find the tokens that said yes."""
+    the named shape (``shows``, :func:`shape_patches`) or not (binary cross-entropy over all 256
+    tokens). The instruction comes before the image, so each visual token can test itself
+    against it; the routing query then only has to find the tokens that said yes."""
     rows = aux[:, 0]
     img = slots.nonzero()[:, 1].view(len(slots), N_IMAGE_TOKENS)[rows]
     logits = probe(hidden_in[rows[:, None], img]).squeeze(-1).float()
-    per, side = reach.VIEW_CELL // reach.PATCH, reach.FRAME // reach.PATCH
-    tile = torch.zeros(len(rows), side, side)
-    for i, (c, r) in enumerate(aux[:, 4:].tolist()):
-        tile[i, r * per:(r + 2) * per, c * per:(c + 2) * per] = 1.0
-    return F.binary_cross_entropy_with_logits(logits, tile.view(len(rows), -1))
+    return F.binary_cross_entropy_with_logits(logits, shows)
 
 
 def routing_loss(model, hidden_in, positions, slots, aux, layer: int) -> torch.Tensor:
@@ -427,15 +452,15 @@ def main(argv=None) -> dict:
     for step in range(start, args.steps):
         rng = np.random.default_rng([args.seed, step])  # the step's batch depends on the step alone: resumable
         idx = np.sort(rng.choice(len(frames), args.batch, replace=False))
-        ids, slots, mask, pos, t, aux, frame_of = batch_rows([units[i] for i in idx], args.per_frame, rng, image_id, tok_pad)
+        ids, slots, mask, pos, t, aux, shows, frame_of = batch_rows([units[i] for i in idx], args.per_frame, rng, image_id, tok_pad)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             h, h_in = forward(model, ids, slots, mask, pos, store.get(idx)[frame_of], route_layer, tower_layers)
             logits = model.lm_head(h[t[:, 0], t[:, 1]]).float()
             loss = F.cross_entropy(logits, t[:, 2])
             ha = aux_head(h[aux[:, 0], aux[:, 1]]).float().view(-1, 2, side)
-            aux_loss = F.cross_entropy(ha.reshape(-1, side), aux[:, 2:4].reshape(-1))
+            aux_loss = F.cross_entropy(ha.reshape(-1, side), aux[:, 2:].reshape(-1))
             aux_loss = aux_loss + routing_loss(model, h_in, pos, slots, aux, route_layer)
-            bind_loss = binding_loss(bind_probe, h_in, slots, aux) if args.bind_weight else torch.zeros(())
+            bind_loss = binding_loss(bind_probe, h_in, slots, aux, shows) if args.bind_weight else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (loss + args.aux_weight * aux_loss + args.bind_weight * bind_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
