@@ -308,7 +308,7 @@ def parse_args(argv=None):
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary losses (cell probe, routing)")
     p.add_argument("--route-layer", type=int, default=1, help="decoder layer whose heads 0, 1 get the routing loss")
     p.add_argument("--bind-weight", type=float, default=0.0,
-                   help="weight of the dense binding loss (each visual token: in the named shape's tile or not; "
+                   help="weight of the dense binding loss (each visual token: shows the named shape or not; "
                         "binding_loss); 0: off")
     p.add_argument("--grow-layers", type=int, default=0, metavar="N",
                    help="insert N new decoder layers (identity at first) before --route-layer of the starting "
@@ -436,7 +436,10 @@ def main(argv=None) -> dict:
                 raise SystemExit(f"--init {args.init} is at step {state['step']}: --steps must be above it, got {args.steps}")
         else:
             commands = state.get("commands", commands)
-        model.load_state_dict(state["model"], strict=False)
+        unexpected = model.load_state_dict(state["model"], strict=False).unexpected_keys
+        if unexpected:  # e.g. a grown run's layers continued without the same --grow-layers
+            raise SystemExit(f"{source.name} holds weights this model lacks ({unexpected[0]}, ...): "
+                             f"pass the --grow-layers / --tune-tower of the run that wrote it")
         aux_head.load_state_dict(state["aux"])
         if args.bind_weight and "bind" in state:
             bind_probe.load_state_dict(state["bind"])
