@@ -243,6 +243,11 @@ def cell_patches(cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (rows * per * side + cols * per)[:, None] + offs[None]
 
 
+def image_positions(slots, rows) -> torch.Tensor:
+    """``[m, 256]``: the sequence positions of the image slots of each row in ``rows``."""
+    return slots.nonzero()[:, 1].view(len(slots), N_IMAGE_TOKENS)[rows]
+
+
 def binding_loss(probe, hidden_in, slots, aux, shows) -> torch.Tensor:
     """Dense supervision of target binding (training only, ``--bind-weight``): from the input of
     the routing layer, a linear ``probe`` (discarded) must tell each visual token whether it shows
@@ -250,7 +255,7 @@ def binding_loss(probe, hidden_in, slots, aux, shows) -> torch.Tensor:
     tokens). The instruction comes before the image, so each visual token can test itself
     against it; the routing query then only has to find the tokens that said yes."""
     rows = aux[:, 0]
-    img = slots.nonzero()[:, 1].view(len(slots), N_IMAGE_TOKENS)[rows]
+    img = image_positions(slots, rows)
     logits = probe(hidden_in[rows[:, None], img]).squeeze(-1).float()
     return F.binary_cross_entropy_with_logits(logits, shows)
 
@@ -267,7 +272,7 @@ def routing_loss(model, hidden_in, positions, slots, aux, layer: int) -> torch.T
     x = block.input_layernorm(hidden_in)
     rows, qpos = aux[:, 0], aux[:, 1]
     m = len(rows)
-    img = slots.nonzero()[:, 1].view(len(slots), N_IMAGE_TOKENS)[rows]  # [m, 256]: each row's image slots
+    img = image_positions(slots, rows)
     q = attn.q_proj(x[rows, qpos]).view(m, -1, d)[:, :2]
     k = attn.k_proj(x[rows[:, None], img]).view(m, N_IMAGE_TOKENS, -1, d)[:, :, :2]
     cos, sin = lm.rotary_emb(x, positions)
