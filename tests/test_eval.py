@@ -1,4 +1,5 @@
-"""The offline benchmark: task data, the lmms-eval plugin end to end, and ``vlmprune eval``.
+"""The offline benchmark: task data, the lmms-eval plugin's options, and ``vlmprune eval`` (the plugin
+end to end under lmms-eval's CLI: ``test_lmms_processes.py``).
 
 CPU only, offline. The end-to-end tests use the embedded model (``assets/embedded_vlm``) and are
 skipped, with the reason, when it has not been built. ``VLMPRUNE_EVAL_TEST_MODEL=<dir>`` points
@@ -9,13 +10,9 @@ correctness, only shapes, counts and files).
 from __future__ import annotations
 
 import csv
-import glob
 import importlib.util
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -134,41 +131,6 @@ def test_plugin_refuses_batch_size_in_model_args(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- end to end (the model)
-
-
-@needs_lmms_eval
-@needs_easy_vqa
-def test_lmms_eval_plugin_end_to_end(tmp_path):
-    """lmms-eval's CLI, our entry point and a local task via --include_path, offline. lmms-eval
-    exits 0 even when the run crashed, so the results file is what is checked."""
-    model, embedded = _model_under_test()
-    model_args = "method=visionzip,budget=0.111,threads=1"  # 1 thread: the CPUs are shared
-    if model:
-        model_args += f",pretrained={model}"
-    out = tmp_path / "lmms"
-    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf")}
-    cmd = [
-        sys.executable, "-m", "lmms_eval", "--model", "vlmprune_llava", "--model_args", model_args,
-        "--tasks", "easyvqa", "--include_path", str(T.task_dir()), "--batch_size", "4", "--limit", "4",
-        "--output_path", str(out), "--log_samples", "--verbosity", "WARNING",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.returncode == 0, log
-    files = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
-    assert len(files) == 1, f"no results file (the run crashed?):\n{log}"
-    results = json.loads(Path(files[0]).read_text())
-    r = results["results"]["easyvqa"]
-    assert 0.0 <= r["exact_match,none"] <= 1.0
-    assert r["visual_tokens,none"] == KEEP_0111
-    assert results["n-samples"]["easyvqa"]["effective"] == 4
-    samples = [json.loads(line) for f in glob.glob(str(out / "**" / "*_samples_easyvqa.jsonl"), recursive=True)
-               for line in open(f)]
-    assert len(samples) == 4 and all(s["visual_tokens"] == KEEP_0111 for s in samples)
-    if embedded:  # the embedded model answers with one vocabulary word
-        from vlmprune.eval.easyvqa import ANSWERS
-
-        assert all(T.normalize_answer(s["filtered_resps"]) in ANSWERS for s in samples), samples
 
 
 @needs_easy_vqa

