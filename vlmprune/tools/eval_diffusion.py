@@ -119,6 +119,19 @@ def real_accuracy(judge: Judge, n: int | None, size: int) -> dict:
     return {"images": len(images), "at_64px": scores(judge(images), truth), f"at_{size}px": scores(judge(low), truth)}
 
 
+def mapped_noise(model, captions, noise, steps: int):
+    """LatentMapper's optimised initial ``noise`` for ``captions`` (its defaults, at the first of
+    ``steps`` DDIM timesteps), from forwards of ``model.unet`` as it is wrapped (pruned forwards)."""
+    from vlmprune.methods.optiprune import LatentMapper
+
+    scheduler = model.scheduler("ddim")
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        context = model.text(diffusion.caption_ids(captions))
+    latents, _ = LatentMapper(subjects=diffusion.SUBJECTS).map(model.unet, noise, scheduler.timesteps[0], context)
+    return latents
+
+
 def sample_batch(model, run, captions, noise, steps, guidance, step_seed: int):
     """``(images in [-1, 1], seconds, stats)`` of one batch under ``run``: the initial ``noise``
     and the sampler's step noise (seeded by ``step_seed``) are the same for every run."""
@@ -130,15 +143,7 @@ def sample_batch(model, run, captions, noise, steps, guidance, step_seed: int):
         return x, time.perf_counter() - t, {}
     with vlmprune.wrap(model.unet, method, **options) as handle:
         t = time.perf_counter()
-        latents = noise
-        if mapper:
-            from vlmprune.methods.optiprune import LatentMapper
-
-            scheduler = model.scheduler("ddim")
-            scheduler.set_timesteps(steps)
-            with torch.no_grad():
-                context = model.text(diffusion.caption_ids(captions))
-            latents, _ = LatentMapper(subjects=diffusion.SUBJECTS).map(model.unet, noise, scheduler.timesteps[0], context)
+        latents = mapped_noise(model, captions, noise, steps) if mapper else noise
         x = model.sample(captions, latents=latents, steps=steps, guidance=guidance, generator=steps_noise)
         seconds = time.perf_counter() - t
         stats = handle.stats
