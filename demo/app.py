@@ -11,7 +11,9 @@ kept ones outlined, merged ones tinted with the colour of the token they were me
 scores the method ranked tokens by (as a heatmap, at its last scoring point), the answer, the
 visual tokens kept and the time taken. Releasing the budget slider re-runs the methods. A second
 tab shows a plain ViT classifier or segmenter pruned per layer (:mod:`vlmprune.demo.vit_tab`), a
-third the embedded vision Mamba (Vim) pruned per point (:mod:`vlmprune.demo.vim_tab`).
+third the embedded vision Mamba (Vim) pruned per point (:mod:`vlmprune.demo.vim_tab`), then a
+VLA replay, a retrieval search and a text-to-image UNet sampled unpruned and merged
+(:mod:`vlmprune.demo.diffusion_tab`).
 
 Runs offline: the default model is the embedded easy-VQA LLaVA in ``assets/embedded_vlm``, the
 samples are in ``assets/samples``; Gradio's analytics are off. The model field takes any
@@ -39,6 +41,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr
 
+from .diffusion_tab import diffusion_tab
+from .diffusion_view import LazyDiffusion
 from .engine import (
     DEFAULT_MODEL,
     DemoError,
@@ -151,18 +155,20 @@ def _supported(component, **kwargs) -> dict:
 def build_app(store: ModelStore | None = None, default_model: str = DEFAULT_MODEL, samples: list[dict] | None = None,
               default_methods=DEFAULT_METHODS, default_budget: int = DEFAULT_BUDGET, max_slots: int = MAX_SLOTS,
               vit: LazyViT | None = None, vim: LazyVim | None = None, reach: LazyPolicy | None = None,
-              retrieval: LazyCollection | None = None):
+              retrieval: LazyCollection | None = None, diffusion: LazyDiffusion | None = None):
     """The Gradio Blocks app. ``store`` holds the models (a fresh :class:`ModelStore` loading
     with :func:`vlmprune.demo.engine.load_model` by default; tests add their own model); ``vit``
     the ViT tab's model (default: the embedded ViT-S/14, loaded on its first run); ``vim`` the Vim
     tab's (default: the embedded Vim, loaded on its first run); ``reach`` the VLA tab's policy
     (default: the embedded reach policy, loaded on its first replay); ``retrieval`` the retrieval
-    tab's collection (default: the embedded retriever's, encoded on its first search)."""
+    tab's collection (default: the embedded retriever's, encoded on its first search); ``diffusion``
+    the diffusion tab's text-to-image model (default: the embedded one, loaded on its first run)."""
     store = store or ModelStore()
     vit = vit or LazyViT()
     vim = vim or LazyVim()
     reach = reach or LazyPolicy()
     retrieval = retrieval or LazyCollection()
+    diffusion = diffusion or LazyDiffusion()
     samples = bundled_samples() if samples is None else samples
     from gradio.utils import get_upload_folder
 
@@ -366,11 +372,14 @@ def build_app(store: ModelStore | None = None, default_model: str = DEFAULT_MODE
             reach_tab(reach)
         with gr.Tab("Retrieval: ColPali", elem_id="tab-retrieval"):
             retrieval_tab(retrieval)
+        with gr.Tab("Diffusion: UNet", elem_id="tab-diffusion"):
+            diffusion_tab(diffusion)
     demo.vlmprune_store = store
     demo.vlmprune_vit = vit
     demo.vlmprune_vim = vim
     demo.vlmprune_reach = reach
     demo.vlmprune_retrieval = retrieval
+    demo.vlmprune_diffusion = diffusion
     return demo
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DemoError",
     "DemoModel",
+    "LazyModel",
     "ModelStore",
     "RunResult",
     "load_image",
@@ -445,6 +446,27 @@ class ModelStore:
             while len(self._models) > self.capacity:
                 self._models.popitem(last=False)
             return model
+
+
+class LazyModel:
+    """A tab's model: given ready (an instance of :attr:`kind`) or built by a loader called on
+    first use (once; a failure is retried on the next use). Subclasses set :attr:`kind`."""
+
+    kind: type = object
+
+    def __init__(self, source):
+        self._model = source if isinstance(source, self.kind) else None
+        self._loader = None if self._model is not None else source
+        self._lock = threading.Lock()
+
+    def loaded(self):
+        return self._model
+
+    def get(self):
+        with self._lock:
+            if self._model is None:
+                self._model = self._loader()
+            return self._model
 
 
 def method_choices() -> list[str]:
