@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-pytest.importorskip("diffusers")
-
-from vlmprune.demo.diffusion_view import (  # noqa: E402
+from vlmprune.demo.diffusion_view import (
     DiffusionDemoModel,
     DiffusionSetting,
     LazyDiffusion,
@@ -24,8 +21,11 @@ from vlmprune.demo.diffusion_view import (  # noqa: E402
     result_text,
     step_views,
 )
-from vlmprune.demo.engine import DemoError  # noqa: E402
-from vlmprune.embedded import diffusion  # noqa: E402
+from vlmprune.demo.engine import DemoError
+
+from vlmprune.embedded import diffusion
+
+pytest.importorskip("diffusers")
 
 CONFIG = {"block_out_channels": [8, 16, 16], "norm_num_groups": 4, "context_dim": 8, "image_size": 16, "steps": 2}
 STEPS = 3
