@@ -9,7 +9,6 @@ the tab's layout is :func:`vlmprune.demo.reach_tab.reach_tab`.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +17,7 @@ from PIL import Image, ImageDraw
 import vlmprune
 from vlmprune.embedded import reach
 
+from .engine import LazyModel
 from .view import TokenView, draw_overlay, full_view, token_view
 
 #: the methods the tab offers (the benchmark's rows)
@@ -146,20 +146,14 @@ def episode_text(rep: Replay) -> str:
             f"Visual tokens per step: {kept}.")
 
 
-class LazyPolicy:
+class LazyPolicy(LazyModel):
     """``(policy, processor)``, or a loader called on first use (once; a failure is retried)."""
+
+    kind = tuple
 
     def __init__(self, source=None):
         if source is None:
             from vlmprune.tools.eval_reach import load_policy
 
             source = load_policy
-        self._pair = source if isinstance(source, tuple) else None
-        self._loader = None if self._pair is not None else source
-        self._lock = threading.Lock()
-
-    def get(self):
-        with self._lock:
-            if self._pair is None:
-                self._pair = self._loader()
-            return self._pair
+        super().__init__(source)

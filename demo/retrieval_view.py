@@ -9,7 +9,6 @@ features), testable without Gradio; the tab's layout is :func:`vlmprune.demo.ret
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -19,6 +18,7 @@ from vlmprune.embedded import colpali
 from vlmprune.embedded import retrieval_task as task
 from vlmprune.retrieval import maxsim
 
+from .engine import LazyModel
 from .view import TokenView, draw_overlay, full_view, token_view
 
 #: the methods the tab offers (the benchmark's pruning rows); "none": every patch
@@ -158,23 +158,17 @@ def sample_queries(col: Collection, n: int = 8) -> list[str]:
     return [q.text for q in col.queries[:n]]
 
 
-class LazyCollection:
+class LazyCollection(LazyModel):
     """A :class:`Collection`, or a loader called on first use (once; a failure is retried)."""
+
+    kind = Collection
 
     def __init__(self, source=None):
         if source is None:
             def source():
                 model, tok = colpali.load_retriever(attn_implementation="eager")
                 return Collection.build(model, tok)
-        self._col = source if isinstance(source, Collection) else None
-        self._loader = None if self._col is not None else source
-        self._lock = threading.Lock()
-
-    def get(self) -> Collection:
-        with self._lock:
-            if self._col is None:
-                self._col = self._loader()
-            return self._col
+        super().__init__(source)
 
 
 __all__ = ["RETRIEVAL_METHODS", "Collection", "Hit", "LazyCollection", "SearchResult", "draw_hit", "hit_caption",
